@@ -1,0 +1,1 @@
+"""Evaluation (quality, cost, routing): not built yet; see the open `sparsify eval` issue."""

@@ -1,0 +1,143 @@
+"""Model families as data: where a dense family keeps its FFN, and which native MoE it maps to.
+
+Adding a family is adding one `Family` entry to `FAMILIES`. Tensor names are templates relative to
+a decoder layer's prefix; `{expert}` is the expert index in the MoE target.
+
+The MoE tensors are written in each target's classic per-expert layout (for Mixtral
+`block_sparse_moe.experts.{e}.w1.weight`), which every engine reads: transformers 4.x directly,
+transformers 5.x through its load-time conversion to fused expert tensors, vLLM and llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsify.errors import SparsifyError
+
+# The three SwiGLU projections, by role: out = down(act(gate(x)) * up(x)).
+FFN_ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    dense_model_types: tuple[str, ...]
+    moe_model_type: str
+    moe_architecture: str
+    layer_prefix: str = "model.layers.{layer}."
+    dense_ffn: dict[str, str] = field(
+        default_factory=lambda: {
+            "gate": "mlp.gate_proj.weight",
+            "up": "mlp.up_proj.weight",
+            "down": "mlp.down_proj.weight",
+        }
+    )
+    moe_router: str = "mlp.gate.weight"
+    moe_experts: dict[str, str] = field(
+        default_factory=lambda: {
+            "gate": "mlp.experts.{expert}.gate_proj.weight",
+            "up": "mlp.experts.{expert}.up_proj.weight",
+            "down": "mlp.experts.{expert}.down_proj.weight",
+        }
+    )
+    # Config keys of the MoE target for: number of experts, active experts, per-expert d_ff.
+    # Several keys for one value are all written, so older and newer readers both find it.
+    moe_config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Values the target needs so that routing matches our construction (see convert/experts.py).
+    moe_config_fixed: dict[str, Any] = field(default_factory=dict)
+    # Dense config values the target architecture cannot represent: key -> the value we need.
+    requires: dict[str, Any] = field(default_factory=dict)
+    # Per-layer tensors the target needs that have no dense counterpart: name -> (shape, fill),
+    # with shape entries "hidden" or ints.
+    moe_extra_tensors: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
+
+    def layer_name(self, layer: int, template: str, **fmt: int) -> str:
+        return self.layer_prefix.format(layer=layer) + template.format(**fmt)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="llama",
+        # SmolLM and most "Llama-family" checkpoints use model_type "llama".
+        dense_model_types=("llama", "mistral"),
+        moe_model_type="mixtral",
+        moe_architecture="MixtralForCausalLM",
+        moe_router="block_sparse_moe.gate.weight",
+        moe_experts={
+            "gate": "block_sparse_moe.experts.{expert}.w1.weight",
+            "up": "block_sparse_moe.experts.{expert}.w3.weight",
+            "down": "block_sparse_moe.experts.{expert}.w2.weight",
+        },
+        moe_config_keys={
+            "experts": ("num_local_experts",),
+            "top_k": ("num_experts_per_tok",),
+            "expert_size": ("intermediate_size",),
+        },
+        moe_config_fixed={"router_jitter_noise": 0.0},
+        requires={"attention_bias": False, "mlp_bias": False},
+    ),
+    Family(
+        name="qwen2",
+        dense_model_types=("qwen2",),
+        moe_model_type="qwen2_moe",
+        moe_architecture="Qwen2MoeForCausalLM",
+        moe_config_keys={
+            "experts": ("num_experts",),
+            "top_k": ("num_experts_per_tok",),
+            "expert_size": ("moe_intermediate_size",),
+        },
+        # Qwen2-MoE always builds a shared expert; size 0 makes it compute nothing.
+        moe_config_fixed={
+            "norm_topk_prob": True,
+            "shared_expert_intermediate_size": 0,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": True,
+        },
+        moe_extra_tensors={
+            "mlp.shared_expert.gate_proj.weight": ((0, "hidden"), 0.0),
+            "mlp.shared_expert.up_proj.weight": ((0, "hidden"), 0.0),
+            "mlp.shared_expert.down_proj.weight": (("hidden", 0), 0.0),
+            "mlp.shared_expert_gate.weight": ((1, "hidden"), 0.0),
+        },
+    ),
+    Family(
+        name="qwen3",
+        dense_model_types=("qwen3",),
+        moe_model_type="qwen3_moe",
+        moe_architecture="Qwen3MoeForCausalLM",
+        moe_config_keys={
+            # transformers >= 5.2x calls it num_local_experts; older readers and vLLM num_experts.
+            "experts": ("num_experts", "num_local_experts"),
+            "top_k": ("num_experts_per_tok",),
+            "expert_size": ("moe_intermediate_size",),
+        },
+        moe_config_fixed={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.dense_model_types)
+
+
+def family_for(model_type: str) -> Family:
+    for family in FAMILIES:
+        if model_type in family.dense_model_types:
+            return family
+    raise SparsifyError(
+        f"architecture '{model_type}' is not supported yet; supported dense model types: "
+        f"{', '.join(supported_model_types())}. Adding one is a single entry in sparsify/families.py."
+    )
+
+
+def check_representable(family: Family, dense_config: dict[str, Any]) -> None:
+    """Refuse dense configs whose features the MoE target would silently drop."""
+    for key, needed in family.requires.items():
+        value = dense_config.get(key, needed)
+        if value != needed:
+            raise SparsifyError(
+                f"this {family.name} checkpoint has {key}={value!r}, which {family.moe_architecture} "
+                f"cannot represent ({key}={needed!r} is required); converting it would change the model."
+            )

