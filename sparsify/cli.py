@@ -173,6 +173,12 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
 
 
 def main() -> None:
+    import os
+
+    # transformers' own warnings and progress bars would interleave with ours; keep the terminal to
+    # sparsify's output unless the user asks for transformers' logs.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except SparsifyError as error:

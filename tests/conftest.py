@@ -1,0 +1,88 @@
+"""Tiny random dense models of every supported family, saved as real checkpoints with a real tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsify.sources import ALIASES
+
+FAMILY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    ),
+    "mistral": dict(model_type="mistral", sliding_window=8),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+}
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,  # divisible by 2, 3, 4, 6, 8, 12
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=49152,  # SmolLM2's tokenizer
+    max_position_embeddings=256,
+)
+
+
+def build_dense(family: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    model_type = settings.pop("model_type")
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random-init weights are small and the model near-uniform; widen them so logits are peaked and
+    # a wrong conversion cannot hide inside the tolerance.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer, read once from the packaged GGUF and saved as tokenizer files."""
+    import importlib
+
+    from transformers import AutoTokenizer
+
+    alias = ALIASES["smollm2-135m"]
+    gguf = Path(importlib.import_module(alias.package).__file__).parent / alias.filename
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dense_models(tmp_path_factory, real_tokenizer_dir) -> dict[str, Path]:
+    """family -> folder with config.json, model.safetensors and tokenizer files."""
+    folders = {}
+    for family in FAMILY_CONFIGS:
+        folder = tmp_path_factory.mktemp(f"dense-{family}")
+        build_dense(family).save_pretrained(folder)
+        for file in real_tokenizer_dir.iterdir():
+            shutil.copy(file, folder / file.name)
+        folders[family] = folder
+    return folders
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test may reach the network; the Hub code path is exercised against a local cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def sparsify_command() -> list[str]:
+    """The installed console script, next to this interpreter."""
+    script = Path(os.path.dirname(os.path.realpath(__import__("sys").executable))) / "sparsify"
+    found = script if script.exists() else shutil.which("sparsify")
+    assert found, "the sparsify console script is not installed; run `pip install -e .`"
+    return [str(found)]
