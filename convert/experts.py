@@ -164,7 +164,8 @@ class LayerExperts:
         if role == "down":
             piece = weight[:, rows]
             if self.layout.granularity > 1:
-                return (piece.float() * self.layout.granularity).to(self.dtype)
+                # One rounding either way: torch multiplies low-precision floats in fp32.
+                return (piece.to(self.dtype) * self.layout.granularity).contiguous()
             return piece.to(self.dtype).contiguous()
         return weight[rows].to(self.dtype).contiguous()
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -65,13 +67,30 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
     return header + b" " * (-len(header) % 8)  # data starts 8-byte aligned
 
 
+def _produced(tensors: list[PlannedTensor], lookahead: int = 2) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
+    """Yield (plan, tensor) in order while one worker thread produces the next ones.
+
+    Producing (reading, slicing, scaling) and writing then overlap: both release the GIL. One
+    worker keeps the producers' calls in plan order, which their per-layer caches rely on.
+    """
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending: deque = deque()
+        for planned in tensors:
+            pending.append((planned, worker.submit(planned.produce)))
+            if len(pending) > lookahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
 def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[int], None]) -> None:
     header = _header(tensors)
     with open(path, "wb") as handle:
         handle.write(len(header).to_bytes(8, "little"))
         handle.write(header)
-        for planned in tensors:
-            tensor = planned.produce()
+        for planned, tensor in _produced(tensors):
             if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
                 raise AssertionError(
                     f"{planned.name}: produced {tuple(tensor.shape)} {tensor.dtype}, "

@@ -62,12 +62,23 @@ def real_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dense_models(tmp_path_factory, real_tokenizer_dir) -> dict[str, Path]:
-    """family -> folder with config.json, model.safetensors and tokenizer files."""
+def dense_weights(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder with config.json and model.safetensors only (no tokenizer)."""
     folders = {}
     for family in FAMILY_CONFIGS:
         folder = tmp_path_factory.mktemp(f"dense-{family}")
         build_dense(family).save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def dense_models(tmp_path_factory, dense_weights, real_tokenizer_dir) -> dict[str, Path]:
+    """family -> folder with config.json, model.safetensors and SmolLM2's real tokenizer files."""
+    folders = {}
+    for family, weights in dense_weights.items():
+        folder = tmp_path_factory.mktemp(f"dense-{family}-tokenized")
+        shutil.copytree(weights, folder, dirs_exist_ok=True)
         for file in real_tokenizer_dir.iterdir():
             shutil.copy(file, folder / file.name)
         folders[family] = folder

@@ -41,30 +41,30 @@ def _greedy(folder) -> list[int]:
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("case", list(EXACT_CASES))
-def test_exact_conversion_matches_teacher(dense_models, tmp_path, family, case):
+def test_exact_conversion_matches_teacher(dense_weights, tmp_path, family, case):
     options = dict(EXACT_CASES[case])
-    result = upcycle(str(dense_models[family]), options.pop("to"), tmp_path / "out", **options)
+    result = upcycle(str(dense_weights[family]), options.pop("to"), tmp_path / "out", **options)
     assert result.plan.exactness.exact, result.plan.exactness.reason
-    teacher, student = _logits(dense_models[family]), _logits(result.output)
+    teacher, student = _logits(dense_weights[family]), _logits(result.output)
     assert teacher.abs().max() > 1.0  # peaked enough that a wrong conversion would show
     torch.testing.assert_close(student, teacher, rtol=0, atol=1e-4)
-    assert _greedy(result.output) == _greedy(dense_models[family])
+    assert _greedy(result.output) == _greedy(dense_weights[family])
 
 
 @pytest.mark.parametrize("case", list(INEXACT_CASES))
-def test_inexact_conversion_is_declared_and_differs(dense_models, tmp_path, case):
+def test_inexact_conversion_is_declared_and_differs(dense_weights, tmp_path, case):
     options = dict(INEXACT_CASES[case])
-    result = upcycle(str(dense_models["llama"]), options.pop("to"), tmp_path / "out", **options)
+    result = upcycle(str(dense_weights["llama"]), options.pop("to"), tmp_path / "out", **options)
     record = json.loads((result.output / "sparsify.json").read_text())
     assert record["exact"]["expected"] is False and record["exact"]["reason"]
-    student, teacher = _logits(result.output), _logits(dense_models["llama"])
+    student, teacher = _logits(result.output), _logits(dense_weights["llama"])
     assert torch.isfinite(student).all()
     assert (student - teacher).abs().max() > 1e-3
 
 
-def test_native_per_expert_layout_on_disk(dense_models, tmp_path):
-    mixtral = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "mixtral", granularity=2, experts=2)
-    qwen = upcycle(str(dense_models["qwen2"]), "moe", tmp_path / "qwen", experts=2, top_k=1)
+def test_native_per_expert_layout_on_disk(dense_weights, tmp_path):
+    mixtral = upcycle(str(dense_weights["llama"]), "fine-moe", tmp_path / "mixtral", granularity=2, experts=2)
+    qwen = upcycle(str(dense_weights["qwen2"]), "moe", tmp_path / "qwen", experts=2, top_k=1)
     with safe_open(mixtral.output / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
@@ -78,10 +78,10 @@ def test_native_per_expert_layout_on_disk(dense_models, tmp_path):
     assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["norm_topk_prob"] is True
 
 
-def test_split_and_router_are_seeded(dense_models, tmp_path):
-    a = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "a", granularity=4, split="random", seed=7)
-    b = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "b", granularity=4, split="random", seed=7)
-    c = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "c", granularity=4, split="random", seed=8)
+def test_split_and_router_are_seeded(dense_weights, tmp_path):
+    a = upcycle(str(dense_weights["llama"]), "fine-moe", tmp_path / "a", granularity=4, split="random", seed=7)
+    b = upcycle(str(dense_weights["llama"]), "fine-moe", tmp_path / "b", granularity=4, split="random", seed=7)
+    c = upcycle(str(dense_weights["llama"]), "fine-moe", tmp_path / "c", granularity=4, split="random", seed=8)
     name = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
     tensors = []
     for result in (a, b, c):
@@ -92,11 +92,11 @@ def test_split_and_router_are_seeded(dense_models, tmp_path):
     assert record["layout"]["split"] == {"strategy": "random", "seed": 7}
 
 
-def test_bfloat16_output_is_close_to_bfloat16_teacher(dense_models, tmp_path):
-    result = upcycle(str(dense_models["qwen3"]), "fine-moe", tmp_path / "bf16", granularity=4, dtype="bfloat16")
+def test_bfloat16_output_is_close_to_bfloat16_teacher(dense_weights, tmp_path):
+    result = upcycle(str(dense_weights["qwen3"]), "fine-moe", tmp_path / "bf16", granularity=4, dtype="bfloat16")
     model = AutoModelForCausalLM.from_pretrained(result.output)
     assert model.dtype == torch.bfloat16
-    teacher = AutoModelForCausalLM.from_pretrained(dense_models["qwen3"], dtype=torch.bfloat16)
+    teacher = AutoModelForCausalLM.from_pretrained(dense_weights["qwen3"], dtype=torch.bfloat16)
     with torch.no_grad():
         diff = (model(PROMPT_IDS).logits.float() - teacher(PROMPT_IDS).logits.float()).abs().max()
     # bf16 sums G partial FFN outputs in a different order than one dense matmul.
