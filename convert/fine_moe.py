@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsify.convert.experts import ExpertLayout
+from sparsify.convert.experts import ExpertInitOptions, ExpertLayout
 from sparsify.convert.native_moe import plan_native_moe
 from sparsify.convert.plan import ConversionPlan
 
 
 @dataclass
-class FineMoeOptions:
+class FineMoeOptions(ExpertInitOptions):
     granularity: int = field(default=8, metadata={"help": "G: split each FFN into G experts of d_ff/G neurons."})
     experts: int = field(default=1, metadata={"help": "E: copies of the FFN; the model gets E*G experts."})
     top_k: int | None = field(default=None, metadata={"help": "Experts per token; default G (the dense FFN compute)."})
@@ -32,12 +32,6 @@ class FineMoeOptions:
             "default: virtual-group when G divides top-k, else random."
         },
     )
-    reinit_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Drop-Upcycling: fraction of each copy's FFN neurons re-drawn at random (0 keeps the model exact)."},
-    )
-    router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
-    seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
 
     def layout(self) -> ExpertLayout:
         top_k = self.granularity if self.top_k is None else self.top_k

@@ -13,21 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsify.convert.experts import ExpertLayout
+from sparsify.convert.experts import ExpertInitOptions, ExpertLayout
 from sparsify.convert.native_moe import plan_native_moe
 from sparsify.convert.plan import ConversionPlan
 
 
 @dataclass
-class MoeOptions:
+class MoeOptions(ExpertInitOptions):
     experts: int = field(default=8, metadata={"help": "Number of experts; each starts as a copy of the FFN."})
     top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
-    reinit_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Drop-Upcycling: fraction of each copy's FFN neurons re-drawn at random (0 keeps the model exact)."},
-    )
-    router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
-    seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
 
     def layout(self) -> ExpertLayout:
         return ExpertLayout(

@@ -108,16 +108,16 @@ def upcycle(
             on_bytes=lambda n: progress.advance(task, n),
             **chosen,
         )
-    layout, exact = result.plan.layout, result.plan.exactness
+    from sparsify.info import layout_rows
+
+    exact = result.plan.exactness
     table = Table(title=f"{to} from {model}", show_header=False)
     for key, value in [
         ("output", str(result.output)),
-        ("architecture", layout["architecture"]),
-        ("experts", f"{layout['experts']} ({layout['copies']} copies x granularity {layout['granularity']})"),
-        ("top-k", str(layout["top_k"])),
-        ("expert size", f"{layout['expert_size']} of dense {layout['dense_d_ff']}"),
+        ("architecture", result.plan.layout["architecture"]),
+        *layout_rows(result.plan.layout),
         ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
-        ("exact", ("[green]yes[/green]: " if exact.exact else "[yellow]no[/yellow]: ") + exact.reason),
+        ("reproduces teacher", ("[green]yes[/green]: " if exact.exact else "[yellow]no[/yellow]: ") + exact.reason),
         ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
     ]:
         table.add_row(key, value)
@@ -142,7 +142,7 @@ app.command(help=upcycle.__doc__)(upcycle)
 @app.command()
 def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted by sparsify or not).")]) -> None:
     """Variant, experts, granularity, total vs active parameters, and whether it is exact."""
-    from sparsify.info import describe
+    from sparsify.info import describe, layout_rows
 
     described = describe(folder)
     table = Table(title=str(folder), show_header=False)
@@ -152,16 +152,7 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
         ("total parameters", f"{described.total_params:,}"),
         ("active parameters", f"{described.active_params:,} ({described.active_params / described.total_params:.1%})"),
     ]
-    layout = described.layout
-    if layout:
-        rows += [
-            ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
-            ("top-k", str(layout["top_k"])),
-            ("expert size", f"{layout['expert_size']} (dense d_ff {layout['dense_d_ff']})"),
-            ("FFN compute vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
-            ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
-            ("router init", layout["router_init"]),
-        ]
+    rows += layout_rows(described.layout)
     if described.exact is not None:
         verdict = "[green]yes[/green]" if described.exact["expected"] else "[yellow]no[/yellow]"
         rows.append(("reproduces teacher", f"{verdict}: {described.exact['reason']}"))

@@ -55,6 +55,20 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
     return {"total": total, "active": total - inactive}
 
 
+def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
+    """The MoE layout as (label, value) rows, shared by `sparsify info`, `upcycle` and the model card."""
+    if not layout:
+        return []
+    return [
+        ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
+        ("active experts per token (top-k)", str(layout["top_k"])),
+        ("expert size", f"{layout['expert_size']} (dense d_ff {layout['dense_d_ff']})"),
+        ("FFN compute per token vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
+        ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
+        ("router init", layout["router_init"]),
+    ]
+
+
 def describe(folder: Path) -> ModelInfo:
     folder = Path(folder)
     config_path = folder / "config.json"

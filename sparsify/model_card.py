@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from sparsify.info import layout_rows
+
 
 def render_card(record: dict[str, Any], params: dict[str, int]) -> str:
     source, layout, exact = record["source"], record["layout"], record["exact"]
@@ -19,12 +21,7 @@ def render_card(record: dict[str, Any], params: dict[str, int]) -> str:
     rows = [
         ("variant", f"`{record['variant']}`"),
         ("architecture", f"`{record['target']['architecture']}` (native transformers, no remote code)"),
-        ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
-        ("active experts per token (top-k)", str(layout["top_k"])),
-        ("expert size (d_ff)", f"{layout['expert_size']} (dense FFN: {layout['dense_d_ff']})"),
-        ("FFN compute per token vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
-        ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
-        ("router init", layout["router_init"]),
+        *layout_rows(layout),
         ("total parameters", f"{params['total']:,}"),
         ("active parameters per token", f"{params['active']:,}"),
         ("dtype", record["target"]["dtype"]),

@@ -23,6 +23,7 @@ INEXACT_CASES = {
     "fine-g4-k2": dict(to="fine-moe", granularity=4, top_k=2),
     "fine-g4-e2-k6": dict(to="fine-moe", granularity=4, experts=2, top_k=6),
     "moe-reinit": dict(to="moe", experts=4, top_k=2, reinit_ratio=0.5),
+    "fine-g4-random-router": dict(to="fine-moe", granularity=4, experts=2, router_init="random"),
 }
 PROMPT_IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 429, 2940, 12], [1, 9, 99, 999, 4000, 12000, 20, 3, 77, 5, 6, 7]])
 
@@ -101,3 +102,10 @@ def test_bfloat16_output_is_close_to_bfloat16_teacher(dense_weights, tmp_path):
         diff = (model(PROMPT_IDS).logits.float() - teacher(PROMPT_IDS).logits.float()).abs().max()
     # bf16 sums G partial FFN outputs in a different order than one dense matmul.
     assert diff < 0.1
+
+
+def test_sharded_output_is_indexed_and_exact(dense_weights, tmp_path):
+    result = upcycle(str(dense_weights["qwen2"]), "fine-moe", tmp_path / "out", granularity=2, max_shard_bytes=2_000_000)
+    index = json.loads((result.output / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    torch.testing.assert_close(_logits(result.output), _logits(dense_weights["qwen2"]), rtol=0, atol=1e-4)
