@@ -76,7 +76,7 @@ class ExpertLayout:
     def exactness(self) -> Exactness:
         k, g = self.top_k, self.granularity
         if self.reinit_ratio > 0:
-            return Exactness(False, f"Drop-Upcycling re-initialised {self.reinit_ratio:.0%} of each copy's neurons")
+            return Exactness(False, f"Drop-Upcycling re-initialised {self.reinit_ratio:.0%} of the neurons of copies 1..{self.copies - 1}")
         if k % g:
             if k < g:
                 return Exactness(False, f"top-k {k} < granularity {g}: each token runs {k}/{g} of its FFN neurons")
@@ -126,7 +126,9 @@ def router_weight(layout: ExpertLayout, layer: int, hidden: int, dtype: torch.dt
 
 
 def _reinit(ffn: dict[str, torch.Tensor], layout: ExpertLayout, layer: int, copy: int) -> dict[str, torch.Tensor]:
-    """Drop-Upcycling: redraw a seeded subset of neurons from N(mean, std) of each matrix."""
+    """Drop-Upcycling: redraw a seeded subset of neurons from N(mean, std) of each matrix.
+
+    Applied to copies 1..E-1 (see `LayerExperts._copy_weights`)."""
     gen = _generator(layout.seed, _REINIT, layer, copy)
     d_ff = ffn["gate"].shape[0]
     chosen = torch.randperm(d_ff, generator=gen)[: round(layout.reinit_ratio * d_ff)]
@@ -162,7 +164,9 @@ class LayerExperts:
         return self._ffn
 
     def _copy_weights(self, copy: int) -> dict[str, torch.Tensor]:
-        if self.layout.reinit_ratio == 0:
+        # Copy 0 is never re-initialised: it keeps the dense FFN inside the MoE weights, so the
+        # teacher can be computed from the student's own frozen weights during router training.
+        if self.layout.reinit_ratio == 0 or copy == 0:
             return self._dense()
         if self._copy is None or self._copy[0] != copy:
             self._copy = (copy, _reinit(self._dense(), self.layout, self.layer, copy))

@@ -146,6 +146,9 @@ def layout_facts(layout: ExpertLayout, d_ff: int) -> dict[str, Any]:
         "split": {"strategy": layout.split, "seed": layout.seed},
         "router_init": layout.router_init,
         "reinit_ratio": layout.reinit_ratio,
+        # Copy 0's experts, weighted 1/G each, compute the dense FFN exactly (down is scaled by G):
+        # router training uses this to get the teacher from the student's frozen weights.
+        "dense_path": {"experts": list(range(layout.granularity)), "weight": 1.0 / layout.granularity},
     }
 
 

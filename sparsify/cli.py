@@ -1,7 +1,8 @@
 """The `sparsify` command line: thin commands that parse, call the library, and print with rich.
 
-`upcycle`'s variant options are generated from the converters' option dataclasses, so a new
-converter's fields appear as flags (under their own help panel) without touching this file.
+Variant and training options are generated from the option dataclasses (converters' options and
+`TrainOptions`), so a new field appears as a flag, under its own help panel, without touching
+this file.
 """
 
 import inspect
@@ -23,7 +24,7 @@ from sparsify.sources import ALIASES, DEFAULT_MODEL
 
 app = typer.Typer(
     name="sparsify",
-    help="Turn dense Hugging Face causal LMs into sparse ones (MoE, fine-grained MoE) and measure them.",
+    help="Turn dense Hugging Face causal LMs into sparse ones (MoE, fine-grained MoE), train their routers, and measure them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -32,32 +33,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _variant_parameters() -> list[inspect.Parameter]:
-    """One keyword-only CLI option per converter option field (shared names appear once)."""
-    params: dict[str, inspect.Parameter] = {}
-    for converter in CONVERTERS.values():
-        hints = typing.get_type_hints(converter.options)
-        for f in fields(converter.options):
-            if f.name in params:
-                continue
-            base = _without_none(hints[f.name])
-            users = [c.name for c in CONVERTERS.values() if f.name in {x.name for x in fields(c.options)}]
-            per_variant = {c.name: _default_text(c.options, f.name) for c in CONVERTERS.values() if c.name in users}
-            if len(set(per_variant.values())) == 1:
-                defaults = next(iter(per_variant.values()))
-            else:
-                defaults = ", ".join(f"{name}: {value}" for name, value in per_variant.items())
-            option = typer.Option(
-                None,
-                "--" + f.name.replace("_", "-"),
-                help=f"{f.metadata.get('help', '')} [dim](default {defaults})[/dim]",
-                rich_help_panel="Variant options (--to " + " / ".join(users) + ")",
-                show_default=False,
-            )
-            params[f.name] = inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[base]
-            )
-    return list(params.values())
+# --- options generated from dataclasses -------------------------------------------------------
 
 
 def _without_none(hint: Any) -> Any:
@@ -68,7 +44,69 @@ def _without_none(hint: Any) -> Any:
 def _default_text(options_cls: type, name: str) -> str:
     f = next(x for x in fields(options_cls) if x.name == name)
     value = f.default if f.default is not MISSING else None
-    return "auto" if value is None else str(value)
+    return "auto" if value is None else (str(value) if value != "" else "none")
+
+
+def _option(f, hint: Any, panel: str, default_text: str) -> inspect.Parameter:
+    """A keyword-only typer option for one dataclass field; None means "not given"."""
+    option = typer.Option(
+        None,
+        "--" + f.name.replace("_", "-"),
+        help=f"{f.metadata.get('help', '')} [dim](default {default_text})[/dim]",
+        rich_help_panel=panel,
+        show_default=False,
+    )
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[_without_none(hint)])
+
+
+def _variant_parameters() -> list[inspect.Parameter]:
+    """One option per converter option field; a field several converters share appears once."""
+    params: dict[str, inspect.Parameter] = {}
+    for converter in CONVERTERS.values():
+        hints = typing.get_type_hints(converter.options)
+        for f in fields(converter.options):
+            if f.name in params:
+                continue
+            users = [c for c in CONVERTERS.values() if f.name in {x.name for x in fields(c.options)}]
+            per_variant = {c.name: _default_text(c.options, f.name) for c in users}
+            defaults = (
+                next(iter(per_variant.values()))
+                if len(set(per_variant.values())) == 1
+                else ", ".join(f"{name}: {value}" for name, value in per_variant.items())
+            )
+            panel = "Variant options (--to " + " / ".join(c.name for c in users) + ")"
+            params[f.name] = _option(f, hints[f.name], panel, defaults)
+    return list(params.values())
+
+
+def _train_parameters(panel: str) -> list[inspect.Parameter]:
+    from sparsify.train.options import TrainOptions
+
+    hints = typing.get_type_hints(TrainOptions)
+    return [_option(f, hints[f.name], panel, _default_text(TrainOptions, f.name)) for f in fields(TrainOptions)]
+
+
+def _train_options(values: dict[str, Any]):
+    from sparsify.train.options import TrainOptions
+
+    names = {f.name for f in fields(TrainOptions)}
+    return TrainOptions(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def _with_options(command, extra: list[inspect.Parameter]):
+    """Replace the command's `**options` in the signature typer reads by explicit options."""
+    signature = inspect.signature(command)
+    fixed = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    var_kw = next(p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD)
+    command.__signature__ = signature.replace(parameters=fixed + extra)
+    command.__annotations__ = {
+        **{k: v for k, v in command.__annotations__.items() if k != var_kw},
+        **{p.name: p.annotation for p in extra},
+    }
+    return command
+
+
+# --- upcycle ----------------------------------------------------------------------------------
 
 
 def upcycle(
@@ -81,12 +119,18 @@ def upcycle(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the source's custom config code to run.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     max_shard_size: Annotated[float, typer.Option(help="Largest output shard, in GB.")] = 5.0,
-    **variant_options: Any,
+    train_after: Annotated[bool, typer.Option("--train", help="Then train the routers (see the training options).")] = False,
+    **options: Any,
 ) -> None:
     """Convert a dense checkpoint into a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    from sparsify.info import layout_rows
     from sparsify.upcycle import upcycle as run_upcycle
 
-    chosen = {k: v for k, v in variant_options.items() if v is not None}
+    variant_names = {f.name for c in CONVERTERS.values() for f in fields(c.options)}
+    chosen = {k: v for k, v in options.items() if v is not None and k in variant_names}
+    training = _train_options(options)
+    if train_after:
+        training.validate()  # refuse bad training options before converting
     progress = Progress(
         TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=err, transient=True,
@@ -108,8 +152,6 @@ def upcycle(
             on_bytes=lambda n: progress.advance(task, n),
             **chosen,
         )
-    from sparsify.info import layout_rows
-
     exact = result.plan.exactness
     table = Table(title=f"{to} from {model}", show_header=False)
     for key, value in [
@@ -122,21 +164,72 @@ def upcycle(
     ]:
         table.add_row(key, value)
     out.print(table)
+    if train_after:
+        _run_training(result.output, training, output=None, run_dir=None, resume=False, restart=False)
 
 
-def _with_variant_options(command):
-    """Replace `**variant_options` in the signature typer reads by one option per converter field."""
-    signature = inspect.signature(command)
-    extra = _variant_parameters()
-    fixed = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    command.__signature__ = signature.replace(parameters=fixed + extra)
-    command.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "variant_options"},
-                               **{p.name: p.annotation for p in extra}}
-    return command
-
-
-_with_variant_options(upcycle)
+_with_options(upcycle, _variant_parameters() + _train_parameters("Training options (with --train)"))
 app.command(help=upcycle.__doc__)(upcycle)
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def train(
+    model: Annotated[Path, typer.Argument(help="A MoE folder made by `sparsify upcycle`.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the trained model goes (default: replace MODEL atomically at the end).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and tokenized data (default: OUTPUT.run).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in the run folder.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard the unfinished run's checkpoint and start over.")] = False,
+    **options: Any,
+) -> None:
+    """Train routers (fully) and LoRA adapters with KL to the dense teacher; merge and save natively."""
+    _run_training(model, _train_options(options), output=output, run_dir=run_dir, resume=resume, restart=restart)
+
+
+_with_options(train, _train_parameters("Training options"))
+app.command(help=train.__doc__)(train)
+
+
+def _run_training(model: Path, options, output, run_dir, resume: bool, restart: bool) -> None:
+    from sparsify.train.loop import train as run_train
+
+    progress = Progress(
+        TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True,
+    )
+    task = progress.add_task("train", total=None, status="starting")
+
+    def on_step(entry: dict[str, Any]) -> None:
+        status = (
+            f"kl {entry['kl']:.4f} ce {entry['ce']:.3f} bal {entry['balance']:.3f} z {entry['z']:.2f} "
+            f"| {entry['tokens_per_s']:,.0f} tok/s"
+        )
+        progress.update(task, total=entry["total_steps"], completed=entry["step"], status=status)
+
+    with progress:
+        result = run_train(
+            model, options, output=output, run_dir=run_dir, resume=resume, restart=restart,
+            on_step=on_step, on_status=lambda text: progress.update(task, status=text),
+        )
+    table = Table(title=f"router training -> {result.output}")
+    for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
+        table.add_column(column, justify=justify)
+    for key, label, fmt in [
+        ("student_ppl", "student perplexity", "{:.3f}"),
+        ("teacher_ppl", "teacher perplexity", "{:.3f}"),
+        ("kl", "KL(teacher || student)", "{:.4f}"),
+        ("top1_agreement", "top-1 agreement", "{:.1%}"),
+    ]:
+        table.add_row(label, fmt.format(result.before[key]) if key in result.before else "-", fmt.format(result.after[key]))
+    out.print(table)
+    out.print(
+        f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s), "
+        f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}"
+    )
+
+
+# --- info -------------------------------------------------------------------------------------
 
 
 @app.command()

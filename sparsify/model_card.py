@@ -33,6 +33,13 @@ def render_card(record: dict[str, Any], params: dict[str, int]) -> str:
         if exact["expected"]
         else f"As converted, this model does **not** reproduce `{base}` exactly: {exact['reason']}. Train its routers before use."
     )
+    for run in record.get("training", []):
+        after, before = run["after"], run["before"]
+        exact_line += (
+            f"\n\nRouters trained (LoRA + KL to the dense teacher) on {run['tokens']:,} tokens: held-out perplexity "
+            f"{before['student_ppl']:.2f} -> {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
+            f"KL to teacher {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}."
+        )
     return f"""---
 {header}
 ---

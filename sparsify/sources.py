@@ -192,3 +192,17 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
             "Check the name, your network or HF_TOKEN, or pass a local folder."
         ) from error
     return folder, folder.name if folder.parent.name == "snapshots" else revision
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32, **source_options: Any):
+    """A transformers model for any reference `open_source` accepts (used for separate teachers)."""
+    from transformers import AutoModelForCausalLM
+
+    source = open_source(ref, **source_options)
+    if source.kind == "gguf":
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+        state = {n: source.tensors.get(n).to(dtype) for n in source.tensors.names()}
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        return model.eval()
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()

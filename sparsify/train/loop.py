@@ -1,0 +1,308 @@
+"""The router-training loop: student = converted MoE with LoRA, teacher = the dense model.
+
+Read top to bottom: set up (model, teacher, data, optimizer), evaluate, train with periodic
+evaluation and checkpoints, evaluate, merge LoRA and save the model in its native format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sparsify.atomic_output import atomic_folder, check_output_free
+from sparsify.data import DataSpec, TokenFile, block_order, materialise
+from sparsify.errors import SparsifyError
+from sparsify.info import count_params
+from sparsify.model_card import render_card
+from sparsify.provenance import read_record, write_record
+from sparsify.train import losses
+from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters, trainable_state
+from sparsify.train.options import TrainOptions
+from sparsify.train.routing import dense_path, prepare_routers
+from sparsify.train.state import CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, load_checkpoint, save_checkpoint
+
+# Options that may change between a run and its resumption without changing its loss curve.
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "eval_tokens"}
+
+
+class TrainingDiverged(SparsifyError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    run_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    before: dict[str, float]
+    after: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_run_dir(output: Path) -> Path:
+    return output.parent / f"{output.name}.run"
+
+
+def train(
+    model_dir: str | Path,
+    options: TrainOptions,
+    *,
+    output: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    on_step: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_status: Callable[[str], None] = lambda text: None,
+) -> TrainResult:
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    options.validate()
+    model_dir = Path(model_dir)
+    output = Path(output) if output else model_dir
+    run_dir = Path(run_dir) if run_dir else default_run_dir(output)
+    if output != model_dir:
+        check_output_free(output, overwrite=False)
+    checkpoint = find_checkpoint(run_dir) if run_dir.exists() else None
+    if checkpoint and not (resume or restart):
+        raise SparsifyError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --restart to start over")
+    if resume and not checkpoint:
+        raise SparsifyError(f"nothing to resume: no checkpoint in {run_dir}")
+    if restart:
+        checkpoint = None
+
+    # --- setup -----------------------------------------------------------------------------
+    use_bf16 = options.precision == "bf16" or (options.precision == "auto" and torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    torch.manual_seed(options.train_seed)
+    record = read_record(model_dir) or {}
+    on_status("loading model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    model.config.use_cache = False
+    routers = prepare_routers(model)
+    top_k = int(routers[0].top_k)
+    lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
+    model = add_adapters(model, lora, routers)
+    teacher = _teacher(options, record, model, routers, use_bf16)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = DataSpec(options.sources(options.data), options.sources(options.eval_data), options.text_field)
+    on_status("tokenizing data")
+    with accelerator.main_process_first():
+        paths = materialise(spec, tokenizer, run_dir / "data", options.train_tokens, options.heldout_tokens)
+    train_data, heldout = TokenFile(paths["train"], options.seq_len), TokenFile(paths["heldout"], options.seq_len)
+
+    router_params = [r.weight for r in routers]
+    router_ids = {id(p) for p in router_params}
+    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
+    groups = [{"params": router_params, "lr": options.router_lr}]
+    if adapter_params:
+        groups.append({"params": adapter_params, "lr": options.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
+    world = accelerator.num_processes
+    tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
+    total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(options.warmup * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start_step = 0
+    options_dict = asdict(options)
+    if checkpoint:
+        meta, state = load_checkpoint(checkpoint, optimizer, scheduler)
+        check_same_run(meta["options"], options_dict, RESUMABLE_CHANGES)
+        load_trainable_state(unwrapped, state)
+        start_step = meta["step"]
+        on_status(f"resumed at step {start_step}")
+    log = StepLog(run_dir / LOG, keep_through_step=start_step if checkpoint else None) if accelerator.is_main_process else None
+
+    # --- train -----------------------------------------------------------------------------
+    def evaluate() -> dict[str, float]:
+        return _evaluate(model, teacher, heldout, options, accelerator)
+
+    before = evaluate() if start_step == 0 else _first_eval(run_dir / LOG)
+    if log and start_step == 0:
+        log.write({"step": 0, "eval": before})
+    model.train()
+    started, tokens_done, peak = time.perf_counter(), 0, 0
+    history: list[dict[str, Any]] = []
+    for step in range(start_step + 1, total_steps + 1):
+        parts_sum: dict[str, float] = {}
+        for micro in range(options.grad_accum):
+            index = ((step - 1) * options.grad_accum + micro) * world + accelerator.process_index
+            order = block_order(train_data.num_blocks, options.train_seed, index * options.batch_size, options.batch_size)
+            ids = train_data.blocks(order).to(accelerator.device)
+            parts = _losses(model, teacher, ids, options, top_k)
+            if not torch.isfinite(parts["total"]):
+                last = find_checkpoint(run_dir)
+                kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
+                raise TrainingDiverged(f"the loss became {parts['total'].item()} at step {step}; training stopped and {kept}. Try a lower --lr/--router-lr")
+            accelerator.backward(parts["total"] / options.grad_accum)
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / options.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm) if options.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_done += tokens_per_step
+        elapsed = time.perf_counter() - started
+        entry = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            **{name: round(value, 6) for name, value in parts_sum.items()},
+            "lr": scheduler.get_last_lr()[-1],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": round(tokens_done / elapsed, 1),
+            "total_steps": total_steps,
+        }
+        if options.eval_every and step % options.eval_every == 0 and step != total_steps:
+            entry["eval"] = evaluate()
+            model.train()
+        if log:
+            log.write(entry)
+        history.append(entry)
+        on_step(entry)
+        if options.checkpoint_every and step % options.checkpoint_every == 0 and step != total_steps and accelerator.is_main_process:
+            save_checkpoint(run_dir, step, trainable_state(unwrapped), optimizer, scheduler, {"options": options_dict})
+        peak = max(peak, _peak_memory())
+    seconds = time.perf_counter() - started
+    after = evaluate()
+    if log:
+        log.write({"step": total_steps, "eval": after, "final": True})
+        log.close()
+
+    # --- save ------------------------------------------------------------------------------
+    if accelerator.is_main_process:
+        on_status("merging adapters and saving")
+        merged = merge_adapters(accelerator.unwrap_model(model))
+        for router in routers:
+            router.weight.data = router.weight.data.to(merged.dtype)
+        _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step)
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the run is finished; log and data stay
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        output, run_dir, total_steps, total_steps * tokens_per_step, seconds,
+        tokens_done / seconds if seconds else 0.0, max(peak, _peak_memory()), before, after, history,
+    )
+
+
+def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, use_bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids -> teacher logits. "self": adapters off + dense path, from the student's own weights."""
+    if options.teacher == "self":
+        layout = record.get("layout") or {}
+        if not layout.get("dense_path"):
+            raise SparsifyError(
+                "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
+                "sparsify upcycle); pass --teacher with the original dense model"
+            )
+
+        def self_teacher(model, ids):
+            adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+            with torch.no_grad(), adapters_off, dense_path(routers, layout):
+                return model(ids).logits
+
+        return self_teacher
+    from sparsify.sources import load_model
+
+    separate = load_model(options.teacher, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    separate.requires_grad_(False)
+
+    def separate_teacher(model, ids):
+        if next(separate.parameters()).device != ids.device:
+            separate.to(ids.device)
+        with torch.no_grad():
+            return separate(ids).logits
+
+    return separate_teacher
+
+
+def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int) -> dict[str, torch.Tensor]:
+    unwrapped = model.module if hasattr(model, "module") else model
+    teacher_logits = teacher(unwrapped, ids)
+    out = model(input_ids=ids, output_router_logits=True)
+    parts = {
+        "kl": losses.kl_to_teacher(out.logits, teacher_logits, options.temperature),
+        "ce": losses.next_token_loss(out.logits, ids),
+        "balance": losses.load_balancing_loss(out.router_logits, top_k),
+        "z": losses.router_z_loss(out.router_logits),
+    }
+    parts["total"] = (
+        options.kl_weight * parts["kl"] + options.ce_weight * parts["ce"]
+        + options.balance_weight * parts["balance"] + options.z_weight * parts["z"]
+    )
+    return parts
+
+
+def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator) -> dict[str, float]:
+    model.eval()
+    unwrapped = model.module if hasattr(model, "module") else model
+    blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
+    sums = {"student_nll": 0.0, "teacher_nll": 0.0, "kl": 0.0, "top1": 0.0}
+    count = 0
+    with torch.no_grad():
+        for start in range(0, blocks, options.batch_size):
+            ids = heldout.blocks(torch.arange(start, min(blocks, start + options.batch_size))).to(accelerator.device)
+            teacher_logits = teacher(unwrapped, ids)
+            with accelerator.autocast():
+                student_logits = model(input_ids=ids).logits
+            n = ids.shape[0]
+            sums["student_nll"] += losses.next_token_loss(student_logits, ids).item() * n
+            sums["teacher_nll"] += losses.next_token_loss(teacher_logits, ids).item() * n
+            sums["kl"] += losses.kl_to_teacher(student_logits, teacher_logits).item() * n
+            sums["top1"] += losses.top1_agreement(student_logits, teacher_logits).item() * n
+            count += n
+    mean = {k: v / count for k, v in sums.items()}
+    return {
+        "student_ppl": math.exp(mean["student_nll"]),
+        "teacher_ppl": math.exp(mean["teacher_nll"]),
+        "kl": mean["kl"],
+        "top1_agreement": mean["top1"],
+        "tokens": count * options.seq_len,
+    }
+
+
+def _first_eval(log_path: Path) -> dict[str, float]:
+    for line in log_path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["step"] == 0 and "eval" in entry:
+            return entry["eval"]
+    return {}
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any], options: dict[str, Any],
+          before: dict[str, float], after: dict[str, float], steps: int, tokens: int) -> None:
+    record = dict(record)
+    if record.get("layout"):
+        # Merged adapters changed copy 0 and the attention: the dense path is no longer the teacher.
+        record["layout"] = {**record["layout"], "dense_path": None}
+    record.setdefault("training", [])
+    record["training"] = [*record["training"], {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after}]
+    with atomic_folder(output, overwrite=output == model_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for name in ("generation_config.json", "chat_template.jinja"):
+            if (model_dir / name).exists() and not (staging / name).exists():
+                (staging / name).write_bytes((model_dir / name).read_bytes())
+        if record.get("variant"):
+            write_record(staging, record)
+            config = json.loads((staging / "config.json").read_text())
+            (staging / "README.md").write_text(render_card(record, count_params(staging, config)))

@@ -1,0 +1,210 @@
+"""Router training: losses, data packing, teacher-in-the-student, resume, NaN guard, merge."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import sparsify_command
+from sparsify.data import DataSpec, TokenFile, block_order, materialise, split_documents
+from sparsify.errors import SparsifyError
+from sparsify.train import losses
+from sparsify.train.lora import LoraSettings, add_adapters, merge_adapters
+from sparsify.train.loop import train
+from sparsify.train.options import TrainOptions, parse_count
+from sparsify.train.routing import dense_path, prepare_routers
+from sparsify.upcycle import upcycle
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Small jsonl.gz slices of the shared corpus (real text), so tests tokenize little."""
+    if not (CORPUS / "train.jsonl.gz").exists():
+        pytest.skip("../shared/data/corpus is not here")
+    folder = tmp_path_factory.mktemp("corpus")
+    slices = {}
+    for split, count in (("train", 40), ("valid", 4)):
+        with gzip.open(CORPUS / f"{split}.jsonl.gz", "rt") as source, gzip.open(folder / f"{split}.jsonl.gz", "wt") as target:
+            for _ in range(count):
+                line = json.loads(source.readline())
+                target.write(json.dumps({"text": line["text"][:4000]}) + "\n")
+        slices[split] = folder / f"{split}.jsonl.gz"
+    return slices
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, dense_models) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("students")
+    return {
+        "exact": upcycle(str(dense_models["llama"]), "fine-moe", folder / "exact", granularity=4, experts=2).output,
+        "half": upcycle(str(dense_models["llama"]), "fine-moe", folder / "half", granularity=4, top_k=2).output,
+        # Exact layout but a random router: top-4 mixes partitions of the two copies unevenly.
+        "misrouted": upcycle(
+            str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
+        ).output,
+    }
+
+
+def tiny_options(corpus, **overrides) -> TrainOptions:
+    settings = dict(
+        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
+        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4,
+    )
+    return TrainOptions(**{**settings, **overrides})
+
+
+def test_parse_count():
+    assert parse_count("20M") == 20_000_000 and parse_count("512k") == 512_000 and parse_count("1.5m") == 1_500_000
+    with pytest.raises(SparsifyError):
+        parse_count("lots")
+
+
+def test_load_balancing_loss_is_minimal_for_a_uniform_router():
+    uniform = losses.load_balancing_loss((torch.zeros(64, 8),), top_k=2)
+    assert uniform.item() == pytest.approx(1.0)
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.5, 2.0, 8.0):
+        skewed = torch.randn(64, 8, generator=generator) * scale + torch.linspace(0, scale, 8)
+        assert losses.load_balancing_loss((skewed,), top_k=2) > uniform
+
+
+def test_kl_is_zero_for_identical_and_positive_for_different_logits():
+    logits = torch.randn(2, 5, 11)
+    assert losses.kl_to_teacher(logits, logits).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.kl_to_teacher(logits + torch.randn_like(logits), logits) > 0.01
+
+
+def test_data_packing_is_exact_and_heldout_is_disjoint(corpus, real_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir)
+    spec = DataSpec((str(corpus["train"]),), heldout_fraction=0.25)
+    paths = materialise(spec, tokenizer, tmp_path, train_tokens=10**9, eval_tokens=10**9)
+    train_docs = list(split_documents(spec, heldout=False))
+    heldout_docs = list(split_documents(spec, heldout=True))
+    assert train_docs and heldout_docs and not set(train_docs) & set(heldout_docs)
+    expected = []
+    for text in train_docs:
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    stream = np.fromfile(paths["train"], dtype=np.int32)
+    assert stream.tolist() == expected
+    blocks = TokenFile(paths["train"], seq_len=50)
+    every_block = blocks.blocks(torch.arange(blocks.num_blocks))
+    assert every_block.reshape(-1).tolist() == expected[: blocks.num_blocks * 50]
+    order = block_order(blocks.num_blocks, seed=3, start=0, count=blocks.num_blocks)
+    assert sorted(order.tolist()) == list(range(blocks.num_blocks))  # one epoch visits every block once
+    assert torch.equal(block_order(blocks.num_blocks, 3, 5, 7), order[5:12])  # any position is reproducible
+
+
+def test_student_is_its_own_teacher(students):
+    model = AutoModelForCausalLM.from_pretrained(students["half"]).eval()
+    routers = prepare_routers(model)
+    layout = json.loads((students["half"] / "sparsify.json").read_text())["layout"]
+    model = add_adapters(model, LoraSettings(rank=4), routers)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # make the adapters matter
+            torch.nn.init.normal_(param, std=0.05)
+    source = json.loads((students["half"] / "sparsify.json").read_text())["source"]["path"]
+    dense = AutoModelForCausalLM.from_pretrained(source).eval()
+    ids = torch.randint(0, 4000, (2, 24))
+    with torch.no_grad():
+        teacher = dense(ids).logits
+        with model.disable_adapter(), dense_path(routers, layout):
+            recovered = model(ids).logits
+        student = model(ids).logits
+    torch.testing.assert_close(recovered, teacher, rtol=0, atol=1e-4)
+    assert losses.kl_to_teacher(student, teacher) > 1e-3
+
+
+def test_exact_student_has_zero_kl_and_merging_keeps_logits(students, corpus, tmp_path):
+    result = train(students["exact"], tiny_options(corpus, tokens="128"), output=tmp_path / "out")
+    assert result.before["kl"] < 1e-6  # function-preserving conversion: the student starts as the teacher
+    assert result.before["student_ppl"] == pytest.approx(result.before["teacher_ppl"], rel=1e-5)
+    # The saved model is the merged student, in the native format.
+    merged = AutoModelForCausalLM.from_pretrained(result.output).eval()
+    ids = torch.tensor(np.fromfile(result.run_dir / "data" / "heldout.tokens", dtype=np.int32)[:32].astype(np.int64))[None]
+    with torch.no_grad():
+        logits = merged(ids).logits
+    assert torch.isfinite(logits).all()
+    record = json.loads((result.output / "sparsify.json").read_text())
+    assert record["layout"]["dense_path"] is None and record["training"][0]["tokens"] == result.tokens
+
+
+def test_merged_lora_reproduces_unmerged_logits(students):
+    model = AutoModelForCausalLM.from_pretrained(students["half"]).eval()
+    routers = prepare_routers(model)
+    model = add_adapters(model, LoraSettings(rank=4), routers)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.randint(0, 4000, (2, 24))
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merged = merge_adapters(model)(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+
+
+def test_training_lowers_the_kl_of_a_perturbed_student(students, corpus, tmp_path):
+    result = train(students["misrouted"], tiny_options(corpus, tokens="4096", eval_tokens="1024"), output=tmp_path / "out")
+    assert result.before["kl"] > 1e-2
+    assert result.after["kl"] < 0.85 * result.before["kl"]  # measured: 0.132 -> 0.098
+    assert all(np.isfinite(entry["kl"]) for entry in result.history)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert {"kl", "ce", "balance", "z", "lr", "tokens_per_s"} <= set(log[1])
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(students, corpus, tmp_path):
+    options = tiny_options(corpus, lr=1e30, router_lr=1e30, checkpoint_every=1, warmup=0.0, max_grad_norm=0.0)
+    with pytest.raises(SparsifyError, match="loss became .* at step 2.*last good checkpoint"):
+        train(students["half"], options, output=tmp_path / "out")
+    state = json.loads((tmp_path / "out.run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    assert not (tmp_path / "out").exists()
+
+
+def _run(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([*sparsify_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def _losses_by_step(log: Path) -> dict[int, tuple[float, float]]:
+    """step -> (kl, total of the other parts) for every training step in a log."""
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    return {e["step"]: (e["kl"], e["ce"] + e["balance"] + e["z"]) for e in entries if "kl" in e}
+
+
+def test_killed_run_resumes_to_the_same_loss_curve(students, corpus, tmp_path):
+    flags = [
+        "--data", str(corpus["train"]), "--eval-data", str(corpus["valid"]), "--tokens", "3072", "--seq-len", "32",
+        "--batch-size", "4", "--eval-every", "0", "--eval-tokens", "256", "--checkpoint-every", "3",
+        "--lr", "3e-3", "--router-lr", "3e-2", "--lora-rank", "4",
+    ]
+    straight = _run(["train", str(students["half"]), "-o", str(tmp_path / "straight"), *flags])
+    assert straight.wait(timeout=900) == 0, straight.stderr.read()
+    reference = _losses_by_step(tmp_path / "straight.run" / "log.jsonl")
+    assert len(reference) == 24
+
+    log = tmp_path / "killed.run" / "log.jsonl"
+    victim = _run(["train", str(students["half"]), "-o", str(tmp_path / "killed"), *flags])
+    deadline = time.time() + 600
+    while not (log.exists() and len(log.read_text().splitlines()) >= 9):
+        assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (tmp_path / "killed").exists()
+    again = _run(["train", str(students["half"]), "-o", str(tmp_path / "killed"), *flags])
+    assert again.wait(timeout=60) != 0 and "--resume" in again.stderr.read()
+    resumed = _run(["train", str(students["half"]), "-o", str(tmp_path / "killed"), "--resume", *flags])
+    assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
+    assert _losses_by_step(log) == reference
