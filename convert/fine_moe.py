@@ -28,14 +28,15 @@ class FineMoeOptions(ExpertInitOptions):
     router_init: str | None = field(
         default=None,
         metadata={
-            "help": "virtual-group (copies' experts share a router row; exact when G divides top-k) or random; "
-            "default: virtual-group when G divides top-k, else random."
+            "help": "virtual-group (a copy's experts share a router row; exact when G divides top-k), random, or "
+            "gate-mean (partition g's row is the mean of its neurons' gate rows); default: virtual-group when "
+            "G divides top-k, else gate-mean."
         },
     )
 
     def layout(self) -> ExpertLayout:
         top_k = self.granularity if self.top_k is None else self.top_k
-        router_init = self.router_init or ("virtual-group" if top_k % self.granularity == 0 else "random")
+        router_init = self.router_init or ("virtual-group" if top_k % self.granularity == 0 else "gate-mean")
         return ExpertLayout(
             copies=self.experts,
             granularity=self.granularity,

@@ -105,7 +105,7 @@ def _layer_plan(
             family.layer_name(layer, family.moe_router),
             (layout.experts, hidden),
             dtype,
-            lambda: router_weight(layout, layer, hidden, dtype),
+            lambda: router_weight(layout, layer, hidden, dtype, experts),
         )
     ]
     for expert in range(layout.experts):
@@ -148,7 +148,8 @@ def layout_facts(layout: ExpertLayout, d_ff: int) -> dict[str, Any]:
         "reinit_ratio": layout.reinit_ratio,
         # Copy 0's experts, weighted 1/G each, compute the dense FFN exactly (down is scaled by G):
         # router training uses this to get the teacher from the student's frozen weights.
-        "dense_path": {"experts": list(range(layout.granularity)), "weight": 1.0 / layout.granularity},
+        "expert_scale": layout.expert_scale,
+        "dense_path": {"experts": list(range(layout.granularity)), "weight": 1.0 / layout.expert_scale},
     }
 
 

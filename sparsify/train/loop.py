@@ -92,7 +92,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     model.config.use_cache = False
     routers = prepare_routers(model)
-    top_k = int(routers[0].top_k)
+    top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline
     lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
     model = add_adapters(model, lora, routers)
     teacher = _teacher(options, record, model, routers, use_bf16)
@@ -107,9 +107,11 @@ def train(
     router_params = [r.weight for r in routers]
     router_ids = {id(p) for p in router_params}
     adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
-    groups = [{"params": router_params, "lr": options.router_lr}]
+    groups = [{"params": router_params, "lr": options.router_lr}] if router_params else []
     if adapter_params:
         groups.append({"params": adapter_params, "lr": options.lr})
+    if not groups:
+        raise SparsifyError("nothing to train: this model has no routers and --lora-rank is 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
     world = accelerator.num_processes
     tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
@@ -165,6 +167,7 @@ def train(
             "lr": scheduler.get_last_lr()[-1],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": round(tokens_done / elapsed, 1),
+            "elapsed_s": round(elapsed, 3),
             "total_steps": total_steps,
         }
         if options.eval_every and step % options.eval_every == 0 and step != total_steps:
@@ -202,7 +205,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, us
     """ids -> teacher logits. "self": adapters off + dense path, from the student's own weights."""
     if options.teacher == "self":
         layout = record.get("layout") or {}
-        if not layout.get("dense_path"):
+        if routers and not layout.get("dense_path"):
             raise SparsifyError(
                 "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
                 "sparsify upcycle); pass --teacher with the original dense model"
@@ -210,7 +213,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, us
 
         def self_teacher(model, ids):
             adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-            with torch.no_grad(), adapters_off, dense_path(routers, layout):
+            with torch.no_grad(), adapters_off, (dense_path(routers, layout) if routers else nullcontext()):
                 return model(ids).logits
 
         return self_teacher
@@ -231,12 +234,14 @@ def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, us
 def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int) -> dict[str, torch.Tensor]:
     unwrapped = model.module if hasattr(model, "module") else model
     teacher_logits = teacher(unwrapped, ids)
-    out = model(input_ids=ids, output_router_logits=True)
+    out = model(input_ids=ids, output_router_logits=True) if top_k else model(input_ids=ids)
+    routed = bool(top_k)
+    zero = out.logits.new_zeros((), dtype=torch.float32)
     parts = {
         "kl": losses.kl_to_teacher(out.logits, teacher_logits, options.temperature),
         "ce": losses.next_token_loss(out.logits, ids),
-        "balance": losses.load_balancing_loss(out.router_logits, top_k),
-        "z": losses.router_z_loss(out.router_logits),
+        "balance": losses.load_balancing_loss(out.router_logits, top_k) if routed else zero,
+        "z": losses.router_z_loss(out.router_logits) if routed else zero,
     }
     parts["total"] = (
         options.kl_weight * parts["kl"] + options.ce_weight * parts["ce"]

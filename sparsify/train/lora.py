@@ -16,6 +16,8 @@ from sparsify.errors import SparsifyError
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+# In a dense model (a baseline with the same flags) "experts" means its FFN projections.
+DENSE_FFN_MODULES = ["gate_proj", "up_proj", "down_proj"]
 TARGETS = ("attention", "experts")
 
 
@@ -36,12 +38,19 @@ def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Modu
     for param in model.parameters():
         param.requires_grad_(False)
     if settings.targets and settings.rank > 0:
+        modules = list(ATTENTION_MODULES) if "attention" in settings.targets else []
+        parameters = None
+        if "experts" in settings.targets:
+            if routers:
+                parameters = EXPERT_PARAMETERS
+            else:
+                modules += DENSE_FFN_MODULES
         config = LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha,
             lora_dropout=0.0,
-            target_modules=ATTENTION_MODULES if "attention" in settings.targets else [],
-            target_parameters=EXPERT_PARAMETERS if "experts" in settings.targets else None,
+            target_modules=modules,
+            target_parameters=parameters,
         )
         model = get_peft_model(model, config)
     for router in routers:

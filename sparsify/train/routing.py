@@ -22,18 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.families import FAMILIES
 
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
-    """The `gate` of every sparse MoE block (MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, ...)."""
-    routers = [m.gate for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
-    if not routers:
-        raise SparsifyError(
-            "found no MoE routers in this model; train takes a MoE folder made by `sparsify upcycle` "
-            f"(or another {', '.join(f.moe_architecture for f in FAMILIES)})"
-        )
-    return routers
+    """The `gate` of every sparse MoE block (MixtralSparseMoeBlock, ...); empty for a dense model."""
+    return [m.gate for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
 
 
 def _forward(self: nn.Module, hidden_states: torch.Tensor):
