@@ -75,15 +75,16 @@ def main() -> None:
     parser.add_argument("--tokens", default="20M")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--router-lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--router-lr", type=float, default=5e-3)
+    parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--short-steps", type=int, default=40, help="steps of the throughput and memory phases")
     parser.add_argument("--phases", default="throughput,memory,main")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-train-router"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    report: dict = {"benchmark": "train_router", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    report: dict = {"benchmark": "train_router", "args": {k: str(v) for k, v in vars(args).items()}, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "student": "SmolLM2-135M-Instruct -> fine-moe G=8 top-4 (half the FFN active), bf16"}
 
     def emit() -> None:
@@ -98,7 +99,7 @@ def main() -> None:
     report["prepare_s"] = round(time.perf_counter() - started, 1)
     common = dict(
         data=args.data, eval_data=args.eval_data, seq_len=args.seq_len, batch_size=args.batch_size,
-        lr=args.lr, router_lr=args.router_lr, checkpoint_every=0,
+        lr=args.lr, router_lr=args.router_lr, lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, checkpoint_every=0,
     )
     short_tokens = str(args.short_steps * args.batch_size * args.seq_len)
     phases = args.phases.split(",")

@@ -192,11 +192,14 @@ app.command(help=train.__doc__)(train)
 
 
 def _run_training(model: Path, options, output, run_dir, resume: bool, restart: bool) -> None:
+    import os
+
     from sparsify.train.loop import train as run_train
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, rank 0 reports
     progress = Progress(
         TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True,
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not main_process,
     )
     task = progress.add_task("train", total=None, status="starting")
 
@@ -212,6 +215,8 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
             model, options, output=output, run_dir=run_dir, resume=resume, restart=restart,
             on_step=on_step, on_status=lambda text: progress.update(task, status=text),
         )
+    if not main_process:
+        return
     table = Table(title=f"router training -> {result.output}")
     for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
         table.add_column(column, justify=justify)

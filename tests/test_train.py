@@ -60,7 +60,7 @@ def students(tmp_path_factory, dense_models) -> dict[str, Path]:
 def tiny_options(corpus, **overrides) -> TrainOptions:
     settings = dict(
         data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
-        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4,
+        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
     )
     return TrainOptions(**{**settings, **overrides})
 
@@ -187,7 +187,7 @@ def test_killed_run_resumes_to_the_same_loss_curve(students, corpus, tmp_path):
     flags = [
         "--data", str(corpus["train"]), "--eval-data", str(corpus["valid"]), "--tokens", "3072", "--seq-len", "32",
         "--batch-size", "4", "--eval-every", "0", "--eval-tokens", "256", "--checkpoint-every", "3",
-        "--lr", "3e-3", "--router-lr", "3e-2", "--lora-rank", "4",
+        "--lr", "3e-3", "--router-lr", "3e-2", "--lora-rank", "4", "--lora-alpha", "8",
     ]
     straight = _run(["train", str(students["half"]), "-o", str(tmp_path / "straight"), *flags])
     assert straight.wait(timeout=900) == 0, straight.stderr.read()
@@ -208,3 +208,29 @@ def test_killed_run_resumes_to_the_same_loss_curve(students, corpus, tmp_path):
     resumed = _run(["train", str(students["half"]), "-o", str(tmp_path / "killed"), "--resume", *flags])
     assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
     assert _losses_by_step(log) == reference
+
+
+def test_upcycle_with_train_through_the_cli(dense_models, corpus, tmp_path):
+    output = tmp_path / "trained"
+    done = _run([
+        "upcycle", str(dense_models["qwen3"]), "--to", "fine-moe", "--granularity", "4", "--top-k", "2", "-o", str(output),
+        "--train", "--data", str(corpus["train"]), "--eval-data", str(corpus["valid"]), "--tokens", "1024", "--seq-len", "32",
+        "--batch-size", "4", "--eval-tokens", "256", "--lora-rank", "4",
+    ])
+    stdout, stderr = done.communicate(timeout=900)
+    assert done.returncode == 0, stderr
+    assert "router training" in stdout and "KL(teacher || student)" in stdout
+    record = json.loads((output / "sparsify.json").read_text())
+    assert record["variant"] == "fine-moe" and record["training"][0]["steps"] == 8
+    assert "Routers trained" in (output / "README.md").read_text()
+    assert not (tmp_path / "trained.run" / "checkpoint").exists()  # a finished run leaves no checkpoint behind
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+
+
+def test_training_options_are_checked_before_converting(dense_models, tmp_path):
+    output = tmp_path / "x"
+    done = _run(["upcycle", str(dense_models["llama"]), "--train", "--tokens", "1M", "-o", str(output)])
+    _, stderr = done.communicate(timeout=300)
+    assert done.returncode != 0 and "--data is required" in stderr
+    assert not output.exists()
