@@ -57,7 +57,8 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     if files is None:
         from datasets import load_dataset
 
-        if "/" not in source:
+        looks_local = any(c in source for c in "*?[") or source.startswith((".", "/", "~")) or Path(source).suffix in (".gz", ".jsonl", ".txt", ".parquet")
+        if looks_local or "/" not in source:
             raise SparsifyError(f"no files match '{source}', and it is not a Hub dataset id (owner/name)")
         try:
             rows = load_dataset(source, split="train", streaming=True)

@@ -234,3 +234,33 @@ def test_training_options_are_checked_before_converting(dense_models, tmp_path):
     _, stderr = done.communicate(timeout=300)
     assert done.returncode != 0 and "--data is required" in stderr
     assert not output.exists()
+
+
+def test_separate_teacher_matches_the_self_teacher_and_is_required_after_training(students, corpus, tmp_path):
+    source = json.loads((students["half"] / "sparsify.json").read_text())["source"]["path"]
+    own = train(students["half"], tiny_options(corpus, tokens="128"), output=tmp_path / "own")
+    separate = train(students["half"], tiny_options(corpus, tokens="128", teacher=source), output=tmp_path / "separate")
+    assert separate.before["teacher_ppl"] == pytest.approx(own.before["teacher_ppl"], rel=1e-5)
+    assert separate.before["kl"] == pytest.approx(own.before["kl"], rel=1e-4)
+    with pytest.raises(SparsifyError, match="no longer contain its dense teacher"):
+        train(own.output, tiny_options(corpus, tokens="128"), output=tmp_path / "again")
+    again = train(own.output, tiny_options(corpus, tokens="128", teacher=source), output=tmp_path / "again")
+    assert again.before["teacher_ppl"] == pytest.approx(own.before["teacher_ppl"], rel=1e-5)
+
+
+def test_parquet_and_txt_sources_read_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparsify.data import iter_documents
+
+    texts = ["first document\nwith two lines", "second", "third one"]
+    pq.write_table(pa.table({"content": texts}), tmp_path / "docs.parquet")
+    assert list(iter_documents(str(tmp_path / "docs.parquet"), text_field="content")) == texts
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    assert list(iter_documents(str(tmp_path / "*.txt"))) == texts
+    with pytest.raises(SparsifyError, match="no 'text' column"):
+        list(iter_documents(str(tmp_path / "docs.parquet")))
+    with pytest.raises(SparsifyError, match="not a Hub dataset id"):
+        list(iter_documents(str(tmp_path / "missing*.jsonl")))

@@ -86,6 +86,11 @@ def train(
     # --- setup -----------------------------------------------------------------------------
     use_bf16 = options.precision == "bf16" or (options.precision == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    if accelerator.distributed_type.name == "FSDP":
+        raise SparsifyError(
+            "FSDP is not supported by sparsify train yet (checkpoints and the final merge assume whole parameters); "
+            "launch with DDP instead: accelerate launch --multi_gpu --num_processes N -m sparsify train ..."
+        )
     torch.manual_seed(options.train_seed)
     record = read_record(model_dir) or {}
     on_status("loading model")
@@ -95,7 +100,7 @@ def train(
     top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline
     lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
     model = add_adapters(model, lora, routers)
-    teacher = _teacher(options, record, model, routers, use_bf16)
+    teacher = _teacher(options, record, routers, use_bf16)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = DataSpec(options.sources(options.data), options.sources(options.eval_data), options.text_field)
@@ -210,8 +215,8 @@ def train(
     )
 
 
-def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, use_bf16: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ids -> teacher logits. "self": adapters off + dense path, from the student's own weights."""
+def _teacher(options: TrainOptions, record: dict[str, Any], routers, use_bf16: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """(student, ids) -> teacher logits. "self": adapters off + dense path, from the student's own weights."""
     if options.teacher == "self":
         layout = record.get("layout") or {}
         if routers and not layout.get("dense_path"):
@@ -221,9 +226,12 @@ def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, us
             )
 
         def self_teacher(model, ids):
-            adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+            # Switch the inner peft model's adapters off, but run the forward through the
+            # (possibly distributed) wrapper, as the student's own forward does.
+            inner = model.module if hasattr(model, "module") else model
+            adapters_off = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
             with torch.no_grad(), adapters_off, (dense_path(routers, layout) if routers else nullcontext()):
-                return model(ids).logits
+                return model(input_ids=ids).logits
 
         return self_teacher
     from sparsify.sources import load_model
@@ -241,8 +249,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], student, routers, us
 
 
 def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int) -> dict[str, torch.Tensor]:
-    unwrapped = model.module if hasattr(model, "module") else model
-    teacher_logits = teacher(unwrapped, ids)
+    teacher_logits = teacher(model, ids)
     out = model(input_ids=ids, output_router_logits=True) if top_k else model(input_ids=ids)
     routed = bool(top_k)
     zero = out.logits.new_zeros((), dtype=torch.float32)
@@ -261,14 +268,13 @@ def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int
 
 def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator) -> dict[str, float]:
     model.eval()
-    unwrapped = model.module if hasattr(model, "module") else model
     blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
     sums = {"student_nll": 0.0, "teacher_nll": 0.0, "kl": 0.0, "top1": 0.0}
     count = 0
     with torch.no_grad():
         for start in range(0, blocks, options.batch_size):
             ids = heldout.blocks(torch.arange(start, min(blocks, start + options.batch_size))).to(accelerator.device)
-            teacher_logits = teacher(unwrapped, ids)
+            teacher_logits = teacher(model, ids)
             with accelerator.autocast():
                 student_logits = model(input_ids=ids).logits
             n = ids.shape[0]
