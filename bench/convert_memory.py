@@ -106,7 +106,7 @@ def main() -> None:
         # This machine's disk speed drifts by several x within minutes, so conversion and copy
         # alternate and the medians are compared.
         runs, copies = [], []
-        for round_index in range(args.repeats):
+        for _ in range(args.repeats):
             shutil.rmtree(output, ignore_errors=True)
             shutil.rmtree(work / "copy", ignore_errors=True)
             child = subprocess.run([sys.executable, "-c", CONVERT, str(source), str(output)], capture_output=True, text=True)

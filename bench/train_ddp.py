@@ -57,7 +57,11 @@ def main() -> None:
             record = json.loads((out / "sparsify.json").read_text())["training"][-1]
             entry.update({"before": record["before"], "after": record["after"], "tokens": record["tokens"], "steps": record["steps"]})
             log = [json.loads(l) for l in (args.work / f"{out.name}.run" / "log.jsonl").read_text().splitlines()]
-            entry["tokens_per_s_last"] = [e for e in log if "tokens_per_s" in e][-1]["tokens_per_s"]
+            steps = [e for e in log if "tokens_per_s" in e]
+            entry["tokens_per_s_last"] = steps[-1]["tokens_per_s"]
+            # The cosine schedule must span the whole run on any number of processes.
+            entry["lr_at_half"] = steps[len(steps) // 2]["lr"]
+            entry["lr_last"] = steps[-1]["lr"]
         report["runs"][name] = entry
         print(json.dumps(report, indent=2), flush=True)
 

@@ -111,7 +111,7 @@ def _with_options(command, extra: list[inspect.Parameter]):
 
 def upcycle(
     model: Annotated[str, typer.Argument(help=f"Hub id, local folder, .gguf file, or alias ({', '.join(ALIASES)}).")] = DEFAULT_MODEL,
-    to: Annotated[str, typer.Option("--to", help=f"Target variant: {', '.join(CONVERTERS)}.")] = "fine-moe",
+    to: Annotated[str, typer.Option("--to", help="Target variant. " + " ".join(f"{c.name}: {c.summary}" for c in CONVERTERS.values()))] = "fine-moe",
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")] = Path("out/model"),
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source's), float32, bfloat16, float16.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,

@@ -122,7 +122,9 @@ def train(
     tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
     total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(options.warmup * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
+    # process, which would run the schedule num_processes times too fast under DDP.
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     start_step = 0
