@@ -256,6 +256,13 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
         rows.append(("reproduces teacher", f"{verdict}: {described.exact['reason']}"))
     if described.source:
         rows.append(("source", f"{described.source['ref']} ({described.source['kind']})"))
+    for run in described.training:
+        after = run["after"]
+        rows.append((
+            "router training",
+            f"{run['tokens']:,} tokens: held-out perplexity {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
+            f"KL {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}",
+        ))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)

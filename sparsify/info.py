@@ -26,6 +26,7 @@ class ModelInfo:
     layout: dict[str, Any] = field(default_factory=dict)
     exact: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
+    training: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _moe_family(model_type: str) -> Family | None:
@@ -89,4 +90,5 @@ def describe(folder: Path) -> ModelInfo:
         layout=record["layout"] if record else {},
         exact=record["exact"] if record else None,
         source=record["source"] if record else None,
+        training=record.get("training", []) if record else [],
     )
