@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsify.sources import open_source
+from sparsify.sources import load_model
 from sparsify.upcycle import upcycle
 
 pytestmark = pytest.mark.slow
@@ -41,13 +41,7 @@ def real_text() -> str:
 
 @pytest.fixture(scope="module")
 def teacher():
-    source = open_source("smollm2-135m")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32).eval()
-    model.load_state_dict({n: source.tensors.get(n) for n in source.tensors.names()}, strict=False)
-    model.tie_weights()
-    return model
+    return load_model("smollm2-135m", dtype=torch.float32)
 
 
 @pytest.mark.parametrize(
