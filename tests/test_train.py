@@ -266,3 +266,21 @@ def test_parquet_and_txt_sources_read_the_same_documents(tmp_path):
         list(iter_documents(str(tmp_path / "docs.parquet")))
     with pytest.raises(SparsifyError, match="not a Hub dataset id"):
         list(iter_documents(str(tmp_path / "missing*.jsonl")))
+
+
+def test_chunked_kl_equals_the_whole_batch_formula_in_value_and_gradient(monkeypatch):
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(losses, "CHUNK_TOKENS", 7)  # several chunks, the last one partial
+    student = torch.randn(3, 10, 50, requires_grad=True)
+    teacher = torch.randn(3, 10, 50)
+    for temperature in (1.0, 2.0):
+        chunked = losses.kl_to_teacher(student, teacher, temperature)
+        (grad_chunked,) = torch.autograd.grad(chunked, student)
+        whole = F.kl_div(
+            F.log_softmax(student.reshape(-1, 50) / temperature, -1), F.log_softmax(teacher.reshape(-1, 50) / temperature, -1),
+            log_target=True, reduction="batchmean",
+        ) * temperature**2
+        (grad_whole,) = torch.autograd.grad(whole, student)
+        torch.testing.assert_close(chunked, whole)
+        torch.testing.assert_close(grad_chunked, grad_whole)

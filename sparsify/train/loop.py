@@ -257,7 +257,7 @@ def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int
     zero = out.logits.new_zeros((), dtype=torch.float32)
     parts = {
         "kl": losses.kl_to_teacher(out.logits, teacher_logits, options.temperature),
-        "ce": losses.next_token_loss(out.logits, ids),
+        "ce": _ce(out.logits, ids, track_grad=options.ce_weight > 0),
         "balance": losses.load_balancing_loss(out.router_logits, top_k) if routed else zero,
         "z": losses.router_z_loss(out.router_logits) if routed else zero,
     }
@@ -266,6 +266,12 @@ def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int
         + options.balance_weight * parts["balance"] + options.z_weight * parts["z"]
     )
     return parts
+
+
+def _ce(logits: torch.Tensor, ids: torch.Tensor, track_grad: bool) -> torch.Tensor:
+    """Cross-entropy; without a weight it is only reported, so it keeps no graph (and no memory)."""
+    with torch.set_grad_enabled(track_grad and torch.is_grad_enabled()):
+        return losses.next_token_loss(logits, ids)
 
 
 def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator) -> dict[str, float]:
