@@ -7,7 +7,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import build_dense, sparsify_command
