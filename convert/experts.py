@@ -100,7 +100,7 @@ class ExpertInitOptions:
 
     reinit_ratio: float = field(
         default=0.0,
-        metadata={"help": "Drop-Upcycling: fraction of each copy's FFN neurons re-drawn at random (0 keeps the model exact)."},
+        metadata={"help": "Drop-Upcycling: fraction of the FFN neurons of copies 1..E-1 re-drawn at random (0 keeps the model exact)."},
     )
     router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
     seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
@@ -121,27 +121,6 @@ def neuron_order(layout: ExpertLayout, layer: int, d_ff: int) -> torch.Tensor | 
     if layout.split == "contiguous":
         return None
     return torch.randperm(d_ff, generator=_generator(layout.seed, _SPLIT, layer))
-
-
-def router_weight(layout: ExpertLayout, layer: int, hidden: int, dtype: torch.dtype, experts: "LayerExperts") -> torch.Tensor:
-    gen = _generator(layout.seed, _ROUTER, layer)
-    if layout.router_init == "gate-mean":
-        # Logit of partition g = mean gate pre-activation of its neurons: a token goes to the
-        # partitions whose neurons it excites most. Rescaled to router_std; copies get a little
-        # noise so that they do not tie.
-        gate = experts.dense_gate().float()
-        rows = gate.reshape(layout.granularity, -1, hidden).mean(dim=1)
-        rows = rows / rows.std() * layout.router_std
-        rows = rows.repeat(layout.copies, 1)
-        noise = torch.randn(rows.shape, generator=gen) * layout.router_std * 0.1
-        noise[: layout.granularity] = 0
-        return (rows + noise).to(dtype)
-    if layout.router_init == "virtual-group":
-        rows = torch.randn(layout.copies, hidden, generator=gen) * layout.router_std
-        rows = rows.repeat_interleave(layout.granularity, dim=0)
-    else:
-        rows = torch.randn(layout.experts, hidden, generator=gen) * layout.router_std
-    return rows.to(dtype)
 
 
 def _reinit(ffn: dict[str, torch.Tensor], layout: ExpertLayout, layer: int, copy: int) -> dict[str, torch.Tensor]:
@@ -191,9 +170,24 @@ class LayerExperts:
             self._copy = (copy, _reinit(self._dense(), self.layout, self.layer, copy))
         return self._copy[1]
 
-    def dense_gate(self) -> torch.Tensor:
-        """Copy 0's gate projection, neurons in partition order."""
-        return self._dense()["gate"]
+    def router(self, hidden: int) -> torch.Tensor:
+        """The router's initial weight, (experts, hidden)."""
+        layout = self.layout
+        gen = _generator(layout.seed, _ROUTER, self.layer)
+        if layout.router_init == "gate-mean":
+            # Logit of partition g = mean gate pre-activation of its neurons: a token goes to the
+            # partitions whose neurons it excites most. Rescaled to router_std; copies 1.. get a
+            # little noise so that they do not tie with copy 0.
+            gate = self._dense()["gate"].float()
+            rows = gate.reshape(layout.granularity, -1, hidden).mean(dim=1)
+            rows = (rows / rows.std() * layout.router_std).repeat(layout.copies, 1)
+            noise = torch.randn(rows.shape, generator=gen) * layout.router_std * 0.1
+            noise[: layout.granularity] = 0
+            return (rows + noise).to(self.dtype)
+        if layout.router_init == "virtual-group":
+            rows = torch.randn(layout.copies, hidden, generator=gen) * layout.router_std
+            return rows.repeat_interleave(layout.granularity, dim=0).to(self.dtype)
+        return (torch.randn(layout.experts, hidden, generator=gen) * layout.router_std).to(self.dtype)
 
     def expert(self, expert: int, role: str) -> torch.Tensor:
         copy, part = divmod(expert, self.layout.granularity)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sparsify.checkpoint_writer import PlannedTensor
-from sparsify.convert.experts import ExpertLayout, LayerExperts, router_weight
+from sparsify.convert.experts import ExpertLayout, LayerExperts
 from sparsify.errors import SparsifyError
 from sparsify.convert.plan import ConversionPlan
 from sparsify.families import FFN_ROLES, Family, check_representable, family_for
@@ -105,7 +105,7 @@ def _layer_plan(
             family.layer_name(layer, family.moe_router),
             (layout.experts, hidden),
             dtype,
-            lambda: router_weight(layout, layer, hidden, dtype, experts),
+            lambda: experts.router(hidden),
         )
     ]
     for expert in range(layout.experts):
@@ -146,8 +146,8 @@ def layout_facts(layout: ExpertLayout, d_ff: int) -> dict[str, Any]:
         "split": {"strategy": layout.split, "seed": layout.seed},
         "router_init": layout.router_init,
         "reinit_ratio": layout.reinit_ratio,
-        # Copy 0's experts, weighted 1/G each, compute the dense FFN exactly (down is scaled by G):
-        # router training uses this to get the teacher from the student's frozen weights.
+        # Copy 0's G experts, each weighted 1/expert_scale, compute the dense FFN exactly: router
+        # training uses this to get the teacher from the student's own frozen weights.
         "expert_scale": layout.expert_scale,
         "dense_path": {"experts": list(range(layout.granularity)), "weight": 1.0 / layout.expert_scale},
     }

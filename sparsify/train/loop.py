@@ -145,7 +145,7 @@ def train(
     if log and start_step == 0:
         log.write({"step": 0, "eval": before})
     model.train()
-    started, tokens_done, peak = time.perf_counter(), 0, 0
+    started, tokens_done = time.perf_counter(), 0
     history: list[dict[str, Any]] = []
     for step in range(start_step + 1, total_steps + 1):
         parts_sum: dict[str, float] = {}
@@ -195,7 +195,6 @@ def train(
         on_step(entry)
         if options.checkpoint_every and step % options.checkpoint_every == 0 and step != total_steps and accelerator.is_main_process:
             save_checkpoint(run_dir, step, trainable_state(unwrapped), optimizer, scheduler, {"options": options_dict})
-        peak = max(peak, _peak_memory())
     seconds = time.perf_counter() - started
     after = evaluate()
     if log:
@@ -205,7 +204,7 @@ def train(
     # --- save ------------------------------------------------------------------------------
     if accelerator.is_main_process:
         on_status("merging adapters and saving")
-        merged = merge_adapters(accelerator.unwrap_model(model))
+        merged = merge_adapters(unwrapped)
         for router in routers:
             router.weight.data = router.weight.data.to(merged.dtype)
         _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step)
@@ -213,7 +212,7 @@ def train(
     accelerator.wait_for_everyone()
     return TrainResult(
         output, run_dir, total_steps, total_steps * tokens_per_step, seconds,
-        tokens_done / seconds if seconds else 0.0, max(peak, _peak_memory()), before, after, history,
+        tokens_done / seconds if seconds else 0.0, _peak_memory(), before, after, history,
     )
 
 
@@ -310,6 +309,7 @@ def _first_eval(log_path: Path) -> dict[str, float]:
 
 
 def _peak_memory() -> int:
+    """High-water mark of this process: GPU allocations, or resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as status:
@@ -322,8 +322,7 @@ def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any
     if record.get("layout"):
         # Merged adapters changed copy 0 and the attention: the dense path is no longer the teacher.
         record["layout"] = {**record["layout"], "dense_path": None}
-    record.setdefault("training", [])
-    record["training"] = [*record["training"], {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after}]
+    record["training"] = [*record.get("training", []), {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after}]
     with atomic_folder(output, overwrite=output == model_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
