@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from sparsify.sources import ALIASES
+from sparsify.upcycle import upcycle
 
 FAMILY_CONFIGS = {
     "llama": dict(
@@ -93,7 +96,40 @@ def offline_hub(monkeypatch):
 
 def sparsify_command() -> list[str]:
     """The installed console script, next to this interpreter."""
-    script = Path(os.path.dirname(os.path.realpath(__import__("sys").executable))) / "sparsify"
-    found = script if script.exists() else shutil.which("sparsify")
+    executable = __import__("sys").executable
+    beside = [Path(executable).parent / "sparsify", Path(os.path.realpath(executable)).parent / "sparsify"]
+    found = next((str(script) for script in beside if script.exists()), None) or shutil.which("sparsify")
     assert found, "the sparsify console script is not installed; run `pip install -e .`"
     return [str(found)]
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Small jsonl.gz slices of the shared corpus (real text), so tests tokenize little."""
+    if not (CORPUS / "train.jsonl.gz").exists():
+        pytest.skip("../shared/data/corpus is not here")
+    folder = tmp_path_factory.mktemp("corpus")
+    slices = {}
+    for split, count in (("train", 40), ("valid", 4)):
+        with gzip.open(CORPUS / f"{split}.jsonl.gz", "rt") as source, gzip.open(folder / f"{split}.jsonl.gz", "wt") as target:
+            for _ in range(count):
+                line = json.loads(source.readline())
+                target.write(json.dumps({"text": line["text"][:4000]}) + "\n")
+        slices[split] = folder / f"{split}.jsonl.gz"
+    return slices
+
+
+@pytest.fixture(scope="session")
+def students(tmp_path_factory, dense_models) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("students")
+    return {
+        "exact": upcycle(str(dense_models["llama"]), "fine-moe", folder / "exact", granularity=4, experts=2).output,
+        "half": upcycle(str(dense_models["llama"]), "fine-moe", folder / "half", granularity=4, top_k=2).output,
+        # Exact layout but a random router: top-4 mixes partitions of the two copies unevenly.
+        "misrouted": upcycle(
+            str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
+        ).output,
+    }

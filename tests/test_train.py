@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -23,38 +22,6 @@ from sparsify.train.lora import LoraSettings, add_adapters, merge_adapters
 from sparsify.train.loop import train
 from sparsify.train.options import TrainOptions, parse_count
 from sparsify.train.routing import dense_path, prepare_routers
-from sparsify.upcycle import upcycle
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    """Small jsonl.gz slices of the shared corpus (real text), so tests tokenize little."""
-    if not (CORPUS / "train.jsonl.gz").exists():
-        pytest.skip("../shared/data/corpus is not here")
-    folder = tmp_path_factory.mktemp("corpus")
-    slices = {}
-    for split, count in (("train", 40), ("valid", 4)):
-        with gzip.open(CORPUS / f"{split}.jsonl.gz", "rt") as source, gzip.open(folder / f"{split}.jsonl.gz", "wt") as target:
-            for _ in range(count):
-                line = json.loads(source.readline())
-                target.write(json.dumps({"text": line["text"][:4000]}) + "\n")
-        slices[split] = folder / f"{split}.jsonl.gz"
-    return slices
-
-
-@pytest.fixture(scope="module")
-def students(tmp_path_factory, dense_models) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("students")
-    return {
-        "exact": upcycle(str(dense_models["llama"]), "fine-moe", folder / "exact", granularity=4, experts=2).output,
-        "half": upcycle(str(dense_models["llama"]), "fine-moe", folder / "half", granularity=4, top_k=2).output,
-        # Exact layout but a random router: top-4 mixes partitions of the two copies unevenly.
-        "misrouted": upcycle(
-            str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
-        ).output,
-    }
 
 
 def tiny_options(corpus, **overrides) -> TrainOptions:
@@ -284,3 +251,15 @@ def test_chunked_kl_equals_the_whole_batch_formula_in_value_and_gradient(monkeyp
         (grad_whole,) = torch.autograd.grad(whole, student)
         torch.testing.assert_close(chunked, whole)
         torch.testing.assert_close(grad_chunked, grad_whole)
+
+
+def test_router_math_stays_in_fp32_under_bf16_autocast(students):
+    model = AutoModelForCausalLM.from_pretrained(students["half"], dtype=torch.bfloat16).eval()
+    router = prepare_routers(model)[0]
+    router.weight.data = router.weight.data.float()
+    hidden = torch.randn(6, router.weight.shape[1], dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights, _ = router(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.float() @ router.weight.t(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(6), rtol=0, atol=1e-6)

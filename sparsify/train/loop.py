@@ -24,10 +24,12 @@ from sparsify.info import count_params
 from sparsify.model_card import render_card
 from sparsify.provenance import read_record, write_record
 from sparsify.train import losses
-from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters, trainable_state
+from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
 from sparsify.train.options import TrainOptions
 from sparsify.train.routing import dense_path, prepare_routers
-from sparsify.train.state import CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, load_checkpoint, save_checkpoint
+from sparsify.train.state import (
+    CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint,
+)
 
 # Options that may change between a run and its resumption without changing its loss curve.
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "eval_tokens"}
@@ -67,7 +69,7 @@ def train(
     on_status: Callable[[str], None] = lambda text: None,
 ) -> TrainResult:
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     options.validate()
     model_dir = Path(model_dir)
@@ -86,20 +88,13 @@ def train(
     # --- setup -----------------------------------------------------------------------------
     use_bf16 = options.precision == "bf16" or (options.precision == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
-    if accelerator.distributed_type.name == "FSDP":
-        raise SparsifyError(
-            "FSDP is not supported by sparsify train yet (checkpoints and the final merge assume whole parameters); "
-            "launch with DDP instead: accelerate launch --multi_gpu --num_processes N -m sparsify train ..."
-        )
+    _check_fsdp_version(accelerator)
     torch.manual_seed(options.train_seed)
     record = read_record(model_dir) or {}
     on_status("loading model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    model.config.use_cache = False
-    routers = prepare_routers(model)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model, routers = _student(model_dir, options, dtype)
     top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline
-    lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
-    model = add_adapters(model, lora, routers)
     teacher = _teacher(options, record, routers, use_bf16)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -129,10 +124,12 @@ def train(
 
     start_step = 0
     options_dict = asdict(options)
+    trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
     if checkpoint:
-        meta, state = load_checkpoint(checkpoint, optimizer, scheduler)
+        meta = load_checkpoint(checkpoint, model, optimizer, scheduler, trainable_names)
         check_same_run(meta["options"], options_dict, RESUMABLE_CHANGES)
-        load_trainable_state(unwrapped, state)
+        if meta.get("processes", 1) != world:  # the data order and the tokens per step depend on it
+            raise SparsifyError(f"cannot resume: the run used {meta.get('processes', 1)} processes, this launch has {world}")
         start_step = meta["step"]
         on_status(f"resumed at step {start_step}")
     log = StepLog(run_dir / LOG, keep_through_step=start_step if checkpoint else None) if accelerator.is_main_process else None
@@ -193,20 +190,23 @@ def train(
             log.write(entry)
         history.append(entry)
         on_step(entry)
-        if options.checkpoint_every and step % options.checkpoint_every == 0 and step != total_steps and accelerator.is_main_process:
-            save_checkpoint(run_dir, step, trainable_state(unwrapped), optimizer, scheduler, {"options": options_dict})
+        if options.checkpoint_every and step % options.checkpoint_every == 0 and step != total_steps:
+            trainable, optimizer_state = gather_trainable(model, trainable_names), gather_optimizer(model, optimizer)
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, step, trainable, optimizer_state, scheduler, {"options": options_dict, "processes": world})
+            accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     after = evaluate()
     if log:
-        log.write({"step": total_steps, "eval": after, "final": True})
+        log.write({"step": total_steps, "eval": after, "final": True, "peak_memory_bytes": _peak_memory()})
         log.close()
 
     # --- save ------------------------------------------------------------------------------
+    trainable = gather_trainable(model, trainable_names)
     if accelerator.is_main_process:
         on_status("merging adapters and saving")
-        merged = merge_adapters(unwrapped)
-        for router in routers:
-            router.weight.data = router.weight.data.to(merged.dtype)
+        del model, optimizer  # the merge rebuilds the model whole, on the CPU, from the trained state
+        merged = _merged(model_dir, options, dtype, trainable)
         _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step)
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the run is finished; log and data stay
     accelerator.wait_for_everyone()
@@ -214,6 +214,37 @@ def train(
         output, run_dir, total_steps, total_steps * tokens_per_step, seconds,
         tokens_done / seconds if seconds else 0.0, _peak_memory(), before, after, history,
     )
+
+
+def _check_fsdp_version(accelerator) -> None:
+    if accelerator.distributed_type.name == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise SparsifyError(
+            "sparsify train needs FSDP2: FSDP1 flattens parameters and cannot mix the frozen bf16 weights with the "
+            "trainable fp32 adapters and routers. Launch with: accelerate launch --use_fsdp --fsdp_version 2 -m sparsify train ..."
+        )
+
+
+def _student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, for_training: bool = True):
+    """The converted model with fp32 routers and LoRA adapters: (model, routers)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if for_training:
+        model.config.use_cache = False
+    routers = prepare_routers(model)
+    lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
+    return add_adapters(model, lora, routers), routers
+
+
+def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainable: dict[str, torch.Tensor]):
+    """A fresh, whole copy of the student with the trained state loaded and LoRA folded in. Rebuilding
+    it (instead of merging the training copy in place) is the same code for one process, DDP and FSDP."""
+    student, routers = _student(model_dir, options, dtype, for_training=False)
+    load_trainable_state(student, trainable)
+    merged = merge_adapters(student)
+    for router in routers:
+        router.weight.data = router.weight.data.to(dtype)
+    return merged
 
 
 def _teacher(options: TrainOptions, record: dict[str, Any], routers, use_bf16: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -274,29 +305,38 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor, track_grad: bool) -> torch.Tens
 
 
 def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator) -> dict[str, float]:
+    """Held-out perplexities, KL and top-1 agreement. The blocks are divided among the processes and
+    the sums added up; a process with one batch fewer runs an uncounted one, because under FSDP
+    every process must take part in every forward pass."""
     model.eval()
     blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
-    sums = {"student_nll": 0.0, "teacher_nll": 0.0, "kl": 0.0, "top1": 0.0}
-    count = 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, blocks, world))
+    batches = [mine[i:i + options.batch_size] for i in range(0, len(mine), options.batch_size)]
+    rounds = math.ceil(math.ceil(blocks / world) / options.batch_size)
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # nll, teacher nll, kl, top-1, blocks
     with torch.no_grad():
-        for start in range(0, blocks, options.batch_size):
-            ids = heldout.blocks(torch.arange(start, min(blocks, start + options.batch_size))).to(accelerator.device)
+        for round_index in range(rounds):
+            counted = round_index < len(batches)
+            ids = heldout.blocks(torch.tensor(batches[round_index] if counted else [0])).to(accelerator.device)
             teacher_logits = teacher(model, ids)
             with accelerator.autocast():
                 student_logits = model(input_ids=ids).logits
-            n = ids.shape[0]
-            sums["student_nll"] += losses.next_token_loss(student_logits, ids).item() * n
-            sums["teacher_nll"] += losses.next_token_loss(teacher_logits, ids).item() * n
-            sums["kl"] += losses.kl_to_teacher(student_logits, teacher_logits).item() * n
-            sums["top1"] += losses.top1_agreement(student_logits, teacher_logits).item() * n
-            count += n
-    mean = {k: v / count for k, v in sums.items()}
+            if counted:
+                n = ids.shape[0]
+                sums += n * torch.stack([
+                    losses.next_token_loss(student_logits, ids), losses.next_token_loss(teacher_logits, ids),
+                    losses.kl_to_teacher(student_logits, teacher_logits), losses.top1_agreement(student_logits, teacher_logits),
+                    torch.tensor(1.0, device=sums.device),
+                ]).to(sums)
+    sums = accelerator.reduce(sums, "sum")
+    student_nll, teacher_nll, kl, top1, count = (sums[:4] / sums[4]).tolist() + [sums[4].item()]
     return {
-        "student_ppl": math.exp(mean["student_nll"]),
-        "teacher_ppl": math.exp(mean["teacher_nll"]),
-        "kl": mean["kl"],
-        "top1_agreement": mean["top1"],
-        "tokens": count * options.seq_len,
+        "student_ppl": math.exp(student_nll),
+        "teacher_ppl": math.exp(teacher_nll),
+        "kl": kl,
+        "top1_agreement": top1,
+        "tokens": int(count) * options.seq_len,
     }
 
 

@@ -31,7 +31,9 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
 
 def _forward(self: nn.Module, hidden_states: torch.Tensor):
     hidden_states = hidden_states.reshape(-1, self.weight.shape[-1])
-    logits = F.linear(hidden_states.float(), self.weight.float())
+    # Autocast would turn this matmul back into bf16, so it is switched off for the router alone.
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        logits = F.linear(hidden_states.float(), self.weight.float())
     if self.sparsify_dense_path is not None:
         experts, weight = self.sparsify_dense_path
         index = experts.to(logits.device).expand(logits.shape[0], -1)

@@ -3,6 +3,11 @@
 A checkpoint is one folder, replaced atomically, so a kill at any moment leaves either the previous
 checkpoint or the new one. Resuming restores every piece, which makes the resumed loss curve
 identical to an uninterrupted run.
+
+The trainable parameters and the optimizer state are stored whole (unsharded, keyed by parameter
+name) through torch.distributed.checkpoint's state-dict API, which gathers FSDP shards, strips DDP
+wrappers and does nothing special for a plain model. A checkpoint is therefore the same file
+whether it was written by one process, DDP or FSDP, and any of them can resume it.
 """
 
 from __future__ import annotations
@@ -38,13 +43,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler, meta: dict[str, Any]) -> None:
+FORMAT = 2  # 1: optimizer state keyed by position (before FSDP support)
+
+
+def _whole() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+# Both gathers below are collective under FSDP: every process must call them. The result is
+# complete on the main process (and, without a process group, on the only one).
+
+
+def gather_trainable(model, names: set[str]) -> dict[str, torch.Tensor]:
+    """Whole trainable parameters (adapters and routers), on CPU, keyed by parameter name.
+    `names` filters out frozen weights the API still returns (an output head tied to the embedding)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return {k: v for k, v in get_model_state_dict(model, options=_whole()).items() if k in names}
+
+
+def gather_optimizer(model, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_whole())
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any], scheduler,
+                    meta: dict[str, Any]) -> None:
     with atomic_folder(run_dir / CHECKPOINT, overwrite=True) as staging:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, staging / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(), staging / "rng.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        (staging / "state.json").write_text(json.dumps({"step": step, "format": FORMAT, **meta}, indent=2))
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -56,12 +89,22 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return retired[-1] if retired and (retired[-1] / "state.json").exists() else None
 
 
-def load_checkpoint(folder: Path, optimizer, scheduler) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, trainable_names: set[str]) -> dict[str, Any]:
+    """Restore a checkpoint into (possibly wrapped or sharded) `model` and its optimizer, on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     meta = json.loads((folder / "state.json").read_text())
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    if meta.get("format", 1) != FORMAT:
+        raise SparsifyError(f"{folder} was written by an older sparsify; restart the run with --restart")
+    trainable = load_file(folder / "trainable.safetensors")
+    if set(trainable) != trainable_names:
+        raise SparsifyError("the checkpoint's trainable parameters do not match this model and these --lora-* options")
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, trainable, options=whole)
+    set_optimizer_state_dict(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=False), options=whole)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
-    return meta, load_file(folder / "trainable.safetensors")
+    return meta
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> None:
