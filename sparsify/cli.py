@@ -234,6 +234,77 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
     )
 
 
+# --- eval / compare ---------------------------------------------------------------------------
+
+
+def _eval_parameters(panel: str) -> list[inspect.Parameter]:
+    from sparsify.eval.options import EvalOptions
+
+    hints = typing.get_type_hints(EvalOptions)
+    return [_option(f, hints[f.name], panel, _default_text(EvalOptions, f.name)) for f in fields(EvalOptions)]
+
+
+def evaluate(
+    model: Annotated[str, typer.Argument(help="The model to measure: a folder, .gguf file, alias (smollm2-135m) or Hub id.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Report folder: report.json, report.md, PNG plots.")] = None,
+    card: Annotated[bool, typer.Option(help="Also put the report's tables into MODEL's README.md (model card).")] = False,
+    **options: Any,
+) -> None:
+    """Measure quality, cost and routing of a model against its teacher; write one report."""
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.report import metric_rows
+    from sparsify.eval.run import evaluate as run_eval
+
+    names = {f.name for f in fields(EvalOptions)}
+    settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.fields[status]}"), console=err, transient=True)
+    task = progress.add_task("eval", total=None, status="starting")
+    with progress:
+        report = run_eval(
+            model, settings, output=output, card=card,
+            on_status=lambda text: progress.update(task, status=text, completed=0, total=None),
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    with_teacher = report.get("teacher") is not None
+    table = Table(title=f"{report['model']['name']}" + (f" vs {report['teacher']['name']}" if with_teacher else ""))
+    for column in ("section", "metric", "model", *(("teacher", "model vs teacher") if with_teacher else ())):
+        table.add_column(column, justify="left" if column in ("section", "metric") else "right")
+    for row in metric_rows(report):
+        cells = [row.section, row.label, row.show(row.model)]
+        if with_teacher:
+            cells += [row.show(row.teacher), row.show_change()]
+        table.add_row(*cells)
+    out.print(table)
+    if output:
+        out.print(f"report: {Path(output) / 'report.md'} (and report.json)")
+
+
+_with_options(evaluate, _eval_parameters("Evaluation options"))
+app.command(name="eval", help=evaluate.__doc__)(evaluate)
+
+
+@app.command()
+def compare(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) written by `sparsify eval`.")]) -> None:
+    """Side-by-side table of several eval reports (the model's figures of each)."""
+    from sparsify.eval.report import load_report, metric_rows
+
+    loaded = [load_report(path) for path in reports]
+    table = Table(title="sparsify compare")
+    table.add_column("metric")
+    columns = []
+    for path, report in zip(reports, loaded, strict=True):
+        table.add_column(f"{report['model']['name']}\n[dim]{path}[/dim]", justify="right")
+        columns.append({(row.section, row.label): row.show(row.model) for row in metric_rows(report)})
+    keys = list(dict.fromkeys(key for column in columns for key in column))
+    section = None
+    for key in keys:
+        if key[0] != section:
+            section = key[0]
+            table.add_row(f"[bold]{section}[/bold]", *[""] * len(columns))
+        table.add_row("  " + key[1], *[column.get(key, "-") for column in columns])
+    out.print(table)
+
+
 # --- info -------------------------------------------------------------------------------------
 
 

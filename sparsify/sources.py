@@ -212,3 +212,18 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, **source_options: A
         model.tie_weights()
         return model.eval()
     return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
+
+
+def load_tokenizer(ref: str, **source_options: Any):
+    """The tokenizer of any model reference `load_model` accepts."""
+    from transformers import AutoTokenizer
+
+    gguf = gguf_path(ref)
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    path = Path(ref).expanduser()
+    folder = path if path.is_dir() else _download_from_hub(ref, source_options.get("revision"), source_options.get("allow_pickle", False))[0]
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise SparsifyError(f"{folder} has no usable tokenizer ({error})") from error

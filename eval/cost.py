@@ -1,0 +1,120 @@
+"""Cost: parameters (total and active), analytic FLOPs per token, measured speed and memory.
+
+Speed is measured, never inferred: prefill is one forward pass over a batch of prompts; decode is
+the time per generated token with the KV cache, taken as the difference between generating N
+tokens and generating 1 (so the prompt's prefill cancels out). Every figure is the median of
+`repeats` runs after `warmup` runs, reported with its min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify.train.routing import find_routers
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Unique parameters (tied ones once); active = what one token uses (k of E experts)."""
+    seen: set[int] = set()
+    total = experts = 0
+    for module_name, module in model.named_modules():
+        in_experts = module_name.split(".")[-1] == "experts" or ".experts." in f"{module_name}."
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            experts += param.numel() if in_experts else 0
+    embedding = model.get_input_embeddings().weight.numel()
+    routers = find_routers(model)
+    share = routers[0].top_k / routers[0].weight.shape[0] if routers else 1.0
+    active = total - experts + round(experts * share)
+    return {"total": total, "active": active, "embedding": embedding, "experts": experts,
+            "active_non_embedding": active - embedding}
+
+
+def flops_per_token(model: nn.Module, params: dict[str, int], context: int) -> dict[str, float]:
+    """Forward FLOPs per token at `context` tokens: 2 per active weight that multiplies, plus the
+    attention scores and weighted sum over the average causal context (context + 1) / 2."""
+    config = model.config
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    matmul_weights = params["active"] - params["embedding"] + (output.weight.numel() if tied else 0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * (context + 1) / 2
+    return {"context": context, "weights": 2.0 * matmul_weights, "attention": attention, "total": 2.0 * matmul_weights + attention}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def _timed(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    for _ in range(warmup):
+        once()
+    return [once() for _ in range(repeats)]
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[int], prompt_len: int, decode_tokens: int,
+                  warmup: int, repeats: int, pad_token_id: int) -> dict[str, Any]:
+    """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text)."""
+    device = next(model.parameters()).device
+    results = {}
+    for batch in batch_sizes:
+        needed = batch * prompt_len
+        ids = sample.repeat(needed // len(sample) + 1)[:needed].reshape(batch, prompt_len).to(device)
+        entry: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)
+        entry["prefill_tokens_per_s"] = _stats([needed / t for t in prefill])
+        entry["prefill_peak_bytes"] = _peak_bytes(device)
+        if decode_tokens > 1:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+
+            def generate(new_tokens: int) -> Callable[[], Any]:
+                return lambda: model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, use_cache=True, pad_token_id=pad_token_id,
+                )
+
+            with torch.no_grad():
+                _timed(generate(decode_tokens), device, warmup, 0)
+                # Each repeat times 1 token then N tokens back to back, so drift hits both alike.
+                pairs = [(_timed(generate(1), device, 0, 1)[0], _timed(generate(decode_tokens), device, 0, 1)[0]) for _ in range(repeats)]
+            per_token = [(full - first) / (decode_tokens - 1) for first, full in pairs]
+            entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
+            entry["decode_ms_per_step"] = _stats([1000 * t for t in per_token])
+            entry["decode_tokens"] = decode_tokens
+            entry["decode_peak_bytes"] = _peak_bytes(device)
+        results[f"batch_{batch}"] = entry
+    return results
+
+
+def process_peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+    except OSError:
+        return None

@@ -1,0 +1,68 @@
+"""Everything `sparsify eval` is configured by. The CLI builds its flags from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsify.errors import SparsifyError
+from sparsify.train.options import parse_count
+
+SUITES = ("quality", "cost", "routing", "tasks")
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@dataclass
+class EvalOptions:
+    teacher: str = field(default="", metadata={"help": "The dense model to compare with (alias, folder, .gguf, Hub id); none: the model alone."})
+    data: str = field(default="", metadata={"help": "Held-out text for quality and routing: files/globs (txt, jsonl, parquet, .gz) or a Hub dataset id."})
+    text_field: str = field(default="text", metadata={"help": "Column holding the text in jsonl/parquet/Hub data."})
+    suite: str = field(default="quality,cost,routing", metadata={"help": "What to measure, comma-separated: quality, cost, routing, tasks."})
+    tokens: str = field(default="64k", metadata={"help": "Held-out tokens scored for quality."})
+    window: int = field(default=1024, metadata={"help": "Sliding-window length for perplexity."})
+    stride: int = field(default=512, metadata={"help": "Sliding-window stride (each token is scored once, with at least window - stride context)."})
+    batch_size: int = field(default=4, metadata={"help": "Windows per forward pass (quality, routing, tasks)."})
+    routing_tokens: str = field(default="32k", metadata={"help": "Tokens watched for the routing statistics."})
+    speed_batch: str = field(default="1,8", metadata={"help": "Batch sizes for the prefill/decode speed measurement."})
+    prompt_len: int = field(default=256, metadata={"help": "Prompt tokens per sequence for the speed measurement."})
+    decode_tokens: int = field(default=32, metadata={"help": "Tokens generated per sequence when timing decode (0 or 1: skip decode)."})
+    warmup: int = field(default=1, metadata={"help": "Untimed runs before each speed measurement."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs per speed measurement (the median is reported, with min and max)."})
+    tasks: str = field(default="", metadata={"help": "lm-evaluation-harness tasks, comma-separated (e.g. sparsify_tiny, hellaswag)."})
+    tasks_path: str = field(default="", metadata={"help": "Folders of extra task YAMLs (for local, offline task data), comma-separated."})
+    task_limit: int = field(default=0, metadata={"help": "Examples per task (0: all)."})
+    num_fewshot: int = field(default=-1, metadata={"help": "Few-shot examples per task (-1: the task's default)."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."})
+
+    @property
+    def suites(self) -> list[str]:
+        return _list(self.suite)
+
+    @property
+    def speed_batches(self) -> list[int]:
+        return [int(b) for b in _list(self.speed_batch)]
+
+    @property
+    def task_names(self) -> list[str]:
+        return _list(self.tasks)
+
+    @property
+    def task_paths(self) -> list[str]:
+        return _list(self.tasks_path)
+
+    def validate(self) -> None:
+        unknown = set(self.suites) - set(SUITES)
+        if unknown or not self.suites:
+            raise SparsifyError(f"unknown --suite {', '.join(sorted(unknown)) or '(empty)'}; choose from {', '.join(SUITES)}")
+        if {"quality", "routing"} & set(self.suites) and not self.data:
+            raise SparsifyError("the quality and routing suites need held-out text: pass --data (e.g. ../shared/data/corpus/valid.jsonl.gz)")
+        if "tasks" in self.suites and not self.task_names:
+            raise SparsifyError("the tasks suite needs --tasks (e.g. --tasks sparsify_tiny)")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise SparsifyError("--dtype must be auto, bf16, fp16 or fp32")
+        if any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
+            raise SparsifyError("--speed-batch, --prompt-len and --repeats must be positive")
+        parse_count(self.tokens), parse_count(self.routing_tokens)  # noqa: B018 - fail early on a bad count

@@ -1,0 +1,34 @@
+"""PNG plots of routing: expert load per layer as a heatmap (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def routing_plots(routing: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    moe = routing.get("moe")
+    if moe:
+        # Load relative to a perfectly even split: 1.0 everywhere means balanced experts.
+        rows = []
+        for layer in moe["layers"]:
+            total = sum(layer["load"]) or 1
+            rows.append([count * len(layer["load"]) / total for count in layer["load"]])
+        figure, axis = plt.subplots(figsize=(max(4.0, 0.25 * moe["num_experts"] + 2), max(3.0, 0.22 * len(rows) + 1.5)))
+        image = axis.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+        axis.set_xlabel("expert")
+        axis.set_ylabel("layer")
+        axis.set_title(f"tokens per expert / even share ({moe['tokens']:,} tokens, top-{moe['top_k']})")
+        figure.colorbar(image, ax=axis)
+        figure.tight_layout()
+        path = folder / "routing_load.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written

@@ -1,0 +1,163 @@
+"""The report: report.json (versioned schema), report.md (tables), and the rows both are drawn from.
+
+Every table — report.md, `sparsify compare`, the model card — comes from `metric_rows`, so a
+metric is described once: its section, label, where it lives in the JSON, and how to show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsify.errors import SparsifyError
+
+SCHEMA = "sparsify-eval-report"
+SCHEMA_VERSION = 1
+CARD_BEGIN, CARD_END = "<!-- sparsify-eval:begin -->", "<!-- sparsify-eval:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    label: str
+    model: float | None
+    teacher: float | None
+    fmt: str  # format spec for one value
+    change: str = "ratio"  # how model vs teacher is shown: "ratio" (x1.23) or "diff" (+0.012)
+
+    def show(self, value: float | None) -> str:
+        return "-" if value is None else format(value, self.fmt)
+
+    def show_change(self) -> str:
+        if self.model is None or self.teacher is None:
+            return ""
+        if self.change == "diff":
+            return format(self.model - self.teacher, "+" + self.fmt.lstrip(","))
+        return f"x{self.model / self.teacher:.3f}" if self.teacher else ""
+
+
+def _at(tree: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def metric_rows(report: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    quality = report.get("quality")
+    if quality:
+        for key, label, fmt in (("perplexity", "perplexity", ".3f"), ("bits_per_byte", "bits per byte", ".4f")):
+            rows.append(Row("quality", label, _at(quality, "model", key), _at(quality, "teacher", key), fmt))
+        if "vs_teacher" in quality:
+            rows.append(Row("quality", "KL(teacher || model), nats/token", _at(quality, "vs_teacher", "kl"), None, ".4f"))
+            rows.append(Row("quality", "top-1 agreement with teacher", _at(quality, "vs_teacher", "top1_agreement"), None, ".2%"))
+    cost = report.get("cost")
+    if cost:
+        for key, label in (("total", "parameters, total"), ("active", "parameters, active per token")):
+            rows.append(Row("cost", label, _at(cost, "model", "params", key), _at(cost, "teacher", "params", key), ",d"))
+        rows.append(Row("cost", f"forward GFLOPs per token (context {_at(cost, 'model', 'flops_per_token', 'context')})",
+                        _gflops(_at(cost, "model", "flops_per_token", "total")), _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
+        for name, entry in (_at(cost, "model", "speed") or {}).items():
+            batch = entry["batch"]
+            for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
+                                    ("decode_tokens_per_s", f"decode tokens/s, batch {batch}", ",.1f")):
+                rows.append(Row("cost", label, _at(entry, key, "median"), _at(cost, "teacher", "speed", name, key, "median"), fmt))
+            peak = _at(entry, "decode_peak_bytes") or _at(entry, "prefill_peak_bytes")
+            if peak is not None:
+                teacher_entry = _at(cost, "teacher", "speed", name) or {}
+                teacher_peak = teacher_entry.get("decode_peak_bytes") or teacher_entry.get("prefill_peak_bytes")
+                rows.append(Row("cost", f"peak GPU memory GiB, batch {batch}", peak / 2**30, None if teacher_peak is None else teacher_peak / 2**30, ".2f"))
+    moe = _at(report, "routing", "moe")
+    if moe:
+        rows.append(Row("routing", f"max expert load / mean ({moe['num_experts']} experts, top-{moe['top_k']})", moe["max_imbalance"], None, ".2f"))
+        rows.append(Row("routing", "router entropy / log(experts), mean over layers", moe["mean_entropy_normalised"], None, ".3f"))
+    for task, metrics in sorted((_at(report, "tasks", "model") or {}).items()):
+        for metric, value in sorted(metrics.items()):
+            if metric.endswith("_stderr"):
+                continue
+            rows.append(Row("tasks", f"{task} {metric}", value, _at(report, "tasks", "teacher", task, metric), ".4f", "diff"))
+    return rows
+
+
+def _gflops(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
+
+
+def render_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:
+    model, teacher = report["model"]["name"], (report.get("teacher") or {}).get("name")
+    lines = [f"# Evaluation of {model}", ""]
+    lines.append(f"Teacher: {teacher or 'none'}. Device: {report['device']}. Data: {report['settings'].get('data') or '-'}.")
+    lines.append(f"sparsify {report['versions'].get('sparsify', '?')}, schema {SCHEMA} v{SCHEMA_VERSION}, {report['created']}.")
+    lines.append("")
+    lines += table_markdown(metric_rows(report), teacher is not None)
+    for plot in plots:
+        lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
+    moe = _at(report, "routing", "moe")
+    if moe:
+        lines += ["", "| layer | load max / mean | entropy / log E |", "|---:|---:|---:|"]
+        lines += [f"| {layer['layer']} | {layer['imbalance']:.2f} | {layer['entropy_normalised']:.3f} |" for layer in moe["layers"]]
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown(rows: list[Row], with_teacher: bool) -> list[str]:
+    lines: list[str] = []
+    for section in dict.fromkeys(row.section for row in rows):
+        lines += ["", f"## {section.capitalize()}", ""]
+        if with_teacher:
+            lines += ["| metric | model | teacher | model vs teacher |", "|---|---:|---:|---:|"]
+            lines += [f"| {r.label} | {r.show(r.model)} | {r.show(r.teacher)} | {r.show_change()} |" for r in rows if r.section == section]
+        else:
+            lines += ["| metric | model |", "|---|---:|"]
+            lines += [f"| {r.label} | {r.show(r.model)} |" for r in rows if r.section == section]
+    return lines
+
+
+def write_report(folder: Path, report: dict[str, Any], plots: list[Path]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomically(folder / "report.md", render_markdown(report, [str(p) for p in plots]))
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    file = path / "report.json" if path.is_dir() else path
+    if not file.exists():
+        raise SparsifyError(f"{path} has no report.json; make one with `sparsify eval ... -o {path}`")
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise SparsifyError(f"{file} is not valid JSON ({error})") from error
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise SparsifyError(f"{file} is not a sparsify eval report")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise SparsifyError(
+            f"{file} uses report schema v{report.get('schema_version')}, this sparsify reads v{SCHEMA_VERSION}; "
+            "re-run `sparsify eval` to regenerate it"
+        )
+    return report
+
+
+def embed_in_card(model_folder: Path, report: dict[str, Any]) -> Path:
+    """Put (or replace) the report's tables in the model folder's README.md, between markers."""
+    card = model_folder / "README.md"
+    text = card.read_text() if card.exists() else ""
+    teacher = (report.get("teacher") or {}).get("name")
+    section = "\n".join([CARD_BEGIN, "## Evaluation", "", f"Measured with `sparsify eval` against {teacher or 'no teacher'} on "
+                         f"{report['device']}.", *table_markdown(metric_rows(report), teacher is not None), CARD_END])
+    if CARD_BEGIN in text and CARD_END in text:
+        before, rest = text.split(CARD_BEGIN, 1)
+        text = before + section + rest.split(CARD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+    _write_atomically(card, text)
+    return card
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(text)
+    os.replace(staging, path)

@@ -1,0 +1,153 @@
+"""The `sparsify eval` pipeline: load, measure each requested suite, write the report."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsify.errors import SparsifyError
+from sparsify.eval import cost
+from sparsify.eval.options import EvalOptions
+from sparsify.eval.plots import routing_plots
+from sparsify.eval.quality import measure_quality
+from sparsify.eval.report import SCHEMA, SCHEMA_VERSION, embed_in_card, write_report
+from sparsify.eval.routing import measure_routing
+from sparsify.eval.text import EvalText, build_eval_text
+from sparsify.provenance import read_record, versions
+from sparsify.train.options import parse_count
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Used for the speed measurement when no --data is given: real English, not random ids, because
+# routing (and so speed) of a MoE depends on what the tokens are.
+SPEED_TEXT = (
+    "The kernel's memory manager keeps track of every page of physical memory. When a process asks for more, "
+    "the allocator looks for a free block of the right size, splits a larger one if it must, and hands it over. "
+    "Python's standard library offers tools for the same job at a higher level: lists grow as items arrive, and "
+    "the garbage collector returns memory that nothing refers to any longer."
+)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsifyError(f"--device {name}: no CUDA device here; use --device cpu")
+    return device
+
+
+def _load(ref: str, dtype: torch.dtype, device: torch.device):
+    from sparsify.sources import load_model, load_tokenizer
+
+    try:
+        model = load_model(ref, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise SparsifyError(f"could not load {ref} as a causal language model ({type(error).__name__}: {error})") from error
+    return model.to(device).eval(), load_tokenizer(ref)
+
+
+def _describe(ref: str, model) -> dict[str, Any]:
+    path = Path(ref)
+    record = read_record(path) if path.is_dir() else None
+    return {
+        "ref": ref,
+        "name": path.name if path.exists() else ref,
+        "architecture": type(model).__name__,
+        "variant": (record or {}).get("variant", "dense"),
+    }
+
+
+def _text(options: EvalOptions, tokenizer) -> EvalText:
+    from sparsify.data import iter_documents
+
+    sources = [s.strip() for s in options.data.split(",") if s.strip()]
+    documents = (doc for source in sources for doc in iter_documents(source, options.text_field))
+    return build_eval_text(documents, tokenizer, parse_count(options.tokens))
+
+
+def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context: int) -> dict[str, Any]:
+    params = cost.parameter_counts(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "params": params,
+        "flops_per_token": cost.flops_per_token(model, params, context),
+        "speed": cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
+                                    decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad),
+    }
+
+
+def evaluate(
+    model_ref: str,
+    options: EvalOptions,
+    *,
+    output: Path | None = None,
+    card: bool = False,
+    on_status: Callable[[str], None] = lambda text: None,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict[str, Any]:
+    options.validate()
+    suites = options.suites
+    if card and not Path(model_ref).is_dir():
+        raise SparsifyError("--card writes into the model folder's README.md; MODEL must be a local folder")
+    device = _device(options.device)
+    dtype = DTYPES[options.dtype] if options.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    on_status(f"loading {model_ref}")
+    model, tokenizer = _load(model_ref, dtype, device)
+    teacher = teacher_tokenizer = None
+    if options.teacher:
+        on_status(f"loading teacher {options.teacher}")
+        teacher, teacher_tokenizer = _load(options.teacher, dtype, device)
+        if teacher.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+            raise SparsifyError("the model and the teacher have different vocabularies; KL and agreement need the same tokenizer")
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": _describe(model_ref, model),
+        "teacher": _describe(options.teacher, teacher) if teacher is not None else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "settings": {k: v for k, v in vars(options).items()},
+        "versions": versions(),
+    }
+    text = _text(options, tokenizer) if {"quality", "routing"} & set(suites) or options.data else None
+    if "quality" in suites:
+        on_status("quality: sliding-window perplexity" + (" and agreement with the teacher" if teacher is not None else ""))
+        report["quality"] = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size,
+                                            teacher=teacher, on_progress=on_progress)
+    if "routing" in suites:
+        on_status("routing: expert load and entropy")
+        report["routing"] = measure_routing(model, text, block=options.window, batch_size=options.batch_size,
+                                            max_tokens=parse_count(options.routing_tokens))
+    if "cost" in suites:
+        sample = text.ids[1:] if text is not None else torch.tensor(tokenizer(SPEED_TEXT)["input_ids"])
+        on_status("cost: speed of the model")
+        report["cost"] = {"model": _cost(model, tokenizer, options, sample, options.window)}
+        if teacher is not None:
+            on_status("cost: speed of the teacher")
+            report["cost"]["teacher"] = _cost(teacher, teacher_tokenizer, options, sample, options.window)
+        report["cost"]["process_peak_rss_bytes"] = cost.process_peak_rss_bytes()
+    if "tasks" in suites:
+        from sparsify.eval.tasks import run_tasks
+
+        task_settings = {"task_paths": options.task_paths, "batch_size": options.batch_size,
+                         "limit": options.task_limit or None, "num_fewshot": None if options.num_fewshot < 0 else options.num_fewshot}
+        on_status(f"tasks: {options.tasks}")
+        report["tasks"] = {"model": run_tasks(model, tokenizer, options.task_names, **task_settings)}
+        if teacher is not None:
+            on_status(f"tasks: {options.tasks} (teacher)")
+            report["tasks"]["teacher"] = run_tasks(teacher, teacher_tokenizer, options.task_names, **task_settings)
+
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        plots = routing_plots(report["routing"], output) if report.get("routing") else []
+        write_report(output, report, plots)
+    if card:
+        embed_in_card(Path(model_ref), report)
+    return report
