@@ -22,7 +22,7 @@ from sparsify.train.routing import find_routers
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Unique parameters (tied ones once); active = what one token uses (k of E experts)."""
     seen: set[int] = set()
-    total = experts = 0
+    total = experts = matrices = 0
     for module_name, module in model.named_modules():
         in_experts = module_name.split(".")[-1] == "experts" or ".experts." in f"{module_name}."
         for param in module.parameters(recurse=False):
@@ -31,21 +31,24 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             seen.add(id(param))
             total += param.numel()
             experts += param.numel() if in_experts else 0
+            matrices += param.numel() if param.dim() >= 2 else 0
     embedding = model.get_input_embeddings().weight.numel()
     routers = find_routers(model)
     share = routers[0].top_k / routers[0].weight.shape[0] if routers else 1.0
-    active = total - experts + round(experts * share)
-    return {"total": total, "active": active, "embedding": embedding, "experts": experts,
-            "active_non_embedding": active - embedding}
+    unused = experts - round(experts * share)
+    return {"total": total, "active": total - unused, "embedding": embedding, "experts": experts,
+            "active_non_embedding": total - unused - embedding, "active_matrices": matrices - unused}
 
 
 def flops_per_token(model: nn.Module, params: dict[str, int], context: int) -> dict[str, float]:
-    """Forward FLOPs per token at `context` tokens: 2 per active weight that multiplies, plus the
-    attention scores and weighted sum over the average causal context (context + 1) / 2."""
+    """Forward FLOPs per token at `context` tokens: 2 per active matrix weight (a multiply and an
+    add; the input embedding is a lookup, the output head a matmul even when tied), plus the
+    attention scores and weighted sum over the average causal context (context + 1) / 2. Norms,
+    biases and activations are left out (well under 1%)."""
     config = model.config
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is model.get_input_embeddings().weight
-    matmul_weights = params["active"] - params["embedding"] + (output.weight.numel() if tied else 0)
+    matmul_weights = params["active_matrices"] - params["embedding"] + (output.weight.numel() if tied else 0)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * (context + 1) / 2
     return {"context": context, "weights": 2.0 * matmul_weights, "attention": attention, "total": 2.0 * matmul_weights + attention}

@@ -81,6 +81,16 @@ def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context:
     }
 
 
+def _plots(report: dict[str, Any], output: Path) -> list[Path]:
+    if not report.get("routing"):
+        return []
+    try:
+        return routing_plots(report["routing"], output)
+    except ImportError:  # matplotlib is a dependency, but a stripped-down environment may lack it
+        report["notes"] = [*report.get("notes", []), "plots skipped: matplotlib is not installed"]
+        return []
+
+
 def evaluate(
     model_ref: str,
     options: EvalOptions,
@@ -146,7 +156,7 @@ def evaluate(
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
-        plots = routing_plots(report["routing"], output) if report.get("routing") else []
+        plots = _plots(report, output)
         write_report(output, report, plots)
     if card:
         embed_in_card(Path(model_ref), report)

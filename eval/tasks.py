@@ -41,7 +41,7 @@ def run_tasks(model, tokenizer, names: list[str], *, task_paths: list[str], batc
         if not Path(path).is_dir():
             raise SparsifyError(f"--tasks-path {path} is not a folder of task YAML files")
     with tempfile.TemporaryDirectory(prefix="sparsify-tasks-") as scratch:
-        manager = TaskManager(include_path=[str(_shipped_task_folder(Path(scratch))), *task_paths], verbosity="ERROR")
+        manager = TaskManager(include_path=[str(_shipped_task_folder(Path(scratch))), *task_paths])
         unknown = [name for name in names if name not in manager.all_tasks]
         if unknown:
             raise SparsifyError(
@@ -52,7 +52,7 @@ def run_tasks(model, tokenizer, names: list[str], *, task_paths: list[str], batc
             harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             try:
                 output = simple_evaluate(model=harness_model, tasks=names, task_manager=manager, limit=limit,
-                                         num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")
+                                         num_fewshot=num_fewshot, log_samples=False)
             except (ConnectionError, OSError, ValueError) as error:
                 raise SparsifyError(
                     f"a task's data could not be loaded ({type(error).__name__}: {str(error)[:300]}). Offline, only tasks "

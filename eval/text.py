@@ -54,9 +54,11 @@ def build_eval_text(documents: Iterable[str], tokenizer, max_tokens: int) -> Eva
 
 def windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position): sliding windows of `window` tokens moved by `stride`;
-    each position is scored once, in the first window that reaches it, with the most context."""
-    if not 0 < stride <= window:
-        raise SparsifyError(f"--stride must be between 1 and --window ({window}), not {stride}")
+    each position is scored once, in the first window that reaches it, with the most context.
+    Windows must overlap (stride < window): a window's first token has no context inside it, so
+    with disjoint windows it would go unscored and bits per byte would no longer cover the text."""
+    if not 0 < stride < window:
+        raise SparsifyError(f"--stride must be at least 1 and below --window ({window}), not {stride}")
     spans, scored_until, begin = [], 1, 0  # position 0 has no context: never scored
     while True:
         end = min(begin + window, length)

@@ -63,3 +63,26 @@ def test_real_model_conversion_is_exact(teacher, tmp_path, name, to, options):
         greedy = teacher.generate(run["ids"][:, :16], max_new_tokens=20, do_sample=False)[0].tolist()
     torch.testing.assert_close(run["logits"], expected, rtol=0, atol=1e-4)
     assert run["greedy"] == greedy
+
+
+def test_eval_report_of_smollm2_and_its_exact_fine_moe(tmp_path):
+    """`sparsify eval` on the real model: the exact conversion agrees with its teacher on real text,
+    half-active top-4 of G=8 does not, and SmolLM2 answers the shipped task far above chance."""
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.run import evaluate
+
+    exact = upcycle("smollm2-135m", "fine-moe", tmp_path / "exact", granularity=8).output
+    settings = dict(teacher="smollm2-135m", data=str(CORPUS), tokens="2k", window=512, stride=256, batch_size=2,
+                    suite="quality,routing,tasks", tasks="sparsify_tiny", routing_tokens="1k")
+    report = evaluate(str(exact), EvalOptions(**settings), output=tmp_path / "report")
+    assert report["quality"]["vs_teacher"]["kl"] < 1e-6 and report["quality"]["vs_teacher"]["top1_agreement"] > 0.999
+    assert report["quality"]["model"]["perplexity"] == pytest.approx(report["quality"]["teacher"]["perplexity"], rel=1e-4)
+    assert 5 < report["quality"]["teacher"]["perplexity"] < 40  # about 14 on this corpus
+    assert report["tasks"]["teacher"]["sparsify_tiny"]["acc"] >= 0.6  # chance is 0.25; measured 0.875
+    assert report["tasks"]["model"]["sparsify_tiny"]["acc"] == report["tasks"]["teacher"]["sparsify_tiny"]["acc"]
+    moe = report["routing"]["moe"]
+    assert moe["num_experts"] == 8 and all(sum(layer["load"]) == moe["tokens"] * 8 for layer in moe["layers"])
+
+    half = upcycle("smollm2-135m", "fine-moe", tmp_path / "half", granularity=8, top_k=4).output
+    report = evaluate(str(half), EvalOptions(**{**settings, "suite": "quality"}))
+    assert report["quality"]["vs_teacher"]["kl"] > 0.5  # untrained: dropping half the FFN costs a lot
