@@ -73,8 +73,26 @@ def _timed(run: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return [once() for _ in range(repeats)]
 
 
-def _peak_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+def _model_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _start_peak(device: torch.device) -> int:
+    """Reset the high-water mark; returns what is allocated now (other models included)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_bytes(model: nn.Module, device: torch.device, baseline: int) -> int | None:
+    """This model's own peak: its weights plus what the measured work allocated beyond the baseline,
+    so a teacher loaded in the same process is not counted against the model (or the reverse)."""
+    if device.type != "cuda":
+        return None
+    return _model_bytes(model) + torch.cuda.max_memory_allocated(device) - baseline
 
 
 def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[int], prompt_len: int, decode_tokens: int,
@@ -86,15 +104,13 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
         needed = batch * prompt_len
         ids = sample.repeat(needed // len(sample) + 1)[:needed].reshape(batch, prompt_len).to(device)
         entry: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        baseline = _start_peak(device)
         with torch.no_grad():
             prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)
         entry["prefill_tokens_per_s"] = _stats([needed / t for t in prefill])
-        entry["prefill_peak_bytes"] = _peak_bytes(device)
+        entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
         if decode_tokens > 1:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            baseline = _start_peak(device)
 
             def generate(new_tokens: int) -> Callable[[], Any]:
                 return lambda: model.generate(
@@ -110,7 +126,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
             entry["decode_ms_per_step"] = _stats([1000 * t for t in per_token])
             entry["decode_tokens"] = decode_tokens
-            entry["decode_peak_bytes"] = _peak_bytes(device)
+            entry["decode_peak_bytes"] = _peak_bytes(model, device, baseline)
         results[f"batch_{batch}"] = entry
     return results
 

@@ -20,11 +20,11 @@ def routing_plots(routing: dict[str, Any], folder: Path) -> list[Path]:
         for layer in moe["layers"]:
             total = sum(layer["load"]) or 1
             rows.append([count * len(layer["load"]) / total for count in layer["load"]])
-        figure, axis = plt.subplots(figsize=(max(4.0, 0.25 * moe["num_experts"] + 2), max(3.0, 0.22 * len(rows) + 1.5)))
+        figure, axis = plt.subplots(figsize=(max(6.0, 0.25 * moe["num_experts"] + 2), max(3.5, 0.22 * len(rows) + 1.5)))
         image = axis.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
         axis.set_xlabel("expert")
         axis.set_ylabel("layer")
-        axis.set_title(f"tokens per expert / even share ({moe['tokens']:,} tokens, top-{moe['top_k']})")
+        axis.set_title(f"tokens per expert / even share\n({moe['tokens']:,} tokens, top-{moe['top_k']} of {moe['num_experts']})", fontsize=10)
         figure.colorbar(image, ax=axis)
         figure.tight_layout()
         path = folder / "routing_load.png"

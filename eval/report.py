@@ -92,7 +92,7 @@ def render_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:
     model, teacher = report["model"]["name"], (report.get("teacher") or {}).get("name")
     lines = [f"# Evaluation of {model}", ""]
     lines.append(f"Teacher: {teacher or 'none'}. Device: {report['device']}. Data: {report['settings'].get('data') or '-'}.")
-    lines.append(f"sparsify {report['versions'].get('sparsify', '?')}, schema {SCHEMA} v{SCHEMA_VERSION}, {report['created']}.")
+    lines.append(f"sparsify {report['versions'].get('sparsify-lm', '?')}, schema {SCHEMA} v{SCHEMA_VERSION}, {report['created']}.")
     lines.append("")
     lines += table_markdown(metric_rows(report), teacher is not None)
     for plot in plots:

@@ -296,6 +296,8 @@ def compare(reports: Annotated[list[Path], typer.Argument(help="Report folders (
         table.add_column(f"{report['model']['name']}\n[dim]{path}[/dim]", justify="right")
         columns.append({(row.section, row.label): row.show(row.model) for row in metric_rows(report)})
     keys = list(dict.fromkeys(key for column in columns for key in column))
+    sections = list(dict.fromkeys(key[0] for key in keys))
+    keys.sort(key=lambda key: sections.index(key[0]))  # stable: rows keep their order within a section
     section = None
     for key in keys:
         if key[0] != section:

@@ -57,7 +57,19 @@ def default_run_dir(output: Path) -> Path:
     return output.parent / f"{output.name}.run"
 
 
-def train(
+def train(model_dir: str | Path, options: TrainOptions, **kwargs: Any) -> TrainResult:
+    """Run (or resume) a training run; see `_train` for the keyword arguments."""
+    try:
+        return _train(model_dir, options, **kwargs)
+    except torch.cuda.OutOfMemoryError as error:
+        # Anywhere: the evaluation before training runs first and uses the same batch size.
+        raise SparsifyError(
+            f"out of GPU memory with --batch-size {options.batch_size} x --seq-len {options.seq_len}; lower "
+            "--batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
+        ) from error
+
+
+def _train(
     model_dir: str | Path,
     options: TrainOptions,
     *,
@@ -150,21 +162,15 @@ def train(
             index = ((step - 1) * options.grad_accum + micro) * world + accelerator.process_index
             order = block_order(train_data.num_blocks, options.train_seed, index * options.batch_size, options.batch_size)
             ids = train_data.blocks(order).to(accelerator.device)
-            try:
-                parts = _losses(model, teacher, ids, options, top_k)
-                if not torch.isfinite(parts["total"]):
-                    last = find_checkpoint(run_dir)
-                    kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
-                    raise TrainingDiverged(
-                        f"the loss became {parts['total'].item()} at step {step}; training stopped and {kept}. "
-                        "Try a lower --lr/--router-lr"
-                    )
-                accelerator.backward(parts["total"] / options.grad_accum)
-            except torch.cuda.OutOfMemoryError as error:
-                raise SparsifyError(
-                    f"out of GPU memory with --batch-size {options.batch_size} x --seq-len {options.seq_len}; lower "
-                    "--batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
-                ) from error
+            parts = _losses(model, teacher, ids, options, top_k)
+            if not torch.isfinite(parts["total"]):
+                last = find_checkpoint(run_dir)
+                kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"the loss became {parts['total'].item()} at step {step}; training stopped and {kept}. "
+                    "Try a lower --lr/--router-lr"
+                )
+            accelerator.backward(parts["total"] / options.grad_accum)
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / options.grad_accum
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm) if options.max_grad_norm > 0 else None
