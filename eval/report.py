@@ -27,9 +27,16 @@ class Row:
     teacher: float | None
     fmt: str  # format spec for one value
     change: str = "ratio"  # how model vs teacher is shown: "ratio" (x1.23) or "diff" (+0.012)
+    spread: dict[str, tuple[float, float]] | None = None  # side -> (min, max) of a measured median
 
-    def show(self, value: float | None) -> str:
-        return "-" if value is None else format(value, self.fmt)
+    def show(self, value: float | None, side: str | None = None) -> str:
+        if value is None:
+            return "-"
+        text = format(value, self.fmt)
+        if side and self.spread and side in self.spread:
+            low, high = self.spread[side]
+            text += f" ({format(low, self.fmt)}-{format(high, self.fmt)})"
+        return text
 
     def show_change(self) -> str:
         if self.model is None or self.teacher is None:
@@ -66,7 +73,10 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
             batch = entry["batch"]
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
                                     ("decode_tokens_per_s", f"decode tokens/s, batch {batch}", ",.1f")):
-                rows.append(Row("cost", label, _at(entry, key, "median"), _at(cost, "teacher", "speed", name, key, "median"), fmt))
+                measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}
+                spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m}
+                rows.append(Row("cost", label + " (median, min-max)", _at(measured, "model", "median"),
+                                _at(measured, "teacher", "median"), fmt, spread=spread))
             peak = _at(entry, "decode_peak_bytes") or _at(entry, "prefill_peak_bytes")
             if peak is not None:
                 teacher_entry = _at(cost, "teacher", "speed", name) or {}
@@ -110,10 +120,11 @@ def table_markdown(rows: list[Row], with_teacher: bool) -> list[str]:
         lines += ["", f"## {section.capitalize()}", ""]
         if with_teacher:
             lines += ["| metric | model | teacher | model vs teacher |", "|---|---:|---:|---:|"]
-            lines += [f"| {r.label} | {r.show(r.model)} | {r.show(r.teacher)} | {r.show_change()} |" for r in rows if r.section == section]
+            lines += [f"| {r.label} | {r.show(r.model, 'model')} | {r.show(r.teacher, 'teacher')} | {r.show_change()} |"
+                      for r in rows if r.section == section]
         else:
             lines += ["| metric | model |", "|---|---:|"]
-            lines += [f"| {r.label} | {r.show(r.model)} |" for r in rows if r.section == section]
+            lines += [f"| {r.label} | {r.show(r.model, 'model')} |" for r in rows if r.section == section]
     return lines
 
 

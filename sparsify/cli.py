@@ -270,9 +270,9 @@ def evaluate(
     for column in ("section", "metric", "model", *(("teacher", "model vs teacher") if with_teacher else ())):
         table.add_column(column, justify="left" if column in ("section", "metric") else "right")
     for row in metric_rows(report):
-        cells = [row.section, row.label, row.show(row.model)]
+        cells = [row.section, row.label, row.show(row.model, "model")]
         if with_teacher:
-            cells += [row.show(row.teacher), row.show_change()]
+            cells += [row.show(row.teacher, "teacher"), row.show_change()]
         table.add_row(*cells)
     out.print(table)
     if output:
