@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from sparsify.convert import fine_moe, moe
+from sparsify.convert import fine_moe, moe, skip
 from sparsify.convert.plan import ConversionPlan
 from sparsify.errors import SparsifyError
 
@@ -32,6 +32,12 @@ CONVERTERS: dict[str, Converter] = {
             "Fine-grained MoE: each FFN split into G experts of d_ff/G; top-k scales with G.",
             fine_moe.FineMoeOptions,
             fine_moe.plan,
+        ),
+        Converter(
+            "skip",
+            "Layer skip: a per-token gate before every attention and FFN sublayer (remote-code architecture).",
+            skip.SkipOptions,
+            skip.plan,
         ),
     )
 }

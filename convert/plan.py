@@ -16,6 +16,7 @@ class ConversionPlan:
     layout: dict[str, Any]  # variant-specific facts for sparsify.json, `sparsify info` and the card
     exactness: Exactness  # whether the fresh output reproduces the teacher's logits, and why
     tags: list[str] = field(default_factory=list)  # model card tags
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files (remote modeling code), by name
 
     @property
     def nbytes(self) -> int:

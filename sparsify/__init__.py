@@ -12,4 +12,15 @@ def upcycle(*args, **kwargs):
     return run(*args, **kwargs)
 
 
+def _register_architectures() -> None:
+    """Make the architectures sparsify defines (layer skip) loadable by the Auto classes."""
+    try:
+        from sparsify.skip import register
+    except ImportError:  # transformers missing: nothing to register with
+        return
+    register()
+
+
+_register_architectures()
+
 __all__ = ["SparsifyError", "__version__", "upcycle"]

@@ -97,7 +97,7 @@ def _write_shard(path: Path, tensors: list[PlannedTensor], on_bytes: Callable[[i
                     f"planned {planned.shape} {planned.dtype}"
                 )
             if planned.nbytes:
-                handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+                handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             on_bytes(planned.nbytes)
         handle.flush()
         os.fsync(handle.fileno())

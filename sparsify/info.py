@@ -56,10 +56,7 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
     return {"total": total, "active": total - inactive}
 
 
-def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
-    """The MoE layout as (label, value) rows, shared by `sparsify info`, `upcycle` and the model card."""
-    if not layout:
-        return []
+def _moe_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
         ("active experts per token (top-k)", str(layout["top_k"])),
@@ -68,6 +65,28 @@ def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
         ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
         ("router init", layout["router_init"]),
     ]
+
+
+def _skip_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
+    layers = layout["gated_layers"]
+    return [
+        ("gated sublayers", ", ".join(layout["gates"])),
+        ("gated layers", f"{layers[0]}-{layers[-1]} ({len(layers)} layers)"),
+        ("inference threshold", str(layout["threshold"])),
+        ("KV cache rule", layout["kv_rule"]),
+    ]
+
+
+# Which rows describe a layout, by a key only that kind of layout has.
+LAYOUT_KINDS = (("experts", _moe_rows), ("gates", _skip_rows))
+
+
+def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
+    """The variant's layout as (label, value) rows, shared by `sparsify info`, `upcycle` and the card."""
+    for key, rows in LAYOUT_KINDS:
+        if layout and key in layout:
+            return rows(layout)
+    return []
 
 
 def describe(folder: Path) -> ModelInfo:

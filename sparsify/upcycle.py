@@ -79,6 +79,8 @@ def upcycle(
         write_checkpoint(staging, plan.tensors, max_shard_bytes=max_shard_bytes, on_bytes=on_bytes)
         (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         source.write_sidecars(staging)
+        for name, content in plan.files.items():
+            (staging / name).write_bytes(content)
         params = count_params(staging, plan.config)
         write_record(staging, record)
         (staging / "README.md").write_text(render_card(record, params))

@@ -1,0 +1,227 @@
+"""Layer skipping: a per-token gate before every attention and FFN sublayer of a dense decoder.
+
+Self-contained on purpose: this file is copied next to every saved skip model (auto_map), so the
+model loads with `trust_remote_code=True` where sparsify is not installed. It needs only torch and
+transformers. It wraps the base family's own decoder (Llama, Mistral, Qwen2, Qwen3): the config
+carries the base config's fields unchanged plus the skip fields, and the weights keep the base
+names (`model.layers.N...`, `lm_head`), with the gates under `gates.`.
+
+Gate: p = sigmoid(w . x + b) on the sublayer's (normalised) input x; the sublayer runs for a
+token when p > threshold. Training sees the same hard decision through a straight-through
+estimator: the forward value is exactly 0 or 1, the gradient flows through p. With every gate
+open (the initial state: w = 0, b large) the model computes exactly the base model.
+
+KV cache rule for a skipped attention sublayer: the token's keys and values are still computed
+and written, so later tokens can attend to it; only its query, attention and output projection
+are skipped. Training applies the same rule (full attention, the skipped tokens' outputs dropped),
+so cached decoding equals recomputation.
+
+Execution: an FFN runs only on its kept tokens (gathered, computed, scattered back). An attention
+sublayer whose tokens are all skipped writes K/V and does nothing else (batch-1 decode); a
+partially kept batch runs attention in full and drops the skipped rows.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", "skip_threshold", "gate_bias_init")
+SUBLAYERS = ("attention", "ffn")
+
+
+class SkipConfig(PretrainedConfig):
+    model_type = "sparsify_skip"
+
+    def __init__(
+        self,
+        base_model_type: str = "llama",
+        gate_attention: bool = True,
+        gate_ffn: bool = True,
+        gated_layers: list[int] | None = None,
+        skip_threshold: float = 0.5,
+        gate_bias_init: float = 6.0,
+        **base_fields,
+    ):
+        self.base_model_type = base_model_type
+        self.gate_attention = gate_attention
+        self.gate_ffn = gate_ffn
+        self.gated_layers = gated_layers  # None: every layer
+        self.skip_threshold = skip_threshold
+        self.gate_bias_init = gate_bias_init
+        super().__init__(**base_fields)
+
+    def is_gated(self, layer: int, sublayer: str) -> bool:
+        wanted = self.gate_attention if sublayer == "attention" else self.gate_ffn
+        return wanted and (self.gated_layers is None or layer in self.gated_layers)
+
+
+class SkipGate(nn.Module):
+    """One sublayer's gate. Returns (probability, keep) per token; forward hooks can read both."""
+
+    def __init__(self, hidden_size: int, bias_init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.bias = nn.Parameter(torch.full((), float(bias_init)))
+        self.threshold = 0.5
+        self.forced: bool | None = None  # True/False: every token kept/skipped (teacher, tests)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):  # a decision near the threshold needs fp32
+            probability = torch.sigmoid(x.float() @ self.weight.float() + self.bias.float())
+        if self.forced is not None:
+            keep = torch.full_like(probability, float(self.forced))
+        else:
+            keep = (probability > self.threshold).to(probability.dtype)
+        return probability, keep
+
+
+def _straight_through(probability: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Exactly `keep` in the forward pass; d/dprobability = 1 in the backward pass."""
+    return keep + probability - probability.detach()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _write_keys_values(attention: nn.Module, hidden: torch.Tensor, position_embeddings, past_key_values) -> None:
+    """The part of attention a skipped token still does: its keys and values go into the cache."""
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    keys = attention.k_proj(hidden).view(shape)
+    if hasattr(attention, "k_norm"):  # Qwen3 normalises keys per head before the rotation
+        keys = attention.k_norm(keys)
+    keys = keys.transpose(1, 2)
+    values = attention.v_proj(hidden).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    keys = keys * cos.unsqueeze(1) + _rotate_half(keys) * sin.unsqueeze(1)
+    past_key_values.update(keys, values, attention.layer_idx)
+
+
+def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) -> torch.Tensor:
+    if gate is None:
+        return layer.mlp(normed)
+    probability, keep = gate(normed)
+    if layer.training or torch.is_grad_enabled():
+        return _straight_through(probability, keep).unsqueeze(-1).to(normed.dtype) * layer.mlp(normed)
+    kept = keep.reshape(-1).bool()
+    flat = normed.reshape(-1, normed.shape[-1])
+    if kept.all():
+        return layer.mlp(normed)
+    out = torch.zeros_like(flat)
+    if kept.any():
+        index = kept.nonzero().squeeze(1)
+        out.index_copy_(0, index, layer.mlp(flat.index_select(0, index)))
+    return out.view_as(normed)
+
+
+def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                         use_cache=False, position_embeddings=None, **kwargs):
+    attention_gate, ffn_gate = self.sparsify_gates
+    residual = hidden_states
+    normed = self.input_layernorm(hidden_states)
+    run_attention = True
+    if attention_gate is not None:
+        probability, keep = attention_gate(normed)
+        differentiable = self.training or torch.is_grad_enabled()
+        if not differentiable and not keep.any():
+            run_attention = False
+            if past_key_values is not None:
+                _write_keys_values(self.self_attn, normed, position_embeddings, past_key_values)
+    if run_attention:
+        attended, _ = self.self_attn(
+            hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+        if attention_gate is not None:
+            factor = _straight_through(probability, keep) if differentiable else keep
+            attended = factor.unsqueeze(-1).to(attended.dtype) * attended
+        hidden_states = residual + attended
+    residual = hidden_states
+    hidden_states = residual + _gated_ffn(self, ffn_gate, self.post_attention_layernorm(hidden_states))
+    return hidden_states
+
+
+class SkipPreTrainedModel(PreTrainedModel):
+    config_class = SkipConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        if isinstance(module, SkipGate):
+            module.weight.data.zero_()
+            module.bias.data.fill_(self.config.gate_bias_init)
+            return
+        super()._init_weights(module)
+
+
+class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SkipConfig):
+        super().__init__(config)
+        # The base family's own decoder, built on this config (it carries every base field).
+        base_model_class = getattr(transformers, MODEL_MAPPING_NAMES[config.base_model_type])
+        self.model = base_model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gates = nn.ModuleDict({
+            sublayer: nn.ModuleList([
+                SkipGate(config.hidden_size, config.gate_bias_init) if config.is_gated(i, sublayer) else nn.Identity()
+                for i in range(config.num_hidden_layers)
+            ])
+            for sublayer in SUBLAYERS
+        })
+        for i, layer in enumerate(self.model.layers):
+            layer.sparsify_gates = tuple(
+                g if isinstance(g, SkipGate) else None for g in (self.gates["attention"][i], self.gates["ffn"][i])
+            )
+            layer.forward = types.MethodType(_gated_layer_forward, layer)
+        self.set_skip_threshold(config.skip_threshold)
+        self.post_init()
+
+    def skip_gates(self) -> list[tuple[int, str, SkipGate]]:
+        return [(i, sublayer, gate) for sublayer in SUBLAYERS for i, gate in enumerate(self.gates[sublayer]) if isinstance(gate, SkipGate)]
+
+    def set_skip_threshold(self, threshold: float) -> None:
+        """Change the inference threshold after training (higher: more skipping)."""
+        self.config.skip_threshold = threshold
+        for _, _, gate in self.skip_gates():
+            gate.threshold = threshold
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
