@@ -1,0 +1,147 @@
+"""Layer skip: exact when open, a closed gate removes exactly its sublayer, cached decode equals
+recomputation, the folder loads with and without sparsify, gradients reach the gates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsify.errors import SparsifyError
+from sparsify.upcycle import upcycle
+
+IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 429, 2940, 12], [1, 9, 99, 999, 4000, 12000, 20, 3, 77, 5, 6, 7]])
+
+VANILLA = r"""
+import sys, json, torch
+sys.modules["sparsify"] = None  # prove the folder needs nothing from sparsify
+from transformers import AutoModelForCausalLM
+folder, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save({"type": type(model).__name__, "logits": model(ids).logits}, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def skip_models(dense_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("skip")
+    return {family: upcycle(str(path), "skip", folder / family).output for family, path in dense_models.items()}
+
+
+def _randomise_gates(model, seed=0):
+    """Gates that keep about half the tokens, differently per token, layer and sublayer."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, _, gate in model.skip_gates():
+        gate.weight.data = torch.randn(gate.weight.shape, generator=generator) * 0.5
+        gate.bias.data.zero_()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_open_gates_reproduce_the_teacher_without_sparsify_installed(family, skip_models, dense_models, tmp_path):
+    done = subprocess.run([sys.executable, "-c", VANILLA, str(skip_models[family]), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = torch.load(tmp_path / "out.pt")
+    teacher = AutoModelForCausalLM.from_pretrained(dense_models[family]).eval()
+    with torch.no_grad():
+        expected = teacher(IDS).logits
+    assert result["type"] == "SkipForCausalLM"
+    torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_registered_with_the_auto_classes_when_sparsify_is_imported(skip_models, dense_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["qwen2"]).eval()  # no trust_remote_code
+    assert type(model).__module__.startswith("sparsify.skip")
+    teacher = AutoModelForCausalLM.from_pretrained(dense_models["qwen2"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, teacher(IDS).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sublayer,module", [("ffn", "mlp"), ("attention", "self_attn")])
+def test_a_closed_gate_removes_exactly_its_sublayer(sublayer, module, skip_models, dense_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+    model.gates[sublayer][1].forced = False
+    teacher = AutoModelForCausalLM.from_pretrained(dense_models["llama"]).eval()
+    removed = getattr(teacher.model.layers[1], module)
+    original = removed.forward
+    removed.forward = lambda *args, **kwargs: (
+        torch.zeros_like(kwargs.get("hidden_states", args[0] if args else None)) if module == "mlp"
+        else (torch.zeros_like(kwargs["hidden_states"]), None)
+    )
+    with torch.no_grad():
+        expected = teacher(IDS).logits
+        removed.forward = original
+        full = teacher(IDS).logits
+        skipped = model(IDS).logits
+    torch.testing.assert_close(skipped, expected, rtol=0, atol=1e-5)
+    assert (skipped - full).abs().max() > 1e-2  # the sublayer mattered
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cached_greedy_decoding_equals_recomputation(family, skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
+    _randomise_gates(model, seed=1)
+    decisions = []
+    hooks = [gate.register_forward_hook(lambda m, i, out: decisions.append(out[1])) for _, _, gate in model.skip_gates()]
+    prompt = IDS[:1, :6]
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)[0]
+        ids = prompt
+        for _ in range(12):  # recompute the whole sequence at every step, no cache
+            next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+    for hook in hooks:
+        hook.remove()
+    kept = torch.cat([d.reshape(-1) for d in decisions])
+    assert 0.2 < kept.float().mean() < 0.8  # the gates really skip, in both directions
+    assert cached.tolist() == ids[0].tolist()
+
+
+def test_batched_inference_gathers_kept_tokens_and_matches_the_masked_computation(skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+    _randomise_gates(model, seed=2)
+    with torch.no_grad():
+        gathered = model(IDS).logits  # inference path: FFN on kept tokens only
+    with torch.enable_grad():
+        masked = model(IDS).logits  # differentiable path: every token computed, skipped outputs zeroed
+    torch.testing.assert_close(gathered, masked.detach(), rtol=0, atol=1e-5)
+
+
+def test_straight_through_gates_get_gradients_and_keep_hard_decisions(skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"])
+    _randomise_gates(model, seed=3)
+    model.train()
+    logits = model(IDS).logits
+    with torch.no_grad():
+        model.eval()
+        hard = model(IDS).logits
+    torch.testing.assert_close(logits.detach(), hard, rtol=0, atol=1e-5)  # the forward value is the hard decision
+    logits.float().logsumexp(-1).mean().backward()
+    grads = [gate.weight.grad for _, _, gate in model.skip_gates()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_threshold_is_adjustable_after_loading(skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+    model.set_skip_threshold(0.999)  # above sigmoid(6): every gate closes
+    with torch.no_grad():
+        logits = model(IDS).logits
+    only_embeddings = model.lm_head(model.model.norm(model.model.embed_tokens(IDS)))
+    torch.testing.assert_close(logits, only_embeddings, rtol=0, atol=1e-5)
+
+
+def test_bad_skip_options_are_refused_before_writing(dense_models, tmp_path):
+    for options, message in [
+        ({"gates": "mlp"}, "--gates must be one of"),
+        ({"exclude_first": 1, "exclude_last": 1}, "leave no layer to gate"),
+        ({"threshold": 1.5}, "--threshold must be between 0 and 1"),
+        ({"gate_bias_init": -1.0}, "starts the gates closed"),
+    ]:
+        with pytest.raises(SparsifyError, match=message):
+            upcycle(str(dense_models["llama"]), "skip", tmp_path / "x", **options)
+        assert not (tmp_path / "x").exists()
