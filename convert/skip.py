@@ -91,6 +91,9 @@ def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPla
         "gated_layers": gated_layers,
         "threshold": options.threshold,
         "kv_rule": "a skipped attention sublayer still writes the token's keys and values",
+        # With every gate forced open the student computes the dense model: router/gate training
+        # takes its teacher from the student's own weights this way.
+        "dense_path": {"gates": "open"},
     }
     exact = Exactness(True, f"every gate starts open (sigmoid({options.gate_bias_init}) = {open_probability:.4f} > {options.threshold})")
     return ConversionPlan(out_config, tensors, layout, exact, tags=["layer-skip"], files={"modeling_skip.py": _modeling_source()})

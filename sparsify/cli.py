@@ -205,8 +205,9 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
 
     def on_step(entry: dict[str, Any]) -> None:
         status = (
-            f"kl {entry['kl']:.4f} ce {entry['ce']:.3f} bal {entry['balance']:.3f} z {entry['z']:.2f} "
-            f"| {entry['tokens_per_s']:,.0f} tok/s"
+            f"kl {entry['kl']:.4f} ce {entry['ce']:.3f} bal {entry['balance']:.3f} z {entry['z']:.2f}"
+            + (f" skip {entry['skip_rate']:.1%}" if "skip_rate" in entry else "")
+            + f" | {entry['tokens_per_s']:,.0f} tok/s"
         )
         progress.update(task, total=entry["total_steps"], completed=entry["step"], status=status)
 
@@ -217,7 +218,7 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
         )
     if not main_process:
         return
-    table = Table(title=f"router training -> {result.output}")
+    table = Table(title=f"training -> {result.output}")
     for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
         table.add_column(column, justify=justify)
     for key, label, fmt in [
@@ -225,7 +226,10 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
         ("teacher_ppl", "teacher perplexity", "{:.3f}"),
         ("kl", "KL(teacher || student)", "{:.4f}"),
         ("top1_agreement", "top-1 agreement", "{:.1%}"),
+        ("skip_rate", "skip rate (sublayers x tokens)", "{:.1%}"),
     ]:
+        if key not in result.after:
+            continue
         table.add_row(label, fmt.format(result.before[key]) if key in result.before else "-", fmt.format(result.after[key]))
     out.print(table)
     out.print(
@@ -332,9 +336,10 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
     for run in described.training:
         after = run["after"]
         rows.append((
-            "router training",
+            "training",
             f"{run['tokens']:,} tokens: held-out perplexity {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
-            f"KL {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}",
+            f"KL {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}"
+            + (f", skip rate {after['skip_rate']:.1%}" if "skip_rate" in after else ""),
         ))
     for key, value in rows:
         table.add_row(key, value)

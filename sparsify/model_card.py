@@ -35,10 +35,12 @@ def render_card(record: dict[str, Any], params: dict[str, int]) -> str:
     )
     for run in record.get("training", []):
         after, before = run["after"], run["before"]
+        trained = "Skip gates" if "skip_rate" in after else "Routers"
         exact_line += (
-            f"\n\nRouters trained (LoRA + KL to the dense teacher) on {run['tokens']:,} tokens: held-out perplexity "
+            f"\n\n{trained} trained (LoRA + KL to the dense teacher) on {run['tokens']:,} tokens: held-out perplexity "
             f"{before['student_ppl']:.2f} -> {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
-            f"KL to teacher {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}."
+            f"KL to teacher {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}"
+            + (f", skip rate {after['skip_rate']:.1%} of sublayer computations." if "skip_rate" in after else ".")
         )
     return f"""---
 {header}

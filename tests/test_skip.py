@@ -145,3 +145,23 @@ def test_bad_skip_options_are_refused_before_writing(dense_models, tmp_path):
         with pytest.raises(SparsifyError, match=message):
             upcycle(str(dense_models["llama"]), "skip", tmp_path / "x", **options)
         assert not (tmp_path / "x").exists()
+
+
+def test_a_tiny_training_run_lowers_the_skip_loss_and_keeps_kl_bounded(skip_models, corpus, tmp_path):
+    from sparsify.train.loop import train
+    from sparsify.train.options import TrainOptions
+
+    options = TrainOptions(
+        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="6144", seq_len=32, batch_size=4, eval_every=0,
+        eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=5e-2, lora_rank=4, lora_alpha=8.0, target_skip=0.3, skip_weight=1.0,
+    )
+    result = train(skip_models["llama"], options, output=tmp_path / "trained")
+    assert result.before["kl"] < 1e-6 and result.before["skip_rate"] == 0.0  # the teacher, exactly, at the start
+    first, last = result.history[0], result.history[-1]
+    assert last["skip"] < 0.5 * first["skip"]  # measured: 0.30 -> ~0 (the hinge is satisfied)
+    assert result.after["skip_rate"] > 0.15 and result.after["kl"] < 0.5  # measured: ~37% skipped, KL ~0.1
+    done = subprocess.run([sys.executable, "-c", VANILLA, str(result.output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # the trained folder still carries its modeling code
+    record = json.loads((result.output / "sparsify.json").read_text())
+    assert record["variant"] == "skip" and record["layout"]["dense_path"] is None

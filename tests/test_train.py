@@ -186,12 +186,12 @@ def test_upcycle_with_train_through_the_cli(dense_models, corpus, tmp_path):
     ])
     stdout, stderr = done.communicate(timeout=900)
     assert done.returncode == 0, stderr
-    assert "router training" in stdout and "KL(teacher || student)" in stdout
+    assert "training ->" in stdout and "KL(teacher || student)" in stdout
     record = json.loads((output / "sparsify.json").read_text())
     assert record["variant"] == "fine-moe" and record["training"][0]["steps"] == 8
     assert "Routers trained" in (output / "README.md").read_text()
     shown = subprocess.run([*sparsify_command(), "info", str(output)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    assert "router training" in shown.stdout and "1,024 tokens" in shown.stdout
+    assert "training" in shown.stdout and "1,024 tokens" in shown.stdout
     assert not (tmp_path / "trained.run" / "checkpoint").exists()  # a finished run leaves no checkpoint behind
     model = AutoModelForCausalLM.from_pretrained(output)
     assert type(model).__name__ == "Qwen3MoeForCausalLM"

@@ -27,6 +27,7 @@ from sparsify.train import losses
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
 from sparsify.train.options import TrainOptions
 from sparsify.train.routing import dense_path, prepare_routers
+from sparsify.train.skipping import find_gates, gates_open, recording, sparsity_loss
 from sparsify.train.state import (
     CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint,
 )
@@ -105,9 +106,9 @@ def _train(
     record = read_record(model_dir) or {}
     on_status("loading model")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model, routers = _student(model_dir, options, dtype)
-    top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline
-    teacher = _teacher(options, record, routers, use_bf16)
+    model, routers, gates = _student(model_dir, options, dtype)
+    top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline or a skip model
+    teacher = _teacher(options, record, routers, gates, use_bf16)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = DataSpec(options.sources(options.data), options.sources(options.eval_data), options.text_field)
@@ -116,14 +117,15 @@ def _train(
         paths = materialise(spec, tokenizer, run_dir / "data", options.train_tokens, options.heldout_tokens)
     train_data, heldout = TokenFile(paths["train"], options.seq_len), TokenFile(paths["heldout"], options.seq_len)
 
-    router_params = [r.weight for r in routers]
-    router_ids = {id(p) for p in router_params}
-    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
-    groups = [{"params": router_params, "lr": options.router_lr}] if router_params else []
+    # Routers and skip gates (the decisions) train in full at --router-lr; adapters at --lr.
+    decision_params = [p for module in [*routers, *gates] for p in module.parameters()]
+    decision_ids = {id(p) for p in decision_params}
+    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in decision_ids]
+    groups = [{"params": decision_params, "lr": options.router_lr}] if decision_params else []
     if adapter_params:
         groups.append({"params": adapter_params, "lr": options.lr})
     if not groups:
-        raise SparsifyError("nothing to train: this model has no routers and --lora-rank is 0")
+        raise SparsifyError("nothing to train: this model has no routers or gates and --lora-rank is 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
     world = accelerator.num_processes
     tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
@@ -148,7 +150,7 @@ def _train(
 
     # --- train -----------------------------------------------------------------------------
     def evaluate() -> dict[str, float]:
-        return _evaluate(model, teacher, heldout, options, accelerator)
+        return _evaluate(model, teacher, heldout, options, accelerator, gates)
 
     before = evaluate() if start_step == 0 else _first_eval(run_dir / LOG)
     if log and start_step == 0:
@@ -162,7 +164,7 @@ def _train(
             index = ((step - 1) * options.grad_accum + micro) * world + accelerator.process_index
             order = block_order(train_data.num_blocks, options.train_seed, index * options.batch_size, options.batch_size)
             ids = train_data.blocks(order).to(accelerator.device)
-            parts = _losses(model, teacher, ids, options, top_k)
+            parts = _losses(model, teacher, ids, options, top_k, gates)
             if not torch.isfinite(parts["total"]):
                 last = find_checkpoint(run_dir)
                 kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
@@ -231,21 +233,21 @@ def _check_fsdp_version(accelerator) -> None:
 
 
 def _student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, for_training: bool = True):
-    """The converted model with fp32 routers and LoRA adapters: (model, routers)."""
+    """The converted model with fp32 routers/gates and LoRA adapters: (model, routers, gates)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if for_training:
         model.config.use_cache = False
-    routers = prepare_routers(model)
+    routers, gates = prepare_routers(model), find_gates(model)
     lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
-    return add_adapters(model, lora, routers), routers
+    return add_adapters(model, lora, routers, gates), routers, gates
 
 
 def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainable: dict[str, torch.Tensor]):
     """A fresh, whole copy of the student with the trained state loaded and LoRA folded in. Rebuilding
     it (instead of merging the training copy in place) is the same code for one process, DDP and FSDP."""
-    student, routers = _student(model_dir, options, dtype, for_training=False)
+    student, routers, _ = _student(model_dir, options, dtype, for_training=False)
     load_trainable_state(student, trainable)
     merged = merge_adapters(student)
     for router in routers:
@@ -253,11 +255,12 @@ def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainabl
     return merged
 
 
-def _teacher(options: TrainOptions, record: dict[str, Any], routers, use_bf16: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """(student, ids) -> teacher logits. "self": adapters off + dense path, from the student's own weights."""
+def _teacher(options: TrainOptions, record: dict[str, Any], routers, gates, use_bf16: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """(student, ids) -> teacher logits. "self": adapters off + dense path (routers onto copy 0, skip
+    gates open), from the student's own weights."""
     if options.teacher == "self":
         layout = record.get("layout") or {}
-        if routers and not layout.get("dense_path"):
+        if (routers or gates) and not layout.get("dense_path"):
             raise SparsifyError(
                 "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
                 "sparsify upcycle); pass --teacher with the original dense model"
@@ -268,7 +271,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], routers, use_bf16: b
             # (possibly distributed) wrapper, as the student's own forward does.
             inner = model.module if hasattr(model, "module") else model
             adapters_off = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
-            with torch.no_grad(), adapters_off, (dense_path(routers, layout) if routers else nullcontext()):
+            with torch.no_grad(), adapters_off, (dense_path(routers, layout) if routers else nullcontext()), gates_open(gates):
                 return model(input_ids=ids).logits
 
         return self_teacher
@@ -286,9 +289,10 @@ def _teacher(options: TrainOptions, record: dict[str, Any], routers, use_bf16: b
     return separate_teacher
 
 
-def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int) -> dict[str, torch.Tensor]:
+def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int, gates) -> dict[str, torch.Tensor]:
     teacher_logits = teacher(model, ids)
-    out = model(input_ids=ids, output_router_logits=True) if top_k else model(input_ids=ids)
+    with recording(gates) as seen:
+        out = model(input_ids=ids, output_router_logits=True) if top_k else model(input_ids=ids)
     routed = bool(top_k)
     zero = out.logits.new_zeros((), dtype=torch.float32)
     parts = {
@@ -297,10 +301,13 @@ def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int
         "balance": losses.load_balancing_loss(out.router_logits, top_k) if routed else zero,
         "z": losses.router_z_loss(out.router_logits) if routed else zero,
     }
+    skip, skip_rate = sparsity_loss(seen, options.target_skip) if gates else (zero, None)
     parts["total"] = (
         options.kl_weight * parts["kl"] + options.ce_weight * parts["ce"]
-        + options.balance_weight * parts["balance"] + options.z_weight * parts["z"]
+        + options.balance_weight * parts["balance"] + options.z_weight * parts["z"] + options.skip_weight * skip
     )
+    if gates:
+        parts["skip"], parts["skip_rate"] = skip, skip_rate
     return parts
 
 
@@ -310,7 +317,7 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor, track_grad: bool) -> torch.Tens
         return losses.next_token_loss(logits, ids)
 
 
-def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator) -> dict[str, float]:
+def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator, gates=()) -> dict[str, float]:
     """Held-out perplexities, KL and top-1 agreement. The blocks are divided among the processes and
     the sums added up; a process with one batch fewer runs an uncounted one, because under FSDP
     every process must take part in every forward pass."""
@@ -320,30 +327,34 @@ def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, acceler
     mine = list(range(rank, blocks, world))
     batches = [mine[i:i + options.batch_size] for i in range(0, len(mine), options.batch_size)]
     rounds = math.ceil(math.ceil(blocks / world) / options.batch_size)
-    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # nll, teacher nll, kl, top-1, blocks
+    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # nll, teacher nll, kl, top-1, blocks, skip rate
     with torch.no_grad():
         for round_index in range(rounds):
             counted = round_index < len(batches)
             ids = heldout.blocks(torch.tensor(batches[round_index] if counted else [0])).to(accelerator.device)
             teacher_logits = teacher(model, ids)
-            with accelerator.autocast():
+            with accelerator.autocast(), recording(gates) as seen:
                 student_logits = model(input_ids=ids).logits
             if counted:
                 n = ids.shape[0]
+                skip_rate = 1.0 - torch.cat([keep.reshape(-1) for _, keep in seen]).float().mean() if gates else student_logits.new_zeros(())
                 sums += n * torch.stack([
                     losses.next_token_loss(student_logits, ids), losses.next_token_loss(teacher_logits, ids),
                     losses.kl_to_teacher(student_logits, teacher_logits), losses.top1_agreement(student_logits, teacher_logits),
-                    torch.tensor(1.0, device=sums.device),
+                    torch.tensor(1.0, device=sums.device), skip_rate.to(sums.device).float(),
                 ]).to(sums)
     sums = accelerator.reduce(sums, "sum")
-    student_nll, teacher_nll, kl, top1, count = (sums[:4] / sums[4]).tolist() + [sums[4].item()]
-    return {
+    student_nll, teacher_nll, kl, top1, count, skip_rate = (sums / sums[4]).tolist()[:4] + [sums[4].item(), (sums[5] / sums[4]).item()]
+    result = {
         "student_ppl": math.exp(student_nll),
         "teacher_ppl": math.exp(teacher_nll),
         "kl": kl,
         "top1_agreement": top1,
         "tokens": int(count) * options.seq_len,
     }
+    if gates:
+        result["skip_rate"] = skip_rate
+    return result
 
 
 def _first_eval(log_path: Path) -> dict[str, float]:
@@ -372,7 +383,9 @@ def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any
     with atomic_folder(output, overwrite=output == model_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        for name in ("generation_config.json", "chat_template.jinja"):
+        # Remote modeling code (skip models) travels with the weights, so the folder loads without sparsify.
+        extra = ["generation_config.json", "chat_template.jinja", *(p.name for p in model_dir.glob("modeling_*.py"))]
+        for name in extra:
             if (model_dir / name).exists() and not (staging / name).exists():
                 (staging / name).write_bytes((model_dir / name).read_bytes())
         if record.get("variant"):

@@ -28,8 +28,8 @@ class LoraSettings:
     targets: tuple[str, ...] = TARGETS
 
 
-def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Module]) -> nn.Module:
-    """Wrap `model` with peft LoRA; afterwards only adapters and routers require grad (in fp32)."""
+def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Module], gates: list[nn.Module] = ()) -> nn.Module:
+    """Wrap `model` with peft LoRA; afterwards only adapters, routers and skip gates require grad (in fp32)."""
     from peft import LoraConfig, get_peft_model
 
     unknown = set(settings.targets) - set(TARGETS)
@@ -53,9 +53,10 @@ def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Modu
             target_parameters=parameters,
         )
         model = get_peft_model(model, config)
-    for router in routers:
-        router.weight.data = router.weight.data.float()  # fp32 master copy (selective precision)
-        router.weight.requires_grad_(True)
+    for module in [*routers, *gates]:  # trained in full, with an fp32 master copy (selective precision)
+        for param in module.parameters():
+            param.data = param.data.float()
+            param.requires_grad_(True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -39,6 +39,8 @@ class TrainOptions:
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
     balance_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch load-balancing loss."})
     z_weight: float = field(default=0.001, metadata={"help": "Weight of the router z-loss."})
+    skip_weight: float = field(default=0.1, metadata={"help": "Skip models: weight of the gate sparsity loss."})
+    target_skip: float = field(default=0.0, metadata={"help": "Skip models: skip rate to reach (a hinge on the mean gate opening); 0: an L1 penalty on gate openings instead."})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank (0: train routers only)."})
     lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha."})
     lora_targets: str = field(default="attention,experts", metadata={"help": "Where LoRA goes: attention, experts, or both (comma-separated)."})
@@ -65,6 +67,8 @@ class TrainOptions:
             raise SparsifyError("--data is required: a Hub dataset id or local text files")
         if self.seq_len < 2 or self.batch_size < 1 or self.grad_accum < 1:
             raise SparsifyError("--seq-len must be at least 2, --batch-size and --grad-accum at least 1")
+        if not 0.0 <= self.target_skip < 1.0:
+            raise SparsifyError("--target-skip must be in [0, 1)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise SparsifyError("--precision must be auto, bf16 or fp32")
         self.train_tokens, self.heldout_tokens  # parse early: a bad count fails before any work

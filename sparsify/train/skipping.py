@@ -1,0 +1,52 @@
+"""Skip gates in training: find them, hold them open for the teacher, collect their decisions.
+
+A fresh `--to skip` model with every gate open *is* its dense teacher, so — as with the MoE dense
+path — the teacher comes from the student's own frozen weights: adapters off and gates forced
+open. The sparsity loss pushes gate openings down, either as an L1 penalty or towards a target
+skip rate; the hard skip rate actually applied is reported beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def find_gates(model: nn.Module) -> list[nn.Module]:
+    # By class name: the class may come from the folder's remote code rather than from sparsify.
+    return [m for m in model.modules() if type(m).__name__ == "SkipGate"]
+
+
+@contextmanager
+def gates_open(gates: list[nn.Module]) -> Iterator[None]:
+    for gate in gates:
+        gate.forced = True
+    try:
+        yield
+    finally:
+        for gate in gates:
+            gate.forced = None
+
+
+@contextmanager
+def recording(gates: list[nn.Module]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect every gate's (probability, keep) of the forward passes run inside the block."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [gate.register_forward_hook(lambda module, inputs, output: seen.append(output)) for gate in gates]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def sparsity_loss(seen: list[tuple[torch.Tensor, torch.Tensor]], target_skip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, hard skip rate). L1 on the mean gate opening, or with a target skip rate a hinge that
+    stops pushing once the mean opening is at or below 1 - target (KL then decides the rest)."""
+    opening = torch.cat([probability.reshape(-1) for probability, _ in seen]).mean()
+    skip_rate = 1.0 - torch.cat([keep.reshape(-1) for _, keep in seen]).mean()
+    loss = torch.relu(opening - (1.0 - target_skip)) if target_skip > 0 else opening
+    return loss, skip_rate.detach()
