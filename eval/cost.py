@@ -54,6 +54,23 @@ def flops_per_token(model: nn.Module, params: dict[str, int], context: int) -> d
     return {"context": context, "weights": 2.0 * matmul_weights, "attention": attention, "total": 2.0 * matmul_weights + attention}
 
 
+def flops_with_skips(model: nn.Module, flops: dict[str, float], skip: dict[str, Any]) -> float:
+    """Forward FLOPs per token once the measured skip rates are taken off. A skipped attention
+    sublayer still computes keys and values (the KV-cache rule), so it saves its query and output
+    projections and its share of the attention scores; a skipped FFN saves all of it."""
+    config = model.config
+    per_layer_attention = flops["attention"] / config.num_hidden_layers
+    saved = 0.0
+    for row in skip["sublayers"]:
+        layer = model.model.layers[row["layer"]]
+        if row["sublayer"] == "attention":
+            attention = layer.self_attn
+            saved += row["skip_rate"] * (2 * (attention.q_proj.weight.numel() + attention.o_proj.weight.numel()) + per_layer_attention)
+        else:
+            saved += row["skip_rate"] * 2 * sum(p.numel() for p in layer.mlp.parameters() if p.dim() >= 2)
+    return flops["total"] - saved
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
 

@@ -31,4 +31,20 @@ def routing_plots(routing: dict[str, Any], folder: Path) -> list[Path]:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
+    skip = routing.get("skip")
+    if skip:
+        figure, axis = plt.subplots(figsize=(7.0, 3.5))
+        for sublayer in skip["skip_rate_by_sublayer"]:
+            rows = [row for row in skip["sublayers"] if row["sublayer"] == sublayer]
+            axis.plot([row["layer"] for row in rows], [row["skip_rate"] for row in rows], marker="o", label=sublayer)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("tokens skipping the sublayer")
+        axis.set_ylim(0, 1)
+        axis.set_title(f"skip rate per sublayer (threshold {skip['threshold']}, {skip['tokens']:,} tokens)", fontsize=10)
+        axis.legend()
+        figure.tight_layout()
+        path = folder / "skip_rates.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
     return written

@@ -76,7 +76,58 @@ class ExpertRoutingProbe:
         }
 
 
-PROBES = [ExpertRoutingProbe]
+@dataclass
+class SkipGateProbe:
+    """Layer-skip gates: the fraction of tokens that skip each gated attention and FFN sublayer."""
+
+    kind = "skip"
+    gates: list[tuple[int, str, nn.Module]]
+    skipped: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def find(cls, model: nn.Module) -> SkipGateProbe | None:
+        gates = model.skip_gates() if hasattr(model, "skip_gates") else []
+        return cls(gates) if gates else None
+
+    def attach(self) -> None:
+        self.skipped, self.seen = [0] * len(self.gates), [0] * len(self.gates)
+        self._handles = [gate.register_forward_hook(self._hook(i)) for i, (_, _, gate) in enumerate(self.gates)]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, index: int):
+        def record(module, inputs, output) -> None:
+            keep = output[1]
+            self.skipped[index] += int((keep == 0).sum())
+            self.seen[index] += keep.numel()
+
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        rows = [
+            {"layer": layer, "sublayer": sublayer, "skip_rate": self.skipped[i] / max(self.seen[i], 1)}
+            for i, (layer, sublayer, _) in enumerate(self.gates)
+        ]
+        by_sublayer = {}
+        for sublayer in dict.fromkeys(row["sublayer"] for row in rows):
+            picked = [i for i, row in enumerate(rows) if row["sublayer"] == sublayer]
+            by_sublayer[sublayer] = sum(self.skipped[i] for i in picked) / max(sum(self.seen[i] for i in picked), 1)
+        return {
+            "kind": self.kind,
+            "threshold": float(self.gates[0][2].threshold),
+            "tokens": self.seen[0] if self.seen else 0,
+            "sublayers": rows,
+            "skip_rate": sum(self.skipped) / max(sum(self.seen), 1),
+            "skip_rate_by_sublayer": by_sublayer,
+        }
+
+
+PROBES = [ExpertRoutingProbe, SkipGateProbe]
 
 
 def probes_for(model: nn.Module) -> list[Any]:

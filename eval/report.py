@@ -82,6 +82,15 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                 teacher_entry = _at(cost, "teacher", "speed", name) or {}
                 teacher_peak = teacher_entry.get("decode_peak_bytes") or teacher_entry.get("prefill_peak_bytes")
                 rows.append(Row("cost", f"peak GPU memory GiB, batch {batch}", peak / 2**30, None if teacher_peak is None else teacher_peak / 2**30, ".2f"))
+    with_skips = _at(cost, "model", "flops_per_token", "total_with_skips") if cost else None
+    if with_skips is not None:
+        rows.append(Row("cost", "forward GFLOPs per token at the measured skip rates", with_skips / 1e9,
+                        _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
+    skip = _at(report, "routing", "skip")
+    if skip:
+        rows.append(Row("routing", f"skip rate, all gated sublayers (threshold {skip['threshold']})", skip["skip_rate"], None, ".2%"))
+        for sublayer, rate in skip["skip_rate_by_sublayer"].items():
+            rows.append(Row("routing", f"skip rate, {sublayer}", rate, None, ".2%"))
     moe = _at(report, "routing", "moe")
     if moe:
         rows.append(Row("routing", f"max expert load / mean ({moe['num_experts']} experts, top-{moe['top_k']})", moe["max_imbalance"], None, ".2f"))

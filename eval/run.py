@@ -142,6 +142,10 @@ def evaluate(
             on_status("cost: speed of the teacher")
             report["cost"]["teacher"] = _cost(teacher, teacher_tokenizer, options, sample, options.window)
         report["cost"]["process_peak_rss_bytes"] = cost.process_peak_rss_bytes()
+        skip = (report.get("routing") or {}).get("skip")
+        if skip:
+            flops = report["cost"]["model"]["flops_per_token"]
+            flops["total_with_skips"] = cost.flops_with_skips(model, flops, skip)
     if "tasks" in suites:
         from sparsify.eval.tasks import run_tasks
 

@@ -102,14 +102,18 @@ def test_cached_greedy_decoding_equals_recomputation(family, skip_models):
     assert cached.tolist() == ids[0].tolist()
 
 
-def test_batched_inference_gathers_kept_tokens_and_matches_the_masked_computation(skip_models):
-    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_batched_inference_gathers_kept_tokens_and_matches_the_masked_computation(family, skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
     _randomise_gates(model, seed=2)
-    with torch.no_grad():
-        gathered = model(IDS).logits  # inference path: FFN on kept tokens only
-    with torch.enable_grad():
-        masked = model(IDS).logits  # differentiable path: every token computed, skipped outputs zeroed
-    torch.testing.assert_close(gathered, masked.detach(), rtol=0, atol=1e-5)
+    padding = torch.ones_like(IDS)
+    padding[1, :4] = 0  # left padding in the second row: the padding mask must reach the gathered queries
+    for mask in (None, padding):
+        with torch.no_grad():
+            gathered = model(IDS, attention_mask=mask).logits  # inference: kept tokens' queries and FFN rows only
+        with torch.enable_grad():
+            masked = model(IDS, attention_mask=mask).logits  # differentiable: all computed, skipped outputs zeroed
+        torch.testing.assert_close(gathered[padding.bool()], masked.detach()[padding.bool()], rtol=0, atol=1e-5)
 
 
 def test_straight_through_gates_get_gradients_and_keep_hard_decisions(skip_models):

@@ -17,8 +17,9 @@ are skipped. Training applies the same rule (full attention, the skipped tokens'
 so cached decoding equals recomputation.
 
 Execution: an FFN runs only on its kept tokens (gathered, computed, scattered back). An attention
-sublayer whose tokens are all skipped writes K/V and does nothing else (batch-1 decode); a
-partially kept batch runs attention in full and drops the skipped rows.
+sublayer whose tokens are all skipped writes K/V and does nothing else (batch-1 decode); with some
+tokens kept, keys and values are computed for all and queries, attention and the output
+projection only for the kept ones.
 """
 
 from __future__ import annotations
@@ -106,6 +107,54 @@ def _write_keys_values(attention: nn.Module, hidden: torch.Tensor, position_embe
     past_key_values.update(keys, values, attention.layer_idx)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+def _attention_for_kept(attention: nn.Module, normed: torch.Tensor, keep: torch.Tensor, attention_mask, position_embeddings,
+                        past_key_values) -> torch.Tensor:
+    """Attention computed only for the kept tokens' queries; every token's keys and values are
+    written (the KV rule). Returns the sublayer output, zero at the skipped tokens."""
+    batch, length, hidden = normed.shape
+    shape = (batch, length, -1, attention.head_dim)
+    keys = attention.k_proj(normed).view(shape)
+    if hasattr(attention, "k_norm"):
+        keys = attention.k_norm(keys)
+    values = attention.v_proj(normed).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    keys = _rotate(keys.transpose(1, 2), cos, sin)
+    if past_key_values is not None:
+        keys, values = past_key_values.update(keys, values, attention.layer_idx)
+    total = keys.shape[2]
+    kept = keep.bool()
+    counts = kept.sum(1)
+    width = int(counts.max())
+    # Per sequence: the kept positions first, in order; rows past a sequence's count are padding.
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=normed.device)[None, :] < counts[:, None]
+    picked = normed.gather(1, order[..., None].expand(-1, -1, hidden))
+    queries = attention.q_proj(picked).view(batch, width, -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):
+        queries = attention.q_norm(queries)
+    take = order[..., None].expand(-1, -1, cos.shape[-1])
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)  # positions may be shared by the batch
+    queries = _rotate(queries.transpose(1, 2), cos.gather(1, take), sin.gather(1, take))
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        rows = attention_mask[:, :1].gather(2, order[:, None, :, None].expand(-1, 1, -1, attention_mask.shape[-1]))
+        allowed = rows if rows.dtype == torch.bool else rows == 0
+        allowed = allowed[..., -total:]
+    else:  # causal by absolute position: a query sees every key up to its own position
+        position = order + (total - length)
+        allowed = (torch.arange(total, device=normed.device)[None, None, :] <= position[:, :, None])[:, None]
+    groups = queries.shape[1] // keys.shape[1]
+    if groups > 1:
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(queries, keys.to(queries.dtype), values.to(queries.dtype), attn_mask=allowed,
+                                         scale=attention.scaling)
+    out = attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)) * valid[..., None].to(normed.dtype)
+    return torch.zeros_like(normed).scatter(1, order[..., None].expand(-1, -1, hidden), out)
+
+
 def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) -> torch.Tensor:
     if gate is None:
         return layer.mlp(normed)
@@ -136,6 +185,11 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
             run_attention = False
             if past_key_values is not None:
                 _write_keys_values(self.self_attn, normed, position_embeddings, past_key_values)
+        elif not differentiable and not keep.all():
+            run_attention = False
+            hidden_states = residual + _attention_for_kept(
+                self.self_attn, normed, keep, attention_mask, position_embeddings, past_key_values
+            )
     if run_attention:
         attended, _ = self.self_attn(
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
