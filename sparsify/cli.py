@@ -311,6 +311,42 @@ def compare(reports: Annotated[list[Path], typer.Argument(help="Report folders (
     out.print(table)
 
 
+def skip_sweep(
+    model: Annotated[str, typer.Argument(help="A layer-skip model folder (from `sparsify upcycle --to skip`).")],
+    thresholds: Annotated[str, typer.Option(help="Inference thresholds to try, comma-separated.")] = "0.3,0.5,0.7",
+    windows: Annotated[str, typer.Option(help="Context lengths at which perplexity and skip rate are measured.")] = "512,2048",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json and sweep.png.")] = None,
+    **options: Any,
+) -> None:
+    """Quality (several context lengths), skip rate and measured speed at several thresholds, vs the teacher."""
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.sweep import skip_sweep as run_sweep
+
+    names = {f.name for f in fields(EvalOptions)}
+    settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
+    with err.status("sweeping") as status:
+        result = run_sweep(model, [float(t) for t in thresholds.split(",")], [int(w) for w in windows.split(",")], settings,
+                           output=output, on_status=lambda text: status.update(f"sweeping: {text}"))
+    window = str(result["windows"][-1])
+    table = Table(title=f"{model}: skip threshold sweep (perplexity at window {window})")
+    speed_keys = list(result["thresholds"][0]["speedup"]) if result["thresholds"] else []
+    for column in ("threshold", "skip rate", "perplexity", "vs teacher", "KL", *[k.replace("_", " ") + " x" for k in speed_keys]):
+        table.add_column(column, justify="right")
+    teacher_ppl = result["teacher_run"]["quality"][window]["perplexity"]
+    table.add_row("teacher", "0%", f"{teacher_ppl:.3f}", "x1.000", "0", *["1.00"] * len(speed_keys))
+    for entry in result["thresholds"]:
+        quality = entry["quality"][window]
+        table.add_row(f"{entry['threshold']:g}", f"{quality['skip_rate']:.1%}", f"{quality['perplexity']:.3f}",
+                      f"x{quality['perplexity_ratio']:.3f}", f"{quality['kl']:.4f}", *[f"{entry['speedup'][k]:.2f}" for k in speed_keys])
+    out.print(table)
+    if output:
+        out.print(f"sweep: {Path(output) / 'sweep.json'} and sweep.png")
+
+
+_with_options(skip_sweep, [p for p in _eval_parameters("Evaluation options") if p.name not in ("suite", "tasks", "tasks_path", "task_limit", "num_fewshot", "window", "stride")])
+app.command(name="skip-sweep", help=skip_sweep.__doc__)(skip_sweep)
+
+
 # --- info -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,115 @@
+"""`sparsify skip-sweep`: quality, skip rate and speed of a skip model at several thresholds.
+
+The model and its teacher are loaded once; for each inference threshold the held-out perplexity
+(at every requested window, to see what context length does), the KL to the teacher, the skip
+rate per sublayer and the measured prefill/decode speed are taken, and the teacher is measured
+under the same harness. Writes sweep.json and the trade-off curve sweep.png.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sparsify.errors import SparsifyError
+from sparsify.eval import cost
+from sparsify.eval.options import EvalOptions
+from sparsify.eval.quality import measure_quality
+from sparsify.eval.routing import measure_routing
+from sparsify.eval.run import _device, _load, _text
+from sparsify.train.options import parse_count
+
+
+def _speed(model, tokenizer, options: EvalOptions, sample) -> dict[str, Any]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
+                              decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad)
+
+
+def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], options: EvalOptions, *, output: Path | None = None,
+               on_status: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    import torch
+
+    if not options.teacher:
+        raise SparsifyError("skip-sweep compares against the dense model: pass --teacher")
+    if not options.data:
+        raise SparsifyError("skip-sweep needs held-out text: pass --data")
+    device = _device(options.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = _load(model_ref, dtype, device)
+    if not hasattr(model, "set_skip_threshold"):
+        raise SparsifyError(f"{model_ref} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    teacher, teacher_tokenizer = _load(options.teacher, dtype, device)
+    text = _text(options, tokenizer)
+    sample = text.ids[1:]
+
+    def quality_at(window: int, with_teacher: bool) -> dict[str, Any]:
+        return measure_quality(model, text, window=window, stride=window // 2, batch_size=options.batch_size,
+                               teacher=teacher if with_teacher else None)
+
+    on_status("teacher")
+    teacher_quality = {str(w): measure_quality(teacher, text, window=w, stride=w // 2, batch_size=options.batch_size)["model"] for w in windows}
+    result: dict[str, Any] = {
+        "model": model_ref, "teacher": options.teacher, "windows": windows, "device": str(device),
+        "teacher_run": {"quality": teacher_quality, "speed": _speed(teacher, teacher_tokenizer, options, sample)},
+        "thresholds": [],
+    }
+    trained_threshold = model.config.skip_threshold
+    for threshold in thresholds:
+        on_status(f"threshold {threshold}")
+        model.set_skip_threshold(threshold)
+        entry: dict[str, Any] = {"threshold": threshold, "quality": {}}
+        for window in windows:
+            quality = quality_at(window, with_teacher=True)
+            entry["quality"][str(window)] = {
+                **quality["model"], "kl": quality["vs_teacher"]["kl"], "top1_agreement": quality["vs_teacher"]["top1_agreement"],
+                "perplexity_ratio": quality["model"]["perplexity"] / teacher_quality[str(window)]["perplexity"],
+            }
+            skip = measure_routing(model, text, block=window, batch_size=options.batch_size,
+                                   max_tokens=parse_count(options.routing_tokens))["skip"]
+            entry["quality"][str(window)]["skip_rate"] = skip["skip_rate"]
+            entry["quality"][str(window)]["skip_rate_by_sublayer"] = skip["skip_rate_by_sublayer"]
+        entry["speed"] = _speed(model, tokenizer, options, sample)
+        entry["speedup"] = {
+            f"{name}_{kind}": entry["speed"][name][f"{kind}_tokens_per_s"]["median"] / result["teacher_run"]["speed"][name][f"{kind}_tokens_per_s"]["median"]
+            for name in entry["speed"] for kind in ("prefill", "decode") if f"{kind}_tokens_per_s" in entry["speed"][name]
+        }
+        result["thresholds"].append(entry)
+    model.set_skip_threshold(trained_threshold)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        _plot(result, output / "sweep.png")
+    return result
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    window = str(result["windows"][-1])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, kind in zip(axes, ("decode", "prefill"), strict=True):
+        for batch in result["teacher_run"]["speed"]:
+            key = f"{batch}_{kind}"
+            points = [(e["speedup"][key], e["quality"][window]["perplexity_ratio"], e["threshold"]) for e in result["thresholds"] if key in e["speedup"]]
+            if not points:
+                continue
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=batch.replace("_", " "))
+            for x, y, threshold in points:
+                axis.annotate(f"{threshold:g}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xlabel(f"{kind} speed vs teacher")
+        axis.set_ylabel(f"perplexity vs teacher (window {window})")
+        axis.legend(fontsize=8)
+    figure.suptitle("skip threshold trade-off (labels: threshold)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
