@@ -162,11 +162,12 @@ def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) ->
     if layer.training or torch.is_grad_enabled():
         return _straight_through(probability, keep).unsqueeze(-1).to(normed.dtype) * layer.mlp(normed)
     kept = keep.reshape(-1).bool()
-    flat = normed.reshape(-1, normed.shape[-1])
-    if kept.all():
+    count = int(kept.sum())  # the one host synchronisation this sublayer needs to decide
+    if count == kept.numel():
         return layer.mlp(normed)
+    flat = normed.reshape(-1, normed.shape[-1])
     out = torch.zeros_like(flat)
-    if kept.any():
+    if count:
         index = kept.nonzero().squeeze(1)
         out.index_copy_(0, index, layer.mlp(flat.index_select(0, index)))
     return out.view_as(normed)
@@ -181,11 +182,12 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
     if attention_gate is not None:
         probability, keep = attention_gate(normed)
         differentiable = self.training or torch.is_grad_enabled()
-        if not differentiable and not keep.any():
+        count = None if differentiable else int(keep.sum())  # one host synchronisation to decide
+        if count == 0:
             run_attention = False
             if past_key_values is not None:
                 _write_keys_values(self.self_attn, normed, position_embeddings, past_key_values)
-        elif not differentiable and not keep.all():
+        elif count is not None and count < keep.numel():
             run_attention = False
             hidden_states = residual + _attention_for_kept(
                 self.self_attn, normed, keep, attention_mask, position_embeddings, past_key_values
