@@ -169,3 +169,19 @@ def test_a_tiny_training_run_lowers_the_skip_loss_and_keeps_kl_bounded(skip_mode
     assert done.returncode == 0, done.stderr  # the trained folder still carries its modeling code
     record = json.loads((result.output / "sparsify.json").read_text())
     assert record["variant"] == "skip" and record["layout"]["dense_path"] is None
+
+
+def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_models, dense_models, corpus, tmp_path):
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.sweep import skip_sweep
+
+    settings = EvalOptions(teacher=str(dense_models["llama"]), data=str(corpus["valid"]), tokens="1k", batch_size=2,
+                           routing_tokens="512", speed_batch="1", prompt_len=8, decode_tokens=3, repeats=1, warmup=0)
+    # Fresh gates sit at sigmoid(6) = 0.9975: every token runs below that threshold and skips above it.
+    result = skip_sweep(str(skip_models["llama"]), [0.5, 0.999], [64, 128], settings, output=tmp_path)
+    open_, closed = result["thresholds"]
+    for window in ("64", "128"):
+        assert open_["quality"][window]["skip_rate"] == 0.0 and open_["quality"][window]["perplexity_ratio"] == pytest.approx(1.0, rel=1e-5)
+        assert closed["quality"][window]["skip_rate"] == 1.0 and closed["quality"][window]["kl"] > 0.01
+    assert set(open_["speedup"]) == {"batch_1_prefill", "batch_1_decode"} and all(v > 0 for v in open_["speedup"].values())
+    assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 1000
