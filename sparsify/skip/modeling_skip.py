@@ -24,6 +24,7 @@ projection only for the kept ones.
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -65,7 +66,12 @@ class SkipConfig(PretrainedConfig):
 
 
 class SkipGate(nn.Module):
-    """One sublayer's gate. Returns (probability, keep) per token; forward hooks can read both."""
+    """One sublayer's gate: returns (probability, keep) per token; forward hooks can read both.
+
+    The decision is logit > log(t / (1 - t)), the same as probability > t, in fp32 in training and
+    inference alike. Inference takes the fewest operations it can (an fp32 cast, one matrix-vector
+    product, one comparison): on small models each extra operation costs more time than the
+    sublayer it might skip. There the probability is not computed and is returned as None."""
 
     def __init__(self, hidden_size: int, bias_init: float):
         super().__init__()
@@ -74,14 +80,31 @@ class SkipGate(nn.Module):
         self.threshold = 0.5
         self.forced: bool | None = None  # True/False: every token kept/skipped (teacher, tests)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(x.device.type, enabled=False):  # a decision near the threshold needs fp32
-            probability = torch.sigmoid(x.float() @ self.weight.float() + self.bias.float())
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = float(value)
+        self._logit_threshold = math.log(value / (1.0 - value))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        differentiable = self.training or torch.is_grad_enabled()
         if self.forced is not None:
-            keep = torch.full_like(probability, float(self.forced))
-        else:
-            keep = (probability > self.threshold).to(probability.dtype)
-        return probability, keep
+            keep = torch.full(x.shape[:-1], self.forced, dtype=torch.bool, device=x.device)
+            return (keep.float() if differentiable else None), (keep.float() if differentiable else keep)
+        if torch.is_autocast_enabled(x.device.type):  # autocast would recast the fp32 product to bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x)
+        weight, bias = self.weight, self.bias
+        if weight.dtype != torch.float32:  # gates are kept in fp32 on load; this is a fallback
+            weight, bias = weight.float(), bias.float()
+        logit = F.linear(x.float(), weight[None], bias[None]).squeeze(-1)
+        keep = logit > self._logit_threshold
+        if not differentiable:
+            return None, keep
+        return torch.sigmoid(logit), keep.float()
 
 
 def _straight_through(probability: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -161,7 +184,7 @@ def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) ->
     probability, keep = gate(normed)
     if layer.training or torch.is_grad_enabled():
         return _straight_through(probability, keep).unsqueeze(-1).to(normed.dtype) * layer.mlp(normed)
-    kept = keep.reshape(-1).bool()
+    kept = keep.reshape(-1)
     count = int(kept.sum())  # the one host synchronisation this sublayer needs to decide
     if count == kept.numel():
         return layer.mlp(normed)
@@ -197,9 +220,8 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
             use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
         )
-        if attention_gate is not None:
-            factor = _straight_through(probability, keep) if differentiable else keep
-            attended = factor.unsqueeze(-1).to(attended.dtype) * attended
+        if attention_gate is not None and differentiable:  # (in inference this path means every token kept)
+            attended = _straight_through(probability, keep).unsqueeze(-1).to(attended.dtype) * attended
         hidden_states = residual + attended
     residual = hidden_states
     hidden_states = residual + _gated_ffn(self, ffn_gate, self.post_attention_layernorm(hidden_states))
@@ -208,6 +230,7 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
 
 class SkipPreTrainedModel(PreTrainedModel):
     config_class = SkipConfig
+    _keep_in_fp32_modules_strict = ["gates"]  # the decisions stay fp32 even in a bf16 model
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
