@@ -389,6 +389,11 @@ def main() -> None:
     # sparsify's output unless the user asks for transformers' logs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # `import sparsify` has already imported transformers (to register the skip architecture), so
+    # the variable above came too late for its logger: apply the verbosity it asks for now.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(getattr(hf_logging, os.environ["TRANSFORMERS_VERBOSITY"].upper(), hf_logging.ERROR))
     try:
         app()
     except SparsifyError as error:

@@ -83,7 +83,7 @@ options = TrainOptions(lora_rank=4, lora_alpha=8.0)
 
 def sharded_student():
     # Frozen weights in bf16 next to fp32 adapters and routers, as in a bf16 run on the GPU.
-    model, routers = _student(folder, options, torch.bfloat16)
+    model, _, _ = _student(folder, options, torch.bfloat16)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mp_policy=policy)
