@@ -32,7 +32,7 @@ SPEED_TEXT = (
 )
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -41,7 +41,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _load(ref: str, dtype: torch.dtype, device: torch.device):
+def load_for_eval(ref: str, dtype: torch.dtype, device: torch.device):
     from sparsify.sources import load_model, load_tokenizer
 
     try:
@@ -62,7 +62,7 @@ def _describe(ref: str, model) -> dict[str, Any]:
     }
 
 
-def _text(options: EvalOptions, tokenizer) -> EvalText:
+def eval_text(options: EvalOptions, tokenizer) -> EvalText:
     from sparsify.data import iter_documents
 
     sources = [s.strip() for s in options.data.split(",") if s.strip()]
@@ -104,14 +104,14 @@ def evaluate(
     suites = options.suites
     if card and not Path(model_ref).is_dir():
         raise SparsifyError("--card writes into the model folder's README.md; MODEL must be a local folder")
-    device = _device(options.device)
+    device = resolve_device(options.device)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     on_status(f"loading {model_ref}")
-    model, tokenizer = _load(model_ref, dtype, device)
+    model, tokenizer = load_for_eval(model_ref, dtype, device)
     teacher = teacher_tokenizer = None
     if options.teacher:
         on_status(f"loading teacher {options.teacher}")
-        teacher, teacher_tokenizer = _load(options.teacher, dtype, device)
+        teacher, teacher_tokenizer = load_for_eval(options.teacher, dtype, device)
         if teacher.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
             raise SparsifyError("the model and the teacher have different vocabularies; KL and agreement need the same tokenizer")
 
@@ -122,10 +122,10 @@ def evaluate(
         "teacher": _describe(options.teacher, teacher) if teacher is not None else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."),
-        "settings": {k: v for k, v in vars(options).items()},
+        "settings": dict(vars(options)),
         "versions": versions(),
     }
-    text = _text(options, tokenizer) if {"quality", "routing"} & set(suites) or options.data else None
+    text = eval_text(options, tokenizer) if {"quality", "routing"} & set(suites) or options.data else None
     if "quality" in suites:
         on_status("quality: sliding-window perplexity" + (" and agreement with the teacher" if teacher is not None else ""))
         report["quality"] = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size,

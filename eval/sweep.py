@@ -18,7 +18,7 @@ from sparsify.eval import cost
 from sparsify.eval.options import EvalOptions
 from sparsify.eval.quality import measure_quality
 from sparsify.eval.routing import measure_routing
-from sparsify.eval.run import _device, _load, _text
+from sparsify.eval.run import eval_text, load_for_eval, resolve_device
 from sparsify.train.options import parse_count
 
 
@@ -36,13 +36,13 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         raise SparsifyError("skip-sweep compares against the dense model: pass --teacher")
     if not options.data:
         raise SparsifyError("skip-sweep needs held-out text: pass --data")
-    device = _device(options.device)
+    device = resolve_device(options.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = _load(model_ref, dtype, device)
+    model, tokenizer = load_for_eval(model_ref, dtype, device)
     if not hasattr(model, "set_skip_threshold"):
         raise SparsifyError(f"{model_ref} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
-    teacher, teacher_tokenizer = _load(options.teacher, dtype, device)
-    text = _text(options, tokenizer)
+    teacher, teacher_tokenizer = load_for_eval(options.teacher, dtype, device)
+    text = eval_text(options, tokenizer)
     sample = text.ids[1:]
 
     def quality_at(window: int, with_teacher: bool) -> dict[str, Any]:

@@ -117,17 +117,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _write_keys_values(attention: nn.Module, hidden: torch.Tensor, position_embeddings, past_key_values) -> None:
-    """The part of attention a skipped token still does: its keys and values go into the cache."""
+def _keys_values(attention: nn.Module, hidden: torch.Tensor, position_embeddings, past_key_values):
+    """Every token's keys (normalised where the family does, rotated) and values, written to the
+    cache; returns the full keys and values to attend over (cached ones included)."""
     shape = (*hidden.shape[:-1], -1, attention.head_dim)
     keys = attention.k_proj(hidden).view(shape)
     if hasattr(attention, "k_norm"):  # Qwen3 normalises keys per head before the rotation
         keys = attention.k_norm(keys)
-    keys = keys.transpose(1, 2)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
-    keys = keys * cos.unsqueeze(1) + _rotate_half(keys) * sin.unsqueeze(1)
-    past_key_values.update(keys, values, attention.layer_idx)
+    keys = _rotate(keys.transpose(1, 2), cos, sin)
+    if past_key_values is not None:
+        keys, values = past_key_values.update(keys, values, attention.layer_idx)
+    return keys, values
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,15 +141,8 @@ def _attention_for_kept(attention: nn.Module, normed: torch.Tensor, keep: torch.
     """Attention computed only for the kept tokens' queries; every token's keys and values are
     written (the KV rule). Returns the sublayer output, zero at the skipped tokens."""
     batch, length, hidden = normed.shape
-    shape = (batch, length, -1, attention.head_dim)
-    keys = attention.k_proj(normed).view(shape)
-    if hasattr(attention, "k_norm"):
-        keys = attention.k_norm(keys)
-    values = attention.v_proj(normed).view(shape).transpose(1, 2)
+    keys, values = _keys_values(attention, normed, position_embeddings, past_key_values)
     cos, sin = position_embeddings
-    keys = _rotate(keys.transpose(1, 2), cos, sin)
-    if past_key_values is not None:
-        keys, values = past_key_values.update(keys, values, attention.layer_idx)
     total = keys.shape[2]
     kept = keep.bool()
     counts = kept.sum(1)
@@ -208,8 +203,8 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
         count = None if differentiable else int(keep.sum())  # one host synchronisation to decide
         if count == 0:
             run_attention = False
-            if past_key_values is not None:
-                _write_keys_values(self.self_attn, normed, position_embeddings, past_key_values)
+            if past_key_values is not None:  # the KV rule: a skipped token stays visible to later ones
+                _keys_values(self.self_attn, normed, position_embeddings, past_key_values)
         elif count is not None and count < keep.numel():
             run_attention = False
             hidden_states = residual + _attention_for_kept(
