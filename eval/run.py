@@ -70,14 +70,19 @@ def eval_text(options: EvalOptions, tokenizer) -> EvalText:
     return build_eval_text(documents, tokenizer, parse_count(options.tokens))
 
 
+def measure_model_speed(model, tokenizer, options: EvalOptions, sample: torch.Tensor) -> dict[str, Any]:
+    """Prefill/decode speed with the speed settings of `options` (shared by eval and skip-sweep)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
+                              decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad)
+
+
 def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context: int) -> dict[str, Any]:
     params = cost.parameter_counts(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return {
         "params": params,
         "flops_per_token": cost.flops_per_token(model, params, context),
-        "speed": cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
-                                    decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad),
+        "speed": measure_model_speed(model, tokenizer, options, sample),
     }
 
 

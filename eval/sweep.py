@@ -14,18 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.errors import SparsifyError
-from sparsify.eval import cost
 from sparsify.eval.options import EvalOptions
 from sparsify.eval.quality import measure_quality
 from sparsify.eval.routing import measure_routing
-from sparsify.eval.run import eval_text, load_for_eval, resolve_device
+from sparsify.eval.run import eval_text, load_for_eval, measure_model_speed, resolve_device
 from sparsify.train.options import parse_count
-
-
-def _speed(model, tokenizer, options: EvalOptions, sample) -> dict[str, Any]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
-                              decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad)
 
 
 def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], options: EvalOptions, *, output: Path | None = None,
@@ -53,7 +46,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
     teacher_quality = {str(w): measure_quality(teacher, text, window=w, stride=w // 2, batch_size=options.batch_size)["model"] for w in windows}
     result: dict[str, Any] = {
         "model": model_ref, "teacher": options.teacher, "windows": windows, "device": str(device),
-        "teacher_run": {"quality": teacher_quality, "speed": _speed(teacher, teacher_tokenizer, options, sample)},
+        "teacher_run": {"quality": teacher_quality, "speed": measure_model_speed(teacher, teacher_tokenizer, options, sample)},
         "thresholds": [],
     }
     trained_threshold = model.config.skip_threshold
@@ -71,7 +64,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
                                    max_tokens=parse_count(options.routing_tokens))["skip"]
             entry["quality"][str(window)]["skip_rate"] = skip["skip_rate"]
             entry["quality"][str(window)]["skip_rate_by_sublayer"] = skip["skip_rate_by_sublayer"]
-        entry["speed"] = _speed(model, tokenizer, options, sample)
+        entry["speed"] = measure_model_speed(model, tokenizer, options, sample)
         entry["speedup"] = {
             f"{name}_{kind}": entry["speed"][name][f"{kind}_tokens_per_s"]["median"] / result["teacher_run"]["speed"][name][f"{kind}_tokens_per_s"]["median"]
             for name in entry["speed"] for kind in ("prefill", "decode") if f"{kind}_tokens_per_s" in entry["speed"][name]
