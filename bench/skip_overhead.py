@@ -1,10 +1,18 @@
-"""Where the time goes in layer skipping: a random-weight model of a given shape, its skip
-conversion with gates fixed open, fixed closed, and skipping about half the tokens, timed against
-the dense model under the same harness, plus a profile of one decode step.
+"""Where the time goes in layer skipping: decode speed of a random-weight model of a given shape and
+of its skip conversion at fixed skip rates, under both decode engines, against the dense model.
 
-    python bench/skip_overhead.py --shape smollm2 --work /tmp/skip-overhead
+    python bench/skip_overhead.py --shape smollm2 --engines hf,graph --rates 0,0.25,0.5,0.75,1
 
-Prints JSON. Weights are random: only speed is measured here (quality needs bench/skip_speed.py).
+Engines: "hf" is transformers' generate (eager, one host round trip per gated sublayer to decide);
+"graph" is eval/graph_decode.py (static KV cache, each step one CUDA graph, gated sublayers as
+conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so that a
+fraction r of a calibration prompt's tokens falls below the threshold (random gate directions, so
+decisions differ per token); the skip rate actually taken during decode is measured and reported.
+Rate 0 = gates open but evaluated (the pure cost of gating), rate 1 = every gated sublayer
+skipped (the ceiling). Before timing, the graph engine's greedy tokens are checked against the
+eager engine's at batch 1.
+
+Prints JSON. Weights are random: only speed is measured (quality needs bench/skip_speed.py).
 """
 
 from __future__ import annotations
@@ -24,65 +32,113 @@ SHAPES = {
 }
 
 
-def _set_gates(model, mode: str) -> None:
+@torch.no_grad()
+def _calibrate(model, prompt: torch.Tensor, rate: float) -> None:
+    """Random gate directions, biases at the `rate` quantile of each gate's logits on `prompt`."""
     generator = torch.Generator().manual_seed(0)
-    for _, _, gate in model.skip_gates():
-        gate.forced = {"open": True, "closed": False}.get(mode)
-        if mode == "half":  # a random direction with zero bias: about half the tokens on each side
-            gate.weight.data = (torch.randn(gate.weight.shape, generator=generator) * 0.5).to(gate.weight)
-            gate.bias.data.zero_()
+    gates = [gate for _, _, gate in model.skip_gates()]
+    inputs: dict[int, torch.Tensor] = {}
+
+    def record(index: int):
+        def hook(module, args, out) -> None:  # a hook that returned a value would replace the output
+            inputs.setdefault(index, args[0].float().flatten(0, -2))
+        return hook
+
+    hooks = [g.register_forward_hook(record(i)) for i, g in enumerate(gates)]
+    for gate in gates:
+        gate.forced = None
+        gate.weight.data = torch.randn(gate.weight.shape, generator=generator).to(gate.weight)
+        gate.bias.data.zero_()
+    model(input_ids=prompt)
+    for hook in hooks:
+        hook.remove()
+    for i, gate in enumerate(gates):
+        if rate <= 0 or rate >= 1:
+            gate.forced = rate <= 0
+            continue
+        logits = inputs[i] @ gate.weight.float()
+        gate.bias.data.fill_(-float(torch.quantile(logits, rate)) + gate._logit_threshold)
 
 
-def _profile(model, device) -> str:
-    from torch.profiler import ProfilerActivity, profile
+@torch.no_grad()
+def _decode_skip_rate(model, ids: torch.Tensor, steps: int) -> float:
+    """Share of gated sublayer decisions that skip during greedy decode (eager engine, batch 1)."""
+    from sparsify.eval.graph_decode import GraphDecoder
 
-    ids = torch.randint(0, 4000, (1, 256), device=device)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        step = out.logits[:, -1:].argmax(-1)
-        model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=12)
+    engine = GraphDecoder(model, batch=1, max_len=ids.shape[1] + steps + 1, use_graph=False)
+    engine.prefill(ids[:1])
+    decisions = []
+    hooks = [g.register_forward_hook(lambda m, i, out: decisions.append(out[1].reshape(-1))) for _, _, g in model.skip_gates()]
+    for _ in range(steps):
+        engine.step()
+    for hook in hooks:
+        hook.remove()
+    return 1.0 - torch.cat(decisions).float().mean().item()
+
+
+def _graph_matches_eager(model, ids: torch.Tensor, steps: int) -> float:
+    """Share of greedy tokens on which the graph replay and the eager step agree (1.0: all)."""
+    from sparsify.eval.graph_decode import GraphDecoder
+
+    runs = [GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=g).generate(ids, steps) for g in (False, True)]
+    return (runs[0] == runs[1]).float().mean().item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--engines", default="hf,graph")
+    parser.add_argument("--rates", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-overhead"))
-    parser.add_argument("--tokenizer", help="Folder with the tokenizer files to copy next to the dense model.")
     args = parser.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import sparsify  # noqa: F401 - registers SkipForCausalLM
     from sparsify.eval.cost import measure_speed
+    from sparsify.eval.graph_decode import graphs_supported
     from sparsify.upcycle import upcycle
 
     shutil.rmtree(args.work, ignore_errors=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    engines = [e for e in args.engines.split(",") if e != "graph" or graphs_supported()]
     config = AutoConfig.for_model("llama", **SHAPES[args.shape])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(args.work / "dense")
     upcycle(str(args.work / "dense"), "skip", args.work / "skip")
     dense = AutoModelForCausalLM.from_pretrained(args.work / "dense", dtype=dtype).to(device).eval()
     skip = AutoModelForCausalLM.from_pretrained(args.work / "skip", dtype=dtype).to(device).eval()
-    sample = torch.randint(0, 4000, (4096,))
-    settings = {"batch_sizes": [1, 16], "prompt_len": 256, "decode_tokens": 32, "warmup": 1, "repeats": 3, "pad_token_id": 0}
+    sample = torch.randint(0, 4000, (4096,), generator=torch.Generator().manual_seed(1))
+    prompt = sample[:256][None].to(device)
+    settings = {"batch_sizes": [int(b) for b in args.batches.split(",")], "prompt_len": 256, "decode_tokens": args.decode_tokens,
+                "warmup": 2, "repeats": args.repeats, "pad_token_id": 0}
 
-    def summary(model) -> dict:
-        speed = measure_speed(model, sample, **settings)
-        return {name: {"prefill_tokens_per_s": e["prefill_tokens_per_s"]["median"], "decode_ms_per_step": e["decode_ms_per_step"]["median"]}
+    def decode_ms(model, engine: str) -> dict:
+        speed = measure_speed(model, sample, **settings, decode_engine=engine)
+        return {name: {"decode_ms_per_step": e["decode_ms_per_step"]["median"], "min": e["decode_ms_per_step"]["min"],
+                       "max": e["decode_ms_per_step"]["max"], "prefill_tokens_per_s": e["prefill_tokens_per_s"]["median"]}
                 for name, e in speed.items()}
 
-    report = {"benchmark": "skip_overhead", "shape": args.shape, "device": str(device), "dense": summary(dense), "skip": {}}
-    for mode in ("open", "half", "closed"):
-        _set_gates(skip, mode)
-        report["skip"][mode] = summary(skip)
-        print(json.dumps(report, indent=2), flush=True)
-    _set_gates(skip, "half")
-    report["profile_dense_decode_step"] = _profile(dense, device)
-    report["profile_skip_half_decode_step"] = _profile(skip, device)
+    report = {"benchmark": "skip_overhead", "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "dtype": str(dtype), "engines": engines, "graphs_supported": graphs_supported(), "settings": settings,
+              "dense": {e: decode_ms(dense, e) for e in engines}, "skip": []}
+    print(json.dumps(report, indent=2), flush=True)
+    for rate in [float(r) for r in args.rates.split(",")]:
+        _calibrate(skip, prompt, rate)
+        row = {"target_rate": rate, "decode_skip_rate": _decode_skip_rate(skip, prompt, 32)}
+        if "graph" in engines:
+            batched = sample[: 16 * 256].reshape(16, 256).to(device)
+            row["graph_vs_eager_token_agreement"] = {"batch_1": _graph_matches_eager(skip, prompt, 32),
+                                                     "batch_16": _graph_matches_eager(skip, batched, 32)}
+        for engine in engines:
+            row[engine] = decode_ms(skip, engine)
+            row[f"{engine}_speedup_vs_dense"] = {b: report["dense"][engine][b]["decode_ms_per_step"] / v["decode_ms_per_step"]
+                                                 for b, v in row[engine].items()}
+        report["skip"].append(row)
+        print(json.dumps(row), flush=True)
     print(json.dumps(report, indent=2), flush=True)
 
 

@@ -113,8 +113,10 @@ def _peak_bytes(model: nn.Module, device: torch.device, baseline: int) -> int | 
 
 
 def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[int], prompt_len: int, decode_tokens: int,
-                  warmup: int, repeats: int, pad_token_id: int) -> dict[str, Any]:
-    """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text)."""
+                  warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf") -> dict[str, Any]:
+    """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text).
+    Decode runs through `generate` ("hf") or the static-cache CUDA-graph engine ("graph",
+    eval/graph_decode.py); prefill is always the model's own forward pass."""
     device = next(model.parameters()).device
     results = {}
     for batch in batch_sizes:
@@ -126,7 +128,12 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)
         entry["prefill_tokens_per_s"] = _stats([needed / t for t in prefill])
         entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
-        if decode_tokens > 1:
+        if decode_tokens > 1 and decode_engine == "graph":
+            from sparsify.eval.graph_decode import time_decode_steps
+
+            baseline = _start_peak(device)
+            per_token = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
+        elif decode_tokens > 1:
             baseline = _start_peak(device)
 
             def generate(new_tokens: int) -> Callable[[], Any]:
@@ -140,6 +147,8 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                 # Each repeat times 1 token then N tokens back to back, so drift hits both alike.
                 pairs = [(_timed(generate(1), device, 0, 1)[0], _timed(generate(decode_tokens), device, 0, 1)[0]) for _ in range(repeats)]
             per_token = [(full - first) / (decode_tokens - 1) for first, full in pairs]
+        if decode_tokens > 1:
+            entry["decode_engine"] = decode_engine
             entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
             entry["decode_ms_per_step"] = _stats([1000 * t for t in per_token])
             entry["decode_tokens"] = decode_tokens

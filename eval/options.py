@@ -8,6 +8,7 @@ from sparsify.errors import SparsifyError
 from sparsify.train.options import parse_count
 
 SUITES = ("quality", "cost", "routing", "tasks")
+DECODE_ENGINES = ("hf", "graph")
 
 
 def _list(text: str) -> list[str]:
@@ -28,6 +29,7 @@ class EvalOptions:
     speed_batch: str = field(default="1,8", metadata={"help": "Batch sizes for the prefill/decode speed measurement."})
     prompt_len: int = field(default=256, metadata={"help": "Prompt tokens per sequence for the speed measurement."})
     decode_tokens: int = field(default=32, metadata={"help": "Tokens generated per sequence when timing decode (0 or 1: skip decode)."})
+    decode_engine: str = field(default="hf", metadata={"help": "Decode timing engine: hf (transformers generate) or graph (static KV cache, each step one CUDA graph, gated sublayers as conditional nodes; Llama-style models)."})
     warmup: int = field(default=1, metadata={"help": "Untimed runs before each speed measurement."})
     repeats: int = field(default=3, metadata={"help": "Timed runs per speed measurement (the median is reported, with min and max)."})
     tasks: str = field(default="", metadata={"help": "lm-evaluation-harness tasks, comma-separated (e.g. sparsify_tiny, hellaswag)."})
@@ -63,6 +65,8 @@ class EvalOptions:
             raise SparsifyError("the tasks suite needs --tasks (e.g. --tasks sparsify_tiny)")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise SparsifyError("--dtype must be auto, bf16, fp16 or fp32")
+        if self.decode_engine not in DECODE_ENGINES:
+            raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
         if any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
             raise SparsifyError("--speed-batch, --prompt-len and --repeats must be positive")
         parse_count(self.tokens), parse_count(self.routing_tokens)  # noqa: B018 - fail early on a bad count

@@ -71,8 +71,9 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                         _gflops(_at(cost, "model", "flops_per_token", "total")), _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
         for name, entry in (_at(cost, "model", "speed") or {}).items():
             batch = entry["batch"]
+            engine = " (CUDA graph)" if entry.get("decode_engine") == "graph" else ""
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
-                                    ("decode_tokens_per_s", f"decode tokens/s, batch {batch}", ",.1f")):
+                                    ("decode_tokens_per_s", f"decode tokens/s{engine}, batch {batch}", ",.1f")):
                 measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}
                 spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m}
                 rows.append(Row("cost", label + " (median, min-max)", _at(measured, "model", "median"),

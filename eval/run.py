@@ -74,7 +74,8 @@ def measure_model_speed(model, tokenizer, options: EvalOptions, sample: torch.Te
     """Prefill/decode speed with the speed settings of `options` (shared by eval and skip-sweep)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
-                              decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad)
+                              decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad,
+                              decode_engine=options.decode_engine)
 
 
 def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context: int) -> dict[str, Any]:

@@ -133,3 +133,15 @@ def students(tmp_path_factory, dense_models) -> dict[str, Path]:
             str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
         ).output,
     }
+
+
+# Two real-tokenizer-sized rows of token ids for the skip tests.
+IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 429, 2940, 12], [1, 9, 99, 999, 4000, 12000, 20, 3, 77, 5, 6, 7]])
+
+
+def randomise_gates(model, seed=0):
+    """Gates that keep about half the tokens, differently per token, layer and sublayer."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, _, gate in model.skip_gates():
+        gate.weight.data = torch.randn(gate.weight.shape, generator=generator) * 0.5
+        gate.bias.data.zero_()

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import IDS, randomise_gates
+
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
 
-IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 429, 2940, 12], [1, 9, 99, 999, 4000, 12000, 20, 3, 77, 5, 6, 7]])
 
 VANILLA = r"""
 import sys, json, torch
@@ -31,14 +32,6 @@ with torch.no_grad():
 def skip_models(dense_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("skip")
     return {family: upcycle(str(path), "skip", folder / family).output for family, path in dense_models.items()}
-
-
-def _randomise_gates(model, seed=0):
-    """Gates that keep about half the tokens, differently per token, layer and sublayer."""
-    generator = torch.Generator().manual_seed(seed)
-    for _, _, gate in model.skip_gates():
-        gate.weight.data = torch.randn(gate.weight.shape, generator=generator) * 0.5
-        gate.bias.data.zero_()
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -85,7 +78,7 @@ def test_a_closed_gate_removes_exactly_its_sublayer(sublayer, module, skip_model
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_cached_greedy_decoding_equals_recomputation(family, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
-    _randomise_gates(model, seed=1)
+    randomise_gates(model, seed=1)
     decisions = []
     hooks = [gate.register_forward_hook(lambda m, i, out: decisions.append(out[1])) for _, _, gate in model.skip_gates()]
     prompt = IDS[:1, :6]
@@ -105,7 +98,7 @@ def test_cached_greedy_decoding_equals_recomputation(family, skip_models):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_batched_inference_gathers_kept_tokens_and_matches_the_masked_computation(family, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
-    _randomise_gates(model, seed=2)
+    randomise_gates(model, seed=2)
     padding = torch.ones_like(IDS)
     padding[1, :4] = 0  # left padding in the second row: the padding mask must reach the gathered queries
     for mask in (None, padding):
@@ -118,7 +111,7 @@ def test_batched_inference_gathers_kept_tokens_and_matches_the_masked_computatio
 
 def test_straight_through_gates_get_gradients_and_keep_hard_decisions(skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models["llama"])
-    _randomise_gates(model, seed=3)
+    randomise_gates(model, seed=3)
     model.train()
     logits = model(IDS).logits
     with torch.no_grad():

@@ -126,13 +126,13 @@ def _keys_values(attention: nn.Module, hidden: torch.Tensor, position_embeddings
         keys = attention.k_norm(keys)
     values = attention.v_proj(hidden).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
-    keys = _rotate(keys.transpose(1, 2), cos, sin)
+    keys = rotate_heads(keys.transpose(1, 2), cos, sin)
     if past_key_values is not None:
         keys, values = past_key_values.update(keys, values, attention.layer_idx)
     return keys, values
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
@@ -156,7 +156,7 @@ def _attention_for_kept(attention: nn.Module, normed: torch.Tensor, keep: torch.
         queries = attention.q_norm(queries)
     take = order[..., None].expand(-1, -1, cos.shape[-1])
     cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)  # positions may be shared by the batch
-    queries = _rotate(queries.transpose(1, 2), cos.gather(1, take), sin.gather(1, take))
+    queries = rotate_heads(queries.transpose(1, 2), cos.gather(1, take), sin.gather(1, take))
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         rows = attention_mask[:, :1].gather(2, order[:, None, :, None].expand(-1, 1, -1, attention_mask.shape[-1]))
         allowed = rows if rows.dtype == torch.bool else rows == 0

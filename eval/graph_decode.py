@@ -1,0 +1,246 @@
+"""Greedy decoding with a static KV cache, each step replayed as one CUDA graph.
+
+Why: transformers' eager decode of a small model is bound by the host (about a thousand kernel
+launches per token for SmolLM2-135M, the GPU busy a tenth of the time), so a skipped sublayer
+saves launches rather than GPU work, and the host round trip each gate needs to decide costs
+more than the sublayer. Here the whole step (embedding, every layer, the head, the argmax that
+picks the next token) is captured once and replayed, and each gated sublayer becomes a CUDA
+graph conditional node: the gate's decision is read on the GPU, and a skipped sublayer's kernels
+never run, with no host synchronisation at all. Dense models go through the same engine, so a
+skip model and its teacher are timed under one harness.
+
+Decisions are the skip model's own (same gate, same threshold, same KV rule: a skipped
+attention sublayer still writes the token's keys and values). At batch > 1 a sublayer runs when
+any sequence keeps it, and its output is masked per sequence (it saves work only when every
+sequence skips).
+
+Without CUDA (or with `use_graph=False`) the same step runs eagerly, deciding on the host; that
+is how the engine is tested against the model's own forward pass on CPU.
+
+Supported: Llama-style decoders (Llama, Mistral, Qwen2, Qwen3 and skip models over them), prompts
+without padding, lengths within a sliding window if the model has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.errors import SparsifyError
+from sparsify.skip.modeling_skip import rotate_heads
+
+
+@dataclass
+class _Layer:
+    index: int
+    block: nn.Module
+    attention_gate: nn.Module | None
+    ffn_gate: nn.Module | None
+
+
+def graphs_supported() -> bool:
+    """CUDA graph conditional nodes: PyTorch built with CUDA >= 12.4 and a GPU present."""
+    return torch.cuda.is_available() and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+
+
+def _check_supported(model: nn.Module) -> None:
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    needed = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    if layers is None or not hasattr(decoder, "rotary_emb") or not all(hasattr(layers[0], n) for n in needed):
+        raise SparsifyError(
+            f"the CUDA-graph decode engine supports Llama-style decoders (llama, mistral, qwen2, qwen3 and skip models "
+            f"over them); {type(model).__name__} is not one - time it with the default engine"
+        )
+    attention = layers[0].self_attn
+    if not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+        raise SparsifyError(f"{type(attention).__name__} does not have the q/k/v/o projections the decode engine needs")
+
+
+class GraphDecoder:
+    """Greedy decode for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None):
+        _check_supported(model)
+        window = getattr(model.config, "sliding_window", None)
+        if window and max_len > window:
+            raise SparsifyError(f"the decode engine does not apply sliding windows: keep prompt + new tokens <= {window}")
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.use_graph = graphs_supported() if use_graph is None else use_graph
+        if self.use_graph and not graphs_supported():
+            raise SparsifyError("CUDA graph conditional nodes need a GPU and PyTorch built with CUDA >= 12.4")
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        decoder = model.model
+        gates = [getattr(block, "sparsify_gates", (None, None)) for block in decoder.layers]
+        self.layers = [_Layer(i, block, *gates[i]) for i, block in enumerate(decoder.layers)]
+        config = model.config
+        attention = decoder.layers[0].self_attn
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        shape = (batch, kv_heads, max_len, attention.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        with torch.no_grad():
+            positions = torch.arange(max_len, device=self.device)[None]
+            cos, sin = decoder.rotary_emb(torch.zeros((), dtype=self.dtype, device=self.device), positions)
+        self.cos_table, self.sin_table = cos[0], sin[0]
+        self.slots = torch.arange(max_len, device=self.device)
+        # Step state lives in fixed buffers so one captured graph serves every step.
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.history = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._capturing = False
+        self._force_bodies = False
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _run_if(self, gate: nn.Module | None, normed: torch.Tensor, body: Callable[[torch.Tensor | None], None]) -> None:
+        """Run `body` when the gate keeps the token (any sequence at batch > 1). `body` gets the
+        per-sequence keep mask to apply to its output (None: no masking needed)."""
+        if gate is None:
+            body(None)
+            return
+        _, keep = gate(normed)  # (batch, 1) bool
+        mask = keep[..., None].to(normed.dtype) if self.batch > 1 else None
+        if self._force_bodies:  # warm-up before capture: every branch's kernels get initialised
+            body(mask)
+        elif self._capturing:
+            self.graph.begin_capture_to_if_node(keep.any())
+            try:
+                body(mask)
+            finally:
+                self.graph.end_capture_to_conditional_node()
+        elif bool(keep.any()):
+            body(mask)
+
+    def _step(self) -> None:
+        decoder = self.model.model
+        hidden = decoder.embed_tokens(self.token)
+        cos = self.cos_table.index_select(0, self.position)[None]
+        sin = self.sin_table.index_select(0, self.position)[None]
+        visible = (self.slots <= self.position)[None, None, None, :]
+        for layer in self.layers:
+            block, attention = layer.block, layer.block.self_attn
+            normed = block.input_layernorm(hidden)
+            shape = (self.batch, 1, -1, attention.head_dim)
+            keys = attention.k_proj(normed).view(shape)
+            if hasattr(attention, "k_norm"):
+                keys = attention.k_norm(keys)
+            self.keys[layer.index].index_copy_(2, self.position, rotate_heads(keys.transpose(1, 2), cos, sin))
+            self.values[layer.index].index_copy_(2, self.position, attention.v_proj(normed).view(shape).transpose(1, 2))
+
+            def attend(mask, attention=attention, normed=normed, index=layer.index):
+                queries = attention.q_proj(normed).view(self.batch, 1, -1, attention.head_dim)
+                if hasattr(attention, "q_norm"):
+                    queries = attention.q_norm(queries)
+                queries = rotate_heads(queries.transpose(1, 2), cos, sin)
+                out = F.scaled_dot_product_attention(queries, self.keys[index], self.values[index], attn_mask=visible,
+                                                     scale=attention.scaling, enable_gqa=True)
+                out = attention.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1))
+                hidden.add_(out if mask is None else out * mask)
+
+            self._run_if(layer.attention_gate, normed, attend)
+            normed = block.post_attention_layernorm(hidden)
+
+            def feed_forward(mask, block=block, normed=normed):
+                out = block.mlp(normed)
+                hidden.add_(out if mask is None else out * mask)
+
+            self._run_if(layer.ffn_gate, normed, feed_forward)
+        logits = self.model.lm_head(decoder.norm(hidden))
+        self.position.add_(1)
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.history.index_copy_(1, self.position, self.token)
+        self.last_logits = logits
+
+    # -- public -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> None:
+        """Run the prompt through the model's own forward pass and copy its cache into the static one."""
+        if ids.shape[0] != self.batch or ids.shape[1] >= self.max_len:
+            raise SparsifyError(f"prompt of shape {tuple(ids.shape)} does not fit a decoder for batch {self.batch}, {self.max_len} tokens")
+        out = self.model(input_ids=ids, use_cache=True)
+        length = ids.shape[1]
+        for index, (keys, values) in enumerate(_cache_tensors(out.past_key_values)):
+            self.keys[index][:, :, :length].copy_(keys)
+            self.values[index][:, :, :length].copy_(values)
+        self.token.copy_(out.logits[:, -1:].argmax(-1))
+        self.history[:, :length].copy_(ids)
+        self.history[:, length].copy_(self.token[:, 0])
+        self.position.fill_(length)  # where the token the next step feeds in sits
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed the last chosen token, choose the next one."""
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        else:
+            self._step()
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: the prompt followed by `new_tokens` tokens (the first from prefill)."""
+        self.prefill(ids)
+        for _ in range(new_tokens - 1):
+            self.step()
+        end = ids.shape[1] + new_tokens
+        return self.history[:, :end].clone()
+
+    def _capture(self) -> None:
+        state = [t.clone() for t in (self.token, self.position, self.history)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up on a side stream, every branch taken, as capture requires
+            self._force_bodies = True
+            try:
+                self._step()
+            finally:
+                self._force_bodies = False
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for buffer, saved in zip((self.token, self.position, self.history), state, strict=True):
+            buffer.copy_(saved)  # the warm-up's cache write lands on the slot the first real step overwrites
+        self.graph = torch.cuda.CUDAGraph()
+        self._capturing = True
+        try:
+            with torch.cuda.graph(self.graph):
+                self._step()
+        finally:
+            self._capturing = False
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers cache (layer objects in 5.x; lists before)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,
+                      use_graph: bool | None = None) -> list[float]:
+    """Seconds per decode step, one figure per repeat: each repeat prefills `ids` (untimed), then
+    times `steps` back-to-back steps. The graph is captured once, during the warm-up."""
+    import time
+
+    engine = GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=use_graph)
+    cuda = engine.device.type == "cuda"
+
+    def once() -> float:
+        engine.prefill(ids)
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        return (time.perf_counter() - started) / steps
+
+    for _ in range(max(warmup, 1)):
+        once()
+    return [once() for _ in range(repeats)]
