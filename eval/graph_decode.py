@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.eval import conditional_nodes
 from sparsify.skip.modeling_skip import rotate_heads
 
 
@@ -43,8 +44,8 @@ class _Layer:
 
 
 def graphs_supported() -> bool:
-    """CUDA graph conditional nodes: PyTorch built with CUDA >= 12.4 and a GPU present."""
-    return torch.cuda.is_available() and hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+    """A GPU and a way to add CUDA graph conditional nodes (eval/conditional_nodes.py)."""
+    return conditional_nodes.available()
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -70,14 +71,17 @@ class GraphDecoder:
         if window and max_len > window:
             raise SparsifyError(f"the decode engine does not apply sliding windows: keep prompt + new tokens <= {window}")
         self.model, self.batch, self.max_len = model, batch, max_len
-        self.use_graph = graphs_supported() if use_graph is None else use_graph
-        if self.use_graph and not graphs_supported():
-            raise SparsifyError("CUDA graph conditional nodes need a GPU and PyTorch built with CUDA >= 12.4")
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         decoder = model.model
         gates = [getattr(block, "sparsify_gates", (None, None)) for block in decoder.layers]
         self.layers = [_Layer(i, block, *gates[i]) for i, block in enumerate(decoder.layers)]
+        self.gated = any(g is not None for pair in gates for g in pair)
+        supported = self.device.type == "cuda" and (conditional_nodes.available() or not self.gated)
+        self.use_graph = supported if use_graph is None else use_graph
+        if self.use_graph and not supported:
+            raise SparsifyError("the graph decode engine needs the model on a GPU and, for gated models, nvcc (CUDA >= 12.4) "
+                                "to build conditional nodes; use --decode-engine hf")
         config = model.config
         attention = decoder.layers[0].self_attn
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -94,6 +98,7 @@ class GraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.history = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.conditions: conditional_nodes.ConditionalCapture | None = None
         self._capturing = False
         self._force_bodies = False
 
@@ -106,14 +111,15 @@ class GraphDecoder:
             return
         _, keep = gate(normed)  # (batch, 1) bool
         mask = keep[..., None].to(normed.dtype) if self.batch > 1 else None
-        if self._force_bodies:  # warm-up before capture: every branch's kernels get initialised
-            body(mask)
-        elif self._capturing:
-            self.graph.begin_capture_to_if_node(keep.any())
-            try:
+        if self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
+            current = torch.cuda.current_stream(self.device)
+            self.conditions.body_stream.wait_stream(current)
+            with torch.cuda.stream(self.conditions.body_stream):
                 body(mask)
-            finally:
-                self.graph.end_capture_to_conditional_node()
+            current.wait_stream(self.conditions.body_stream)
+        elif self._capturing:
+            with self.conditions.if_node(keep.any()):
+                body(mask)
         elif bool(keep.any()):
             body(mask)
 
@@ -193,6 +199,8 @@ class GraphDecoder:
         return self.history[:, :end].clone()
 
     def _capture(self) -> None:
+        if self.gated:
+            self.conditions = conditional_nodes.ConditionalCapture(self.device)
         state = [t.clone() for t in (self.token, self.position, self.history)]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

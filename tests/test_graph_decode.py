@@ -18,9 +18,9 @@ from sparsify.upcycle import upcycle
 
 
 @pytest.fixture(scope="module")
-def skip_models(dense_models, tmp_path_factory):
+def skip_models(dense_weights, tmp_path_factory):
     folder = tmp_path_factory.mktemp("skip-graph")
-    return {family: upcycle(str(dense_models[family]), "skip", folder / family).output for family in ("llama", "qwen2", "qwen3")}
+    return {family: upcycle(str(dense_weights[family]), "skip", folder / family).output for family in ("llama", "qwen2", "qwen3")}
 
 
 def _reference_steps(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -48,8 +48,8 @@ def _engine_steps(model, prompt: torch.Tensor, steps: int, use_graph: bool = Fal
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_dense_decode_matches_the_models_cached_forward(family, dense_models):
-    model = AutoModelForCausalLM.from_pretrained(dense_models[family]).eval()
+def test_dense_decode_matches_the_models_cached_forward(family, dense_weights):
+    model = AutoModelForCausalLM.from_pretrained(dense_weights[family]).eval()
     with torch.no_grad():
         expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=8)
         ids, logits = _engine_steps(model, IDS[:, :6], steps=8)
@@ -90,14 +90,14 @@ def test_batched_skip_decode_masks_per_sequence(skip_models):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_unsupported_models_and_lengths_are_refused(dense_models, skip_models):
+def test_unsupported_models_and_lengths_are_refused(dense_weights, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
     engine = GraphDecoder(model, batch=1, max_len=8, use_graph=False)
     with pytest.raises(SparsifyError, match="does not fit"):
         engine.prefill(IDS[:1, :8])
     with pytest.raises(SparsifyError, match="Llama-style"):
         GraphDecoder(torch.nn.Linear(2, 2), batch=1, max_len=8)
-    mistral = AutoModelForCausalLM.from_pretrained(dense_models["mistral"]).eval()
+    mistral = AutoModelForCausalLM.from_pretrained(dense_weights["mistral"]).eval()
     window = mistral.config.sliding_window
     if window:
         with pytest.raises(SparsifyError, match="sliding"):
@@ -130,3 +130,14 @@ def test_measure_speed_times_decode_through_the_engine(skip_models):
         assert entry["decode_engine"] == "graph" and entry["decode_ms_per_step"]["repeats"] == 2
         assert 0 < entry["decode_ms_per_step"]["min"] <= entry["decode_ms_per_step"]["median"] <= entry["decode_ms_per_step"]["max"]
     assert speed["batch_2"]["decode_tokens_per_s"]["median"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dense_graph_replay_equals_the_models_cached_forward_on_gpu(dense_weights):
+    model = AutoModelForCausalLM.from_pretrained(dense_weights["qwen3"]).cuda().eval()
+    with torch.no_grad():
+        expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=8)
+        ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=8, use_graph=True)
+    assert ids.tolist() == expected_ids.tolist()
+    for got, want in zip(logits, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
