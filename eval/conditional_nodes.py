@@ -3,8 +3,9 @@
 PyTorch exposes them from 2.12 on (`CUDAGraph.begin_capture_to_if_node`); the GPU machines this
 project runs on have 2.11, so a 40-line CUDA helper (eval/cuda/conditional_node.cu) does the same
 through the CUDA runtime: it is compiled with the local nvcc on first use and cached under
-~/.cache/sparsify/cuda. Work captured inside `if_node(pred)` becomes the body of an IF node and
-runs on replay only when the device bool `pred` is true; no host synchronisation is involved.
+~/.cache/sparsify/cuda. Work captured inside `if_gate(...)` becomes the body of an IF node and
+runs on replay only when a skip gate, evaluated on the GPU by the kernel that sets the node's
+condition, keeps a token; no host synchronisation is involved.
 
 The body is captured on a second stream (CUDA requires it), and its temporaries come from a
 private memory pool that lives as long as the captured graph (the owner keeps `pool`).
@@ -66,9 +67,10 @@ def _library() -> ctypes.CDLL:
         partial.replace(path)  # atomic: a half-built library never looks finished
     torch.cuda.init()  # the helper binds to the CUDA runtime torch already loaded
     library = ctypes.CDLL(str(path))
-    for name in ("sparsify_begin_if", "sparsify_end_if"):
+    for name in ("sparsify_begin_if_gate", "sparsify_end_if"):
         getattr(library, name).restype = ctypes.c_int
-    library.sparsify_begin_if.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    library.sparsify_begin_if_gate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     library.sparsify_end_if.argtypes = [ctypes.c_void_p]
     return library
 
@@ -78,22 +80,32 @@ def _check(code: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {code}")
 
 
-class ConditionalCapture:
-    """Adds IF nodes to the graph being captured on the current stream of `device`."""
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-    def __init__(self, device: torch.device):
+
+class ConditionalCapture:
+    """Adds IF nodes to the graph being captured on `capture_stream` (the current stream)."""
+
+    def __init__(self, device: torch.device, capture_stream: torch.cuda.Stream):
         self.library = _library()
         self.device = device
         self.body_stream = torch.cuda.Stream(device)
+        while self.body_stream.cuda_stream == capture_stream.cuda_stream:  # streams come from a round-robin pool
+            self.body_stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.MemPool()
 
     @contextmanager
-    def if_node(self, pred: torch.Tensor) -> Iterator[None]:
-        """Capture the block as the body of an IF node on `pred` (a 0-dim bool CUDA tensor)."""
-        if pred.dtype != torch.bool or pred.numel() != 1 or not pred.is_cuda:
-            raise ValueError("the condition must be a one-element bool CUDA tensor")
+    def if_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, logit_threshold: float) -> Iterator[None]:
+        """Capture the block as the body of an IF node that runs when w . x + b > logit_threshold
+        for any row of `x` (..., width); w and b fp32, evaluated on the GPU at every replay. The
+        tensors must outlive the graph (they are read at replay)."""
+        if not (x.is_contiguous() and weight.dtype == bias.dtype == torch.float32 and x.dtype in DTYPE_CODES):
+            raise ValueError("the gate needs a contiguous float input and fp32 weight and bias")
+        width = x.shape[-1]
         capturing = torch.cuda.current_stream(self.device)
-        _check(self.library.sparsify_begin_if(capturing.cuda_stream, pred.data_ptr(), self.body_stream.cuda_stream), "adding an IF node")
+        _check(self.library.sparsify_begin_if_gate(capturing.cuda_stream, x.data_ptr(), DTYPE_CODES[x.dtype], weight.data_ptr(),
+                                                   bias.data_ptr(), logit_threshold, x.numel() // width, width,
+                                                   self.body_stream.cuda_stream), "adding an IF node")
         try:
             with torch.cuda.stream(self.body_stream), torch.cuda.use_mem_pool(self.pool, self.device):
                 yield

@@ -109,19 +109,28 @@ class GraphDecoder:
         if gate is None:
             body(None)
             return
-        _, keep = gate(normed)  # (batch, 1) bool
-        mask = keep[..., None].to(normed.dtype) if self.batch > 1 else None
+        if gate.forced is not None:  # fixed decision (teacher mode, benchmarks): no gate to evaluate
+            if gate.forced:
+                body(None)
+            return
+        if self._capturing:  # decided on the GPU at every replay, by the kernel that sets the IF node
+            with self.conditions.if_gate(normed, gate.weight, gate.bias, gate._logit_threshold):
+                body(self._keep_mask(gate, normed))
+            return
+        mask = self._keep_mask(gate, normed)
         if self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
             current = torch.cuda.current_stream(self.device)
             self.conditions.body_stream.wait_stream(current)
             with torch.cuda.stream(self.conditions.body_stream):
                 body(mask)
             current.wait_stream(self.conditions.body_stream)
-        elif self._capturing:
-            with self.conditions.if_node(keep.any()):
-                body(mask)
-        elif bool(keep.any()):
+        elif bool(gate(normed)[1].any()):
             body(mask)
+
+    def _keep_mask(self, gate: nn.Module, normed: torch.Tensor) -> torch.Tensor | None:
+        """Per-sequence keep mask for a body's output (batch > 1 only: at batch 1 the body runs
+        only when the token is kept)."""
+        return gate(normed)[1][..., None].to(normed.dtype) if self.batch > 1 else None
 
     def _step(self) -> None:
         decoder = self.model.model
@@ -199,10 +208,10 @@ class GraphDecoder:
         return self.history[:, :end].clone()
 
     def _capture(self) -> None:
-        if self.gated:
-            self.conditions = conditional_nodes.ConditionalCapture(self.device)
-        state = [t.clone() for t in (self.token, self.position, self.history)]
         stream = torch.cuda.Stream(self.device)
+        if self.gated:
+            self.conditions = conditional_nodes.ConditionalCapture(self.device, stream)
+        state = [t.clone() for t in (self.token, self.position, self.history)]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up on a side stream, every branch taken, as capture requires
             self._force_bodies = True
@@ -216,7 +225,7 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         self._capturing = True
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self._step()
         finally:
             self._capturing = False
