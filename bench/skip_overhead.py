@@ -65,6 +65,9 @@ def _decode_skip_rate(model, ids: torch.Tensor, steps: int) -> float:
     """Share of gated sublayer decisions that skip during greedy decode (eager engine, batch 1)."""
     from sparsify.eval.graph_decode import GraphDecoder
 
+    forced = {gate.forced for _, _, gate in model.skip_gates()}
+    if forced in ({True}, {False}):  # fixed decisions: the engine does not evaluate the gates
+        return 0.0 if forced == {True} else 1.0
     engine = GraphDecoder(model, batch=1, max_len=ids.shape[1] + steps + 1, use_graph=False)
     engine.prefill(ids[:1])
     decisions = []

@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
     parser.add_argument("--windows", default="512,2048")
     parser.add_argument("--eval-tokens", default="64k")
+    parser.add_argument("--decode-engine", default="graph", help="hf or graph (eval/graph_decode.py)")
+    parser.add_argument("--reuse-trained", action="store_true", help="Sweep the model a previous run left in --work.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-bench"))
     args = parser.parse_args()
     from sparsify.eval.options import EvalOptions
@@ -37,21 +39,26 @@ def main() -> None:
     from sparsify.train.options import TrainOptions
     from sparsify.upcycle import upcycle
 
-    shutil.rmtree(args.work, ignore_errors=True)
     started = time.perf_counter()
-    converted = upcycle(args.model, "skip", args.work / "skip").output
-    options = TrainOptions(data=args.data, eval_data=args.eval_data, tokens=args.tokens, batch_size=args.batch_size,
-                           target_skip=args.target_skip, skip_weight=args.skip_weight, eval_every=0, checkpoint_every=0)
-    trained = train(converted, options, output=args.work / "skip-trained")
-    report = {
-        "benchmark": "skip_speed", "model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
-        "training": {"tokens": trained.tokens, "tokens_per_s": trained.tokens_per_second, "peak_memory_gib": trained.peak_memory_bytes / 2**30,
-                     "before": trained.before, "after": trained.after},
-    }
-    print(json.dumps(report, indent=2), flush=True)
+    report = {"benchmark": "skip_speed", "model": args.model, "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.reuse_trained:
+        trained_folder = args.work / "skip-trained"
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        converted = upcycle(args.model, "skip", args.work / "skip").output
+        options = TrainOptions(data=args.data, eval_data=args.eval_data, tokens=args.tokens, batch_size=args.batch_size,
+                               target_skip=args.target_skip, skip_weight=args.skip_weight, eval_every=0, checkpoint_every=0)
+        trained = train(converted, options, output=args.work / "skip-trained")
+        trained_folder = trained.output
+        report["training"] = {"tokens": trained.tokens, "tokens_per_s": trained.tokens_per_second,
+                              "peak_memory_gib": trained.peak_memory_bytes / 2**30, "before": trained.before, "after": trained.after}
+        print(json.dumps(report, indent=2), flush=True)
+    if not args.thresholds:
+        return
     settings = EvalOptions(teacher=args.model, data=args.eval_data, tokens=args.eval_tokens, batch_size=4, routing_tokens="32k",
-                           speed_batch="1,16", prompt_len=256, decode_tokens=64, repeats=5)
-    sweep = skip_sweep(str(trained.output), [float(t) for t in args.thresholds.split(",")], [int(w) for w in args.windows.split(",")],
+                           speed_batch="1,16", prompt_len=256, decode_tokens=64, repeats=5,
+                           decode_engine=args.decode_engine)
+    sweep = skip_sweep(str(trained_folder), [float(t) for t in args.thresholds.split(",")], [int(w) for w in args.windows.split(",")],
                        settings, output=args.work / "sweep")
     report["sweep"] = sweep
     report["seconds"] = round(time.perf_counter() - started, 1)
