@@ -132,7 +132,8 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             from sparsify.eval.graph_decode import time_decode_steps
 
             baseline = _start_peak(device)
-            per_token = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
+            per_token, graphed = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
+            entry["decode_engine"] = "graph" if graphed else "static-cache (eager: no CUDA graphs here)"
         elif decode_tokens > 1:
             baseline = _start_peak(device)
 
@@ -148,7 +149,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                 pairs = [(_timed(generate(1), device, 0, 1)[0], _timed(generate(decode_tokens), device, 0, 1)[0]) for _ in range(repeats)]
             per_token = [(full - first) / (decode_tokens - 1) for first, full in pairs]
         if decode_tokens > 1:
-            entry["decode_engine"] = decode_engine
+            entry.setdefault("decode_engine", decode_engine)
             entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
             entry["decode_ms_per_step"] = _stats([1000 * t for t in per_token])
             entry["decode_tokens"] = decode_tokens

@@ -239,9 +239,10 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,
-                      use_graph: bool | None = None) -> list[float]:
+                      use_graph: bool | None = None) -> tuple[list[float], bool]:
     """Seconds per decode step, one figure per repeat: each repeat prefills `ids` (untimed), then
-    times `steps` back-to-back steps. The graph is captured once, during the warm-up."""
+    times `steps` back-to-back steps. The graph is captured once, during the warm-up. Also says
+    whether CUDA graphs were used (not on CPU, nor for gated models without nvcc)."""
     import time
 
     engine = GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=use_graph)
@@ -260,4 +261,4 @@ def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup
 
     for _ in range(max(warmup, 1)):
         once()
-    return [once() for _ in range(repeats)]
+    return [once() for _ in range(repeats)], engine.use_graph

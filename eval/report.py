@@ -71,7 +71,7 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                         _gflops(_at(cost, "model", "flops_per_token", "total")), _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
         for name, entry in (_at(cost, "model", "speed") or {}).items():
             batch = entry["batch"]
-            engine = " (CUDA graph)" if entry.get("decode_engine") == "graph" else ""
+            engine = {"hf": "", "graph": " (CUDA graph)"}.get(entry.get("decode_engine", "hf"), " (static cache, eager)")
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
                                     ("decode_tokens_per_s", f"decode tokens/s{engine}, batch {batch}", ",.1f")):
                 measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}

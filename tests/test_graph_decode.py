@@ -127,7 +127,7 @@ def test_measure_speed_times_decode_through_the_engine(skip_models):
                           pad_token_id=0, decode_engine="graph")
     for name in ("batch_1", "batch_2"):
         entry = speed[name]
-        assert entry["decode_engine"] == "graph" and entry["decode_ms_per_step"]["repeats"] == 2
+        assert entry["decode_engine"].startswith("static-cache") and entry["decode_ms_per_step"]["repeats"] == 2  # CPU: eager
         assert 0 < entry["decode_ms_per_step"]["min"] <= entry["decode_ms_per_step"]["median"] <= entry["decode_ms_per_step"]["max"]
     assert speed["batch_2"]["decode_tokens_per_s"]["median"] > 0
 
