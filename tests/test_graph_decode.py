@@ -37,6 +37,13 @@ def _reference_steps(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Ten
     return torch.cat([ids, token], dim=1), logits
 
 
+def _assert_same_decoding(got: tuple, want: tuple) -> None:
+    """Same greedy tokens, and the same logits at every step to 1e-4."""
+    assert got[0].tolist() == want[0].tolist()
+    for step_got, step_want in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(step_got, step_want, rtol=0, atol=1e-4)
+
+
 def _engine_steps(model, prompt: torch.Tensor, steps: int, use_graph: bool = False):
     engine = GraphDecoder(model, batch=prompt.shape[0], max_len=prompt.shape[1] + steps + 1, use_graph=use_graph)
     engine.prefill(prompt)
@@ -53,9 +60,7 @@ def test_dense_decode_matches_the_models_cached_forward(family, dense_weights):
     with torch.no_grad():
         expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=8)
         ids, logits = _engine_steps(model, IDS[:, :6], steps=8)
-    assert ids.tolist() == expected_ids.tolist()
-    for got, want in zip(logits, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -74,9 +79,7 @@ def test_skip_decode_takes_the_same_decisions_and_tokens_at_batch_1(family, skip
     engine_decisions = torch.cat([d.reshape(-1) for d in decisions])  # its prefill is the model's own forward
     assert 0.2 < engine_decisions.float().mean() < 0.8  # the gates really skip
     assert engine_decisions.tolist() == reference_decisions.tolist()
-    assert ids.tolist() == expected_ids.tolist()
-    for got, want in zip(logits, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
 def test_batched_skip_decode_masks_per_sequence(skip_models):
@@ -85,9 +88,7 @@ def test_batched_skip_decode_masks_per_sequence(skip_models):
     with torch.no_grad():
         expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=6)
         ids, logits = _engine_steps(model, IDS[:, :6], steps=6)
-    assert ids.tolist() == expected_ids.tolist()
-    for got, want in zip(logits, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
 def test_unsupported_models_and_lengths_are_refused(dense_weights, skip_models):
@@ -113,9 +114,7 @@ def test_graph_replay_equals_the_eager_step_on_gpu(family, skip_models):
     with torch.no_grad():
         eager_ids, eager = _engine_steps(model, IDS[:1, :6].cuda(), steps=10, use_graph=False)
         graph_ids, graphed = _engine_steps(model, IDS[:1, :6].cuda(), steps=10, use_graph=True)
-    assert graph_ids.tolist() == eager_ids.tolist()
-    for got, want in zip(graphed, eager, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    _assert_same_decoding((graph_ids, graphed), (eager_ids, eager))
 
 
 def test_measure_speed_times_decode_through_the_engine(skip_models):
@@ -138,6 +137,4 @@ def test_dense_graph_replay_equals_the_models_cached_forward_on_gpu(dense_weight
     with torch.no_grad():
         expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=8)
         ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=8, use_graph=True)
-    assert ids.tolist() == expected_ids.tolist()
-    for got, want in zip(logits, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    _assert_same_decoding((ids, logits), (expected_ids, expected))
