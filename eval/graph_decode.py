@@ -117,14 +117,15 @@ class GraphDecoder:
             with self.conditions.if_gate(normed, gate.weight, gate.bias, gate._logit_threshold):
                 body(self._keep_mask(gate, normed))
             return
-        mask = self._keep_mask(gate, normed)
+        keep = gate(normed)[1]
+        mask = keep[..., None].to(normed.dtype) if self.batch > 1 else None
         if self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
             current = torch.cuda.current_stream(self.device)
             self.conditions.body_stream.wait_stream(current)
             with torch.cuda.stream(self.conditions.body_stream):
                 body(mask)
             current.wait_stream(self.conditions.body_stream)
-        elif bool(gate(normed)[1].any()):
+        elif bool(keep.any()):  # the host decides (eager step): one synchronisation
             body(mask)
 
     def _keep_mask(self, gate: nn.Module, normed: torch.Tensor) -> torch.Tensor | None:
