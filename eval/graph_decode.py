@@ -115,10 +115,11 @@ class GraphDecoder:
             return
         if self._capturing:  # decided on the GPU at every replay, by the kernel that sets the IF node
             with self.conditions.if_gate(normed, gate.weight, gate.bias, gate._logit_threshold):
-                body(self._keep_mask(gate, normed))
+                # the per-sequence mask (batch > 1) is computed inside the body: only when it runs
+                body(self._output_mask(gate(normed)[1], normed.dtype) if self.batch > 1 else None)
             return
         keep = gate(normed)[1]
-        mask = keep[..., None].to(normed.dtype) if self.batch > 1 else None
+        mask = self._output_mask(keep, normed.dtype)
         if self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
             current = torch.cuda.current_stream(self.device)
             self.conditions.body_stream.wait_stream(current)
@@ -128,10 +129,10 @@ class GraphDecoder:
         elif bool(keep.any()):  # the host decides (eager step): one synchronisation
             body(mask)
 
-    def _keep_mask(self, gate: nn.Module, normed: torch.Tensor) -> torch.Tensor | None:
-        """Per-sequence keep mask for a body's output (batch > 1 only: at batch 1 the body runs
-        only when the token is kept)."""
-        return gate(normed)[1][..., None].to(normed.dtype) if self.batch > 1 else None
+    def _output_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Per-sequence mask for a body's output (batch > 1 only: at batch 1 the body runs only
+        when the token is kept)."""
+        return keep[..., None].to(dtype) if self.batch > 1 else None
 
     def _step(self) -> None:
         decoder = self.model.model
@@ -181,9 +182,9 @@ class GraphDecoder:
             raise SparsifyError(f"prompt of shape {tuple(ids.shape)} does not fit a decoder for batch {self.batch}, {self.max_len} tokens")
         out = self.model(input_ids=ids, use_cache=True)
         length = ids.shape[1]
-        for index, (keys, values) in enumerate(_cache_tensors(out.past_key_values)):
-            self.keys[index][:, :, :length].copy_(keys)
-            self.values[index][:, :, :length].copy_(values)
+        for index, layer in enumerate(out.past_key_values.layers):  # transformers 5.x cache layers
+            self.keys[index][:, :, :length].copy_(layer.keys)
+            self.values[index][:, :, :length].copy_(layer.values)
         self.token.copy_(out.logits[:, -1:].argmax(-1))
         self.history[:, :length].copy_(ids)
         self.history[:, length].copy_(self.token[:, 0])
@@ -230,13 +231,6 @@ class GraphDecoder:
                 self._step()
         finally:
             self._capturing = False
-
-
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers cache (layer objects in 5.x; lists before)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,
