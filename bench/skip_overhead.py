@@ -8,8 +8,8 @@ Engines: "hf" is transformers' generate (eager, one host round trip per gated su
 conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so that a
 fraction r of a calibration prompt's tokens falls below the threshold (random gate directions, so
 decisions differ per token); the skip rate actually taken during decode is measured and reported.
-Rate 0 = gates open but evaluated (the pure cost of gating), rate 1 = every gated sublayer
-skipped (the ceiling). Before timing, the graph engine's greedy tokens are checked against the
+Rate 0 = every token kept but every gate evaluated (the pure cost of gating), rate 1 = every
+gated sublayer skipped and no gate evaluated (the ceiling). Before timing, the graph engine's greedy tokens are checked against the
 eager engine's at batch 1.
 
 Prints JSON. Weights are random: only speed is measured (quality needs bench/skip_speed.py).
@@ -53,11 +53,13 @@ def _calibrate(model, prompt: torch.Tensor, rate: float) -> None:
     for hook in hooks:
         hook.remove()
     for i, gate in enumerate(gates):
-        if rate <= 0 or rate >= 1:
-            gate.forced = rate <= 0
+        if rate >= 1:  # the ceiling: every gated sublayer skipped, no gate evaluated
+            gate.forced = False
             continue
         logits = inputs[i] @ gate.weight.float()
-        gate.bias.data.fill_(-float(torch.quantile(logits, rate)) + gate._logit_threshold)
+        # rate 0: every token kept, but the gates are evaluated (the pure cost of gating)
+        level = float(logits.min()) - 1.0 if rate <= 0 else float(torch.quantile(logits, rate))
+        gate.bias.data.fill_(-level + gate._logit_threshold)
 
 
 @torch.no_grad()
@@ -65,18 +67,14 @@ def _decode_skip_rate(model, ids: torch.Tensor, steps: int) -> float:
     """Share of gated sublayer decisions that skip during greedy decode (eager engine, batch 1)."""
     from sparsify.eval.graph_decode import GraphDecoder
 
-    forced = {gate.forced for _, _, gate in model.skip_gates()}
-    if forced in ({True}, {False}):  # fixed decisions: the engine does not evaluate the gates
-        return 0.0 if forced == {True} else 1.0
+    if {gate.forced for _, _, gate in model.skip_gates()} == {False}:  # the ceiling: nothing evaluated
+        return 1.0
     engine = GraphDecoder(model, batch=1, max_len=ids.shape[1] + steps + 1, use_graph=False)
     engine.prefill(ids[:1])
-    decisions = []
-    hooks = [g.register_forward_hook(lambda m, i, out: decisions.append(out[1].reshape(-1))) for _, _, g in model.skip_gates()]
+    engine.decisions = []
     for _ in range(steps):
         engine.step()
-    for hook in hooks:
-        hook.remove()
-    return 1.0 - torch.cat(decisions).float().mean().item()
+    return 1.0 - torch.cat(engine.decisions).float().mean().item()
 
 
 def _graph_matches_eager(model, ids: torch.Tensor, steps: int) -> float:

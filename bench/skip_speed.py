@@ -31,10 +31,15 @@ def main() -> None:
     parser.add_argument("--eval-tokens", default="64k")
     parser.add_argument("--decode-engine", default="graph", help="hf or graph (eval/graph_decode.py)")
     parser.add_argument("--reuse-trained", action="store_true", help="Sweep the model a previous run left in --work.")
+    parser.add_argument("--freeze-below", type=float, default=None, help="Freeze gates skipping less than this (calibrated on --data).")
+    parser.add_argument("--freeze-above", type=float, default=None, help="Freeze gates skipping more than this.")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lora-rank", type=int, default=None)
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-bench"))
     args = parser.parse_args()
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.sweep import skip_sweep
+    from sparsify.skip.freezing import FreezeRule
     from sparsify.train.loop import train
     from sparsify.train.options import TrainOptions
     from sparsify.upcycle import upcycle
@@ -47,7 +52,8 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
         converted = upcycle(args.model, "skip", args.work / "skip").output
         options = TrainOptions(data=args.data, eval_data=args.eval_data, tokens=args.tokens, batch_size=args.batch_size,
-                               target_skip=args.target_skip, skip_weight=args.skip_weight, eval_every=0, checkpoint_every=0)
+                               target_skip=args.target_skip, skip_weight=args.skip_weight, eval_every=0, checkpoint_every=0,
+                               **{k: v for k, v in (("lr", args.lr), ("lora_rank", args.lora_rank)) if v is not None})
         trained = train(converted, options, output=args.work / "skip-trained")
         trained_folder = trained.output
         report["training"] = {"tokens": trained.tokens, "tokens_per_s": trained.tokens_per_second,
@@ -58,8 +64,11 @@ def main() -> None:
     settings = EvalOptions(teacher=args.model, data=args.eval_data, tokens=args.eval_tokens, batch_size=4, routing_tokens="32k",
                            speed_batch="1,16", prompt_len=256, decode_tokens=64, repeats=5,
                            decode_engine=args.decode_engine)
+    freeze = None
+    if args.freeze_below is not None or args.freeze_above is not None:
+        freeze = FreezeRule(args.freeze_below or 0.0, 1.0 if args.freeze_above is None else args.freeze_above)
     sweep = skip_sweep(str(trained_folder), [float(t) for t in args.thresholds.split(",")], [int(w) for w in args.windows.split(",")],
-                       settings, output=args.work / "sweep")
+                       settings, output=args.work / "sweep", freeze=freeze, calibration_data=args.data if freeze else None)
     report["sweep"] = sweep
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2), flush=True)

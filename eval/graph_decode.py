@@ -7,7 +7,9 @@ more than the sublayer. Here the whole step (embedding, every layer, the head, t
 picks the next token) is captured once and replayed, and each gated sublayer becomes a CUDA
 graph conditional node: the gate's decision is read on the GPU, and a skipped sublayer's kernels
 never run, with no host synchronisation at all. Dense models go through the same engine, so a
-skip model and its teacher are timed under one harness.
+skip model and its teacher are timed under one harness. Each RMSNorm is one kernel (eight in
+transformers), and a gated sublayer's norm kernel also evaluates the gate and sets the IF node's
+condition (eval/decode_kernels.py), so a gate adds one conditional node and no kernel.
 
 Decisions are the skip model's own (same gate, same threshold, same KV rule: a skipped
 attention sublayer still writes the token's keys and values). At batch > 1 a sublayer runs when
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.eval import conditional_nodes
+from sparsify.eval import decode_kernels
 from sparsify.skip.modeling_skip import rotate_heads
 
 
@@ -43,9 +45,18 @@ class _Layer:
     ffn_gate: nn.Module | None
 
 
+@dataclass
+class _Decision:
+    """One gated sublayer's decision in this step."""
+
+    keep: torch.Tensor | None = None  # eager: per-sequence keep (the host reads it)
+    handle: int | None = None  # captured: the conditional handle the gate kernel sets at every replay
+    mask: torch.Tensor | None = None  # batch > 1: per-sequence 0/1 in the model's dtype, applied to the output
+
+
 def graphs_supported() -> bool:
-    """A GPU and a way to add CUDA graph conditional nodes (eval/conditional_nodes.py)."""
-    return conditional_nodes.available()
+    """A GPU and the engine's CUDA kernels (eval/decode_kernels.py), conditional nodes included."""
+    return decode_kernels.available()
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -62,6 +73,14 @@ def _check_supported(model: nn.Module) -> None:
         raise SparsifyError(f"{type(attention).__name__} does not have the q/k/v/o projections the decode engine needs")
 
 
+def _add_output(hidden: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """hidden += out, per sequence where `mask` is given (one kernel either way)."""
+    if mask is None:
+        hidden.add_(out)
+    else:
+        hidden.addcmul_(out, mask)
+
+
 class GraphDecoder:
     """Greedy decode for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
 
@@ -76,12 +95,21 @@ class GraphDecoder:
         decoder = model.model
         gates = [getattr(block, "sparsify_gates", (None, None)) for block in decoder.layers]
         self.layers = [_Layer(i, block, *gates[i]) for i, block in enumerate(decoder.layers)]
-        self.gated = any(g is not None for pair in gates for g in pair)
-        supported = self.device.type == "cuda" and (conditional_nodes.available() or not self.gated)
+        evaluated = [g for pair in gates for g in pair if g is not None and g.forced is None]
+        self.gated = bool(evaluated)
+        kernels = self.device.type == "cuda" and decode_kernels.available()
+        supported = self.device.type == "cuda" and (kernels or not self.gated)
         self.use_graph = supported if use_graph is None else use_graph
         if self.use_graph and not supported:
             raise SparsifyError("the graph decode engine needs the model on a GPU and, for gated models, nvcc (CUDA >= 12.4) "
-                                "to build conditional nodes; use --decode-engine hf")
+                                "to build its kernels; use --decode-engine hf")
+        self.capture_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.
+        self.kernels = decode_kernels.DecodeKernels(self.device, self.capture_stream) if kernels else None
+        # Per evaluated gate: the kernel's two counters (zero between replays) and, at batch > 1, its mask.
+        self.gate_slots = {id(g): i for i, g in enumerate(evaluated)}
+        self.scratch = torch.zeros(len(evaluated), 2, dtype=torch.int32, device=self.device)
+        self.masks = torch.zeros(len(evaluated), batch, 1, 1, dtype=self.dtype, device=self.device)
         config = model.config
         attention = decoder.layers[0].self_attn
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -98,41 +126,54 @@ class GraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.history = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.conditions: conditional_nodes.ConditionalCapture | None = None
         self._capturing = False
         self._force_bodies = False
+        self.decisions: list[torch.Tensor] | None = None  # set to [] to collect eager steps' keep masks
 
     # -- the step ---------------------------------------------------------------------------------
-    def _run_if(self, gate: nn.Module | None, normed: torch.Tensor, body: Callable[[torch.Tensor | None], None]) -> None:
+    def _norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and decode_kernels.fusable_norm(norm):
+            return self.kernels.rms_norm(norm, hidden)
+        return norm(hidden)
+
+    def _norm_and_decide(self, norm: nn.Module, hidden: torch.Tensor, gate: nn.Module | None) -> tuple[torch.Tensor, _Decision | None]:
+        """The sublayer's normalised input and, for an evaluated gate, its decision."""
+        if gate is None or gate.forced is not None:
+            return self._norm(norm, hidden), None
+        slot = self.gate_slots[id(gate)]
+        mask = self.masks[slot] if self.batch > 1 else None
+        if self._capturing:  # one kernel: norm, gate, mask, and the IF node's condition
+            normed, handle = self.kernels.norm_gate(norm, hidden, gate, mask, self.scratch[slot])
+            return normed, _Decision(handle=handle, mask=mask)
+        if self.kernels is None or not decode_kernels.fusable_norm(norm):  # CPU: the model's own modules
+            normed = norm(hidden)
+            keep = gate(normed)[1]
+            mask = keep[..., None].to(normed.dtype) if mask is not None else None
+        else:  # eager GPU step: the same kernel as in the graph, its mask read on the host
+            keep = self.masks[slot]
+            normed, _ = self.kernels.norm_gate(norm, hidden, gate, keep)
+        if self.decisions is not None and not self._force_bodies:
+            self.decisions.append(keep.reshape(-1).bool().clone())
+        return normed, _Decision(keep=keep, mask=mask)
+
+    def _run_if(self, gate: nn.Module | None, decision: _Decision | None, body: Callable[[torch.Tensor | None], None]) -> None:
         """Run `body` when the gate keeps the token (any sequence at batch > 1). `body` gets the
         per-sequence keep mask to apply to its output (None: no masking needed)."""
-        if gate is None:
-            body(None)
-            return
-        if gate.forced is not None:  # fixed decision (teacher mode, benchmarks): no gate to evaluate
-            if gate.forced:
+        if decision is None:  # ungated, or a fixed decision (teacher mode, frozen gates): nothing to evaluate
+            if gate is None or gate.forced:
                 body(None)
             return
-        if self._capturing:  # decided on the GPU at every replay, by the kernel that sets the IF node
-            with self.conditions.if_gate(normed, gate.weight, gate.bias, gate._logit_threshold):
-                # the per-sequence mask (batch > 1) is computed inside the body: only when it runs
-                body(self._output_mask(gate(normed)[1], normed.dtype) if self.batch > 1 else None)
-            return
-        keep = gate(normed)[1]
-        mask = self._output_mask(keep, normed.dtype)
-        if self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
+        if self._capturing:  # decided on the GPU at every replay, by the kernel that set the handle
+            with self.kernels.if_node(decision.handle):
+                body(decision.mask)
+        elif self._force_bodies:  # warm-up before capture: every body runs once, on the stream it is captured on
             current = torch.cuda.current_stream(self.device)
-            self.conditions.body_stream.wait_stream(current)
-            with torch.cuda.stream(self.conditions.body_stream):
-                body(mask)
-            current.wait_stream(self.conditions.body_stream)
-        elif bool(keep.any()):  # the host decides (eager step): one synchronisation
-            body(mask)
-
-    def _output_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Per-sequence mask for a body's output (batch > 1 only: at batch 1 the body runs only
-        when the token is kept)."""
-        return keep[..., None].to(dtype) if self.batch > 1 else None
+            self.kernels.body_stream.wait_stream(current)
+            with torch.cuda.stream(self.kernels.body_stream):
+                body(decision.mask)
+            current.wait_stream(self.kernels.body_stream)
+        elif bool(decision.keep.any()):  # the host decides (eager step): one synchronisation
+            body(decision.mask)
 
     def _step(self) -> None:
         decoder = self.model.model
@@ -142,7 +183,7 @@ class GraphDecoder:
         visible = (self.slots <= self.position)[None, None, None, :]
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn
-            normed = block.input_layernorm(hidden)
+            normed, decision = self._norm_and_decide(block.input_layernorm, hidden, layer.attention_gate)
             shape = (self.batch, 1, -1, attention.head_dim)
             keys = attention.k_proj(normed).view(shape)
             if hasattr(attention, "k_norm"):
@@ -157,18 +198,12 @@ class GraphDecoder:
                 queries = rotate_heads(queries.transpose(1, 2), cos, sin)
                 out = F.scaled_dot_product_attention(queries, self.keys[index], self.values[index], attn_mask=visible,
                                                      scale=attention.scaling, enable_gqa=True)
-                out = attention.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1))
-                hidden.add_(out if mask is None else out * mask)
+                _add_output(hidden, attention.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1)), mask)
 
-            self._run_if(layer.attention_gate, normed, attend)
-            normed = block.post_attention_layernorm(hidden)
-
-            def feed_forward(mask, block=block, normed=normed):
-                out = block.mlp(normed)
-                hidden.add_(out if mask is None else out * mask)
-
-            self._run_if(layer.ffn_gate, normed, feed_forward)
-        logits = self.model.lm_head(decoder.norm(hidden))
+            self._run_if(layer.attention_gate, decision, attend)
+            normed, decision = self._norm_and_decide(block.post_attention_layernorm, hidden, layer.ffn_gate)
+            self._run_if(layer.ffn_gate, decision, lambda mask, block=block, normed=normed: _add_output(hidden, block.mlp(normed), mask))
+        logits = self.model.lm_head(self._norm(decoder.norm, hidden))
         self.position.add_(1)
         self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.history.index_copy_(1, self.position, self.token)
@@ -210,9 +245,7 @@ class GraphDecoder:
         return self.history[:, :end].clone()
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        if self.gated:
-            self.conditions = conditional_nodes.ConditionalCapture(self.device, stream)
+        stream = self.capture_stream
         state = [t.clone() for t in (self.token, self.position, self.history)]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up on a side stream, every branch taken, as capture requires

@@ -4,6 +4,11 @@ The model and its teacher are loaded once; for each inference threshold the held
 (at every requested window, to see what context length does), the KL to the teacher, the skip
 rate per sublayer and the measured prefill/decode speed are taken, and the teacher is measured
 under the same harness. Writes sweep.json and the trade-off curve sweep.png.
+
+With a freeze rule (sparsify.skip.freezing), each threshold first measures every gate's skip rate
+on calibration text (by default the held-out text itself; pass other text, e.g. training data, to keep
+the held-out numbers untouched by the choice) and fixes the gates that barely decide, so quality
+and speed are those of the model as it would be served.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dataclasses import replace
+
 from sparsify.errors import SparsifyError
 from sparsify.eval.options import EvalOptions
 from sparsify.eval.quality import measure_quality
 from sparsify.eval.routing import measure_routing
 from sparsify.eval.run import eval_text, load_for_eval, measure_model_speed, resolve_device
+from sparsify.skip.freezing import FreezeRule, freeze_gates
 from sparsify.train.options import parse_count
 
 
 def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], options: EvalOptions, *, output: Path | None = None,
+               freeze: FreezeRule | None = None, calibration_data: str | None = None,
                on_status: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     import torch
 
@@ -37,6 +46,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
     teacher, teacher_tokenizer = load_for_eval(options.teacher, dtype, device)
     text = eval_text(options, tokenizer)
     sample = text.ids[1:]
+    calibration = eval_text(replace(options, data=calibration_data, tokens=options.routing_tokens), tokenizer) if calibration_data else text
 
     def quality_at(window: int, with_teacher: bool) -> dict[str, Any]:
         return measure_quality(model, text, window=window, stride=window // 2, batch_size=options.batch_size,
@@ -49,11 +59,21 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         "teacher_run": {"quality": teacher_quality, "speed": measure_model_speed(teacher, teacher_tokenizer, options, sample)},
         "thresholds": [],
     }
-    trained_threshold = model.config.skip_threshold
+    if freeze is not None:
+        result["freeze"] = {"open_below": freeze.open_below, "closed_above": freeze.closed_above,
+                            "calibration": calibration_data or "the held-out text"}
+    trained_threshold, saved_frozen = model.config.skip_threshold, dict(model.config.frozen_gates or {})
     for threshold in thresholds:
         on_status(f"threshold {threshold}")
         model.set_skip_threshold(threshold)
         entry: dict[str, Any] = {"threshold": threshold, "quality": {}}
+        if freeze is not None:
+            model.freeze_gates({})
+            rates = measure_routing(model, calibration, block=min(windows), batch_size=options.batch_size,
+                                    max_tokens=parse_count(options.routing_tokens))["skip"]["sublayers"]
+            frozen = freeze_gates(model, rates, freeze)
+            entry["frozen_gates"] = {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()),
+                                     "per_token": len(rates) - len(frozen)}
         for window in windows:
             quality = quality_at(window, with_teacher=True)
             entry["quality"][str(window)] = {
@@ -71,6 +91,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         }
         result["thresholds"].append(entry)
     model.set_skip_threshold(trained_threshold)
+    model.freeze_gates(saved_frozen)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -316,28 +316,46 @@ def skip_sweep(
     thresholds: Annotated[str, typer.Option(help="Inference thresholds to try, comma-separated.")] = "0.3,0.5,0.7",
     windows: Annotated[str, typer.Option(help="Context lengths at which perplexity and skip rate are measured.")] = "512,2048",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json and sweep.png.")] = None,
+    freeze_below: Annotated[Optional[float], typer.Option(
+        help="Freeze gates that skip less than this share of calibration tokens: their sublayer always runs and no gate "
+             "is evaluated (saves the gate's cost where it barely decides).")] = None,
+    freeze_above: Annotated[Optional[float], typer.Option(
+        help="Freeze gates that skip more than this share: their sublayer never runs.")] = None,
+    calibration_data: Annotated[Optional[str], typer.Option(
+        help="Text whose skip rates choose the frozen gates (default: the held-out --data itself).")] = None,
     **options: Any,
 ) -> None:
     """Quality (several context lengths), skip rate and measured speed at several thresholds, vs the teacher."""
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.sweep import skip_sweep as run_sweep
+    from sparsify.skip.freezing import FreezeRule
 
     names = {f.name for f in fields(EvalOptions)}
     settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
+    freeze = None
+    if freeze_below is not None or freeze_above is not None:
+        freeze = FreezeRule(open_below=freeze_below or 0.0, closed_above=1.0 if freeze_above is None else freeze_above)
     with err.status("sweeping") as status:
         result = run_sweep(model, [float(t) for t in thresholds.split(",")], [int(w) for w in windows.split(",")], settings,
-                           output=output, on_status=lambda text: status.update(f"sweeping: {text}"))
+                           output=output, freeze=freeze, calibration_data=calibration_data,
+                           on_status=lambda text: status.update(f"sweeping: {text}"))
     window = str(result["windows"][-1])
     table = Table(title=f"{model}: skip threshold sweep (perplexity at window {window})")
     speed_keys = list(result["thresholds"][0]["speedup"]) if result["thresholds"] else []
-    for column in ("threshold", "skip rate", "perplexity", "vs teacher", "KL", *[k.replace("_", " ") + " x" for k in speed_keys]):
+    frozen = "freeze" in result
+    columns = ("threshold", "skip rate", *(["gates run/skip/decide"] if frozen else []), "perplexity", "vs teacher", "KL",
+               *[k.replace("_", " ") + " x" for k in speed_keys])
+    for column in columns:
         table.add_column(column, justify="right")
     teacher_ppl = result["teacher_run"]["quality"][window]["perplexity"]
-    table.add_row("teacher", "0%", f"{teacher_ppl:.3f}", "x1.000", "0", *["1.00"] * len(speed_keys))
+    table.add_row("teacher", "0%", *(["-"] if frozen else []), f"{teacher_ppl:.3f}", "x1.000", "0", *["1.00"] * len(speed_keys))
     for entry in result["thresholds"]:
         quality = entry["quality"][window]
-        table.add_row(f"{entry['threshold']:g}", f"{quality['skip_rate']:.1%}", f"{quality['perplexity']:.3f}",
-                      f"x{quality['perplexity_ratio']:.3f}", f"{quality['kl']:.4f}", *[f"{entry['speedup'][k]:.2f}" for k in speed_keys])
+        gates = entry.get("frozen_gates")
+        table.add_row(f"{entry['threshold']:g}", f"{quality['skip_rate']:.1%}",
+                      *([f"{gates['always_run']}/{gates['always_skip']}/{gates['per_token']}"] if frozen else []),
+                      f"{quality['perplexity']:.3f}", f"x{quality['perplexity_ratio']:.3f}", f"{quality['kl']:.4f}",
+                      *[f"{entry['speedup'][k]:.2f}" for k in speed_keys])
     out.print(table)
     if output:
         out.print(f"sweep: {Path(output) / 'sweep.json'} and sweep.png")

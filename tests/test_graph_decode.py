@@ -1,7 +1,8 @@
 """The static-cache decode engine computes what the model's own cached forward computes: same logits
 step by step, same greedy tokens, for dense models and skip models whose gates really skip. On CPU
 the step runs eagerly (decisions on the host); the CUDA-graph capture of the same step, with
-conditional nodes, is checked on a GPU (marked test below, and bench/skip_overhead.py)."""
+conditional nodes and fused norm-and-gate kernels, is checked on a GPU (marked tests below, and
+bench/skip_overhead.py)."""
 
 from __future__ import annotations
 
@@ -137,4 +138,39 @@ def test_dense_graph_replay_equals_the_models_cached_forward_on_gpu(dense_weight
     with torch.no_grad():
         expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=8)
         ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=8, use_graph=True)
+    _assert_same_decoding((ids, logits), (expected_ids, expected))
+
+
+@pytest.mark.skipif(not graphs_supported(), reason="needs a GPU and nvcc for the decode kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_gate_kernel_match_the_modules_on_gpu(dtype, skip_models):
+    from sparsify.eval.decode_kernels import DecodeKernels, fusable_norm
+
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"], dtype=dtype).eval()
+    randomise_gates(model, seed=6)
+    model.cuda()
+    block = model.model.layers[0]
+    norm, gate = block.input_layernorm, block.sparsify_gates[0]
+    norm.weight.data.normal_(1.0, 0.2)
+    assert fusable_norm(norm)
+    kernels = DecodeKernels(torch.device("cuda"), torch.cuda.Stream())
+    hidden = torch.randn(16, 1, model.config.hidden_size, device="cuda").to(dtype) * 3
+    with torch.no_grad():
+        expected = norm(hidden)
+        torch.testing.assert_close(kernels.rms_norm(norm, hidden), expected, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+        mask = torch.full((16, 1, 1), 7.0, dtype=dtype, device="cuda")
+        normed, handle = kernels.norm_gate(norm, hidden, gate, mask)
+        keep = gate(normed)[1]
+    assert handle is None and 0 < keep.sum() < 16  # the gate really splits the batch
+    assert mask.reshape(-1).tolist() == keep.reshape(-1).float().tolist()
+
+
+@pytest.mark.skipif(not graphs_supported(), reason="needs a GPU and CUDA graph conditional nodes")
+def test_batched_graph_replay_masks_per_sequence_on_gpu(skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["qwen2"]).cuda().eval()
+    randomise_gates(model, seed=4)
+    model.cuda()
+    with torch.no_grad():
+        expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=6)
+        ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=6, use_graph=True)
     _assert_same_decoding((ids, logits), (expected_ids, expected))

@@ -132,6 +132,36 @@ def test_threshold_is_adjustable_after_loading(skip_models):
     torch.testing.assert_close(logits, only_embeddings, rtol=0, atol=1e-5)
 
 
+def test_frozen_gates_change_nothing_where_the_gate_never_decides_and_survive_saving(skip_models, tmp_path):
+    from sparsify.skip.freezing import FreezeRule, freeze_gates
+    from sparsify.train.skipping import find_gates, gates_open
+
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+    randomise_gates(model, seed=2)
+    gates = model.skip_gates()
+    (on_layer, on_sublayer, always_on), (off_layer, off_sublayer, always_off) = gates[0], gates[1]
+    always_on.weight.data.zero_(), always_on.bias.data.fill_(10.0)
+    always_off.weight.data.zero_(), always_off.bias.data.fill_(-10.0)
+    with torch.no_grad():
+        before = model(IDS).logits
+    rows = [{"layer": layer, "sublayer": sublayer, "skip_rate": {id(always_on): 0.0, id(always_off): 1.0}.get(id(gate), 0.5)}
+            for layer, sublayer, gate in gates]
+    frozen = freeze_gates(model, rows, FreezeRule(open_below=0.05, closed_above=0.95))
+    assert frozen == {f"{on_layer}.{on_sublayer}": True, f"{off_layer}.{off_sublayer}": False}
+    assert always_on.forced is True and always_off.forced is False and all(gate.forced is None for _, _, gate in gates[2:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=1e-6)
+    with gates_open(find_gates(model)):  # the training loop's teacher pass
+        assert always_off.forced is True
+    assert always_off.forced is False  # frozen again afterwards
+    model.save_pretrained(tmp_path / "frozen")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "frozen").eval()
+    assert reloaded.config.frozen_gates == frozen
+    assert [gate.forced for _, _, gate in reloaded.skip_gates()] == [gate.forced for _, _, gate in gates]
+    with pytest.raises(SparsifyError, match="open-below"):
+        FreezeRule(open_below=0.5, closed_above=0.2)
+
+
 def test_bad_skip_options_are_refused_before_writing(dense_models, tmp_path):
     for options, message in [
         ({"gates": "mlp"}, "--gates must be one of"),
@@ -167,6 +197,7 @@ def test_a_tiny_training_run_lowers_the_skip_loss_and_keeps_kl_bounded(skip_mode
 def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_models, dense_models, corpus, tmp_path):
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.sweep import skip_sweep
+    from sparsify.skip.freezing import FreezeRule
 
     settings = EvalOptions(teacher=str(dense_models["llama"]), data=str(corpus["valid"]), tokens="1k", batch_size=2,
                            routing_tokens="512", speed_batch="1", prompt_len=8, decode_tokens=3, repeats=1, warmup=0)
@@ -178,3 +209,11 @@ def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_model
         assert closed["quality"][window]["skip_rate"] == 1.0 and closed["quality"][window]["kl"] > 0.01
     assert set(open_["speedup"]) == {"batch_1_prefill", "batch_1_decode"} and all(v > 0 for v in open_["speedup"].values())
     assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 1000
+    # Frozen: fresh gates keep every token at 0.5 and skip every token at 0.999, so none is left deciding.
+    frozen = skip_sweep(str(skip_models["llama"]), [0.5, 0.999], [64], settings, freeze=FreezeRule(0.01, 0.99),
+                        calibration_data=str(corpus["train"]))
+    gates = len(AutoModelForCausalLM.from_pretrained(skip_models["llama"]).skip_gates())
+    assert [e["frozen_gates"] for e in frozen["thresholds"]] == [{"always_run": gates, "always_skip": 0, "per_token": 0},
+                                                                 {"always_run": 0, "always_skip": gates, "per_token": 0}]
+    for got, want in zip(frozen["thresholds"], result["thresholds"], strict=True):
+        assert got["quality"]["64"]["perplexity"] == pytest.approx(want["quality"]["64"]["perplexity"], rel=1e-5)

@@ -35,7 +35,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", "skip_threshold", "gate_bias_init")
+SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", "skip_threshold", "gate_bias_init", "frozen_gates")
 SUBLAYERS = ("attention", "ffn")
 
 
@@ -50,6 +50,7 @@ class SkipConfig(PretrainedConfig):
         gated_layers: list[int] | None = None,
         skip_threshold: float = 0.5,
         gate_bias_init: float = 6.0,
+        frozen_gates: dict[str, bool] | None = None,
         **base_fields,
     ):
         self.base_model_type = base_model_type
@@ -58,6 +59,9 @@ class SkipConfig(PretrainedConfig):
         self.gated_layers = gated_layers  # None: every layer
         self.skip_threshold = skip_threshold
         self.gate_bias_init = gate_bias_init
+        # "layer.sublayer" -> True (always runs) / False (always skipped): gates that barely decide,
+        # fixed so that they cost nothing to evaluate (sparsify.skip.freezing)
+        self.frozen_gates = frozen_gates
         super().__init__(**base_fields)
 
     def is_gated(self, layer: int, sublayer: str) -> bool:
@@ -263,6 +267,7 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
             )
             layer.forward = types.MethodType(_gated_layer_forward, layer)
         self.set_skip_threshold(config.skip_threshold)
+        self.freeze_gates(config.frozen_gates or {})
         self.post_init()
 
     def skip_gates(self) -> list[tuple[int, str, SkipGate]]:
@@ -273,6 +278,13 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
         self.config.skip_threshold = threshold
         for _, _, gate in self.skip_gates():
             gate.threshold = threshold
+
+    def freeze_gates(self, decisions: dict[str, bool]) -> None:
+        """Fix gates ("layer.sublayer" -> True: always run, False: always skip); the others decide
+        per token again. Stored in the config, so a saved model keeps them."""
+        self.config.frozen_gates = dict(decisions) or None
+        for layer, sublayer, gate in self.skip_gates():
+            gate.forced = decisions.get(f"{layer}.{sublayer}")
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

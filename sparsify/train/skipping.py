@@ -22,13 +22,14 @@ def find_gates(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def gates_open(gates: list[nn.Module]) -> Iterator[None]:
+    before = [gate.forced for gate in gates]  # frozen gates keep their fixed decision afterwards
     for gate in gates:
         gate.forced = True
     try:
         yield
     finally:
-        for gate in gates:
-            gate.forced = None
+        for gate, forced in zip(gates, before, strict=True):
+            gate.forced = forced
 
 
 @contextmanager
