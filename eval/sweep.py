@@ -72,6 +72,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
             rates = measure_routing(model, calibration, block=min(windows), batch_size=options.batch_size,
                                     max_tokens=parse_count(options.routing_tokens))["skip"]["sublayers"]
             frozen = freeze_gates(model, rates, freeze)
+            entry["calibration_skip_rate_by_gate"] = {f"{r['layer']}.{r['sublayer']}": r["skip_rate"] for r in rates}
             entry["frozen_gates"] = {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()),
                                      "per_token": len(rates) - len(frozen)}
         for window in windows:
@@ -84,6 +85,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
                                    max_tokens=parse_count(options.routing_tokens))["skip"]
             entry["quality"][str(window)]["skip_rate"] = skip["skip_rate"]
             entry["quality"][str(window)]["skip_rate_by_sublayer"] = skip["skip_rate_by_sublayer"]
+            entry["quality"][str(window)]["skip_rate_by_gate"] = {f"{r['layer']}.{r['sublayer']}": r["skip_rate"] for r in skip["sublayers"]}
         entry["speed"] = measure_model_speed(model, tokenizer, options, sample)
         entry["speedup"] = {
             f"{name}_{kind}": entry["speed"][name][f"{kind}_tokens_per_s"]["median"] / result["teacher_run"]["speed"][name][f"{kind}_tokens_per_s"]["median"]
