@@ -365,6 +365,39 @@ _with_options(skip_sweep, [p for p in _eval_parameters("Evaluation options") if 
 app.command(name="skip-sweep", help=skip_sweep.__doc__)(skip_sweep)
 
 
+@app.command(name="skip-freeze")
+def skip_freeze(
+    model: Annotated[Path, typer.Argument(help="A layer-skip model folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the model with its serving settings.")],
+    data: Annotated[str, typer.Option(help="Calibration text (.txt/.jsonl[.gz] files, comma-separated): use training text, "
+                                           "not the held-out text you report on.")],
+    threshold: Annotated[Optional[float], typer.Option(help="Inference threshold to serve at (default: the model's).")] = None,
+    freeze_below: Annotated[float, typer.Option(
+        help="Gates skipping less than this share of calibration tokens always run their sublayer (no gate evaluated).")] = 0.05,
+    freeze_above: Annotated[float, typer.Option(help="Gates skipping more than this share never run it.")] = 1.0,
+    tokens: Annotated[str, typer.Option(help="Calibration tokens.")] = "64k",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Fix a skip model's threshold and freeze the gates that barely decide, measured on calibration text (see skip-sweep
+    --freeze-below/--freeze-above for the trade-off); writes a new folder that loads and serves with those settings."""
+    from sparsify.skip.freezing import FreezeRule
+    from sparsify.skip.frozen_copy import write_frozen_copy
+
+    with err.status("measuring gate skip rates"):
+        result = write_frozen_copy(model, output, FreezeRule(freeze_below, freeze_above), data, threshold=threshold, tokens=tokens,
+                                   overwrite=overwrite)
+    table = Table(title=f"{output}: threshold {result.threshold:g}, {result.calibration_tokens:,} calibration tokens, "
+                        f"{result.skip_rate:.1%} skipped before freezing")
+    for column in ("sublayer", "always run", "always skip", "per token", "skip rate of per-token gates"):
+        table.add_column(column, justify="right")
+    for sublayer in dict.fromkeys(g["sublayer"] for g in result.gates):
+        rows = [g for g in result.gates if g["sublayer"] == sublayer]
+        deciding = [g["skip_rate"] for g in rows if g["decision"] == "per token"]
+        table.add_row(sublayer, *(str(sum(g["decision"] == d for g in rows)) for d in ("run", "skip", "per token")),
+                      f"{sum(deciding) / len(deciding):.1%}" if deciding else "-")
+    out.print(table)
+
+
 # --- info -------------------------------------------------------------------------------------
 
 

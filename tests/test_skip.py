@@ -217,3 +217,41 @@ def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_model
                                                                  {"always_run": 0, "always_skip": gates, "per_token": 0}]
     for got, want in zip(frozen["thresholds"], result["thresholds"], strict=True):
         assert got["quality"]["64"]["perplexity"] == pytest.approx(want["quality"]["64"]["perplexity"], rel=1e-5)
+
+
+def test_skip_freeze_writes_a_folder_that_serves_its_threshold_and_frozen_gates(skip_models, corpus, tmp_path):
+    import os
+    import shutil
+
+    from conftest import sparsify_command
+
+    source = tmp_path / "trained"  # stands in for a trained model: gates that really decide, one that always skips
+    shutil.copytree(skip_models["llama"], source)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    randomise_gates(model, seed=8)
+    layer, sublayer, always_off = model.skip_gates()[2]
+    always_off.weight.data.zero_(), always_off.bias.data.fill_(-10.0)
+    model.save_pretrained(source)
+    output = tmp_path / "served"
+    done = subprocess.run([*sparsify_command(), "skip-freeze", str(source), "-o", str(output), "--data", str(corpus["train"]),
+                           "--threshold", "0.4", "--freeze-below", "0.2", "--freeze-above", "0.95", "--tokens", "2k"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "always run" in done.stdout and "per token" in done.stdout
+    config = json.loads((output / "config.json").read_text())
+    frozen = config["frozen_gates"]
+    assert config["skip_threshold"] == 0.4 and frozen[f"{layer}.{sublayer}"] is False
+    assert 0 < len(frozen) < len(model.skip_gates())  # some gates frozen, others still decide per token
+    record = json.loads((output / "sparsify.json").read_text())
+    assert record["serving"]["frozen"]["per_token"] == len(model.skip_gates()) - len(frozen)
+    served = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert served.config.frozen_gates == frozen
+    assert served.gates["attention"][0].weight.dtype == torch.float32
+    done = subprocess.run([sys.executable, "-c", VANILLA, str(output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # remote code honours the frozen gates too
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt")["logits"], served(IDS).logits, rtol=0, atol=1e-5)
+    refused = subprocess.run([*sparsify_command(), "skip-freeze", str(output), "-o", str(output), "--data", str(corpus["train"])],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "already exists" in refused.stderr

@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from sparsify.atomic_output import atomic_folder, check_output_free
+from sparsify.atomic_output import check_output_free
 from sparsify.data import DataSpec, TokenFile, block_order, materialise
 from sparsify.errors import SparsifyError
-from sparsify.info import count_params
-from sparsify.model_card import render_card
-from sparsify.provenance import read_record, write_record
+from sparsify.model_folder import save_model_folder
+from sparsify.provenance import read_record
 from sparsify.train import losses
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
 from sparsify.train.options import TrainOptions
@@ -380,15 +379,4 @@ def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any
         # Merged adapters changed copy 0 and the attention: the dense path is no longer the teacher.
         record["layout"] = {**record["layout"], "dense_path": None}
     record["training"] = [*record.get("training", []), {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after}]
-    with atomic_folder(output, overwrite=output == model_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        # Remote modeling code (skip models) travels with the weights, so the folder loads without sparsify.
-        extra = ["generation_config.json", "chat_template.jinja", *(p.name for p in model_dir.glob("modeling_*.py"))]
-        for name in extra:
-            if (model_dir / name).exists() and not (staging / name).exists():
-                (staging / name).write_bytes((model_dir / name).read_bytes())
-        if record.get("variant"):
-            write_record(staging, record)
-            config = json.loads((staging / "config.json").read_text())
-            (staging / "README.md").write_text(render_card(record, count_params(staging, config)))
+    save_model_folder(model, tokenizer, model_dir, output, record, overwrite=output == model_dir)

@@ -1,0 +1,78 @@
+"""`sparsify skip-freeze`: write a skip model ready to serve, with its threshold and frozen gates.
+
+After `skip-sweep` has shown which threshold and freeze rule give the wanted trade-off, this
+measures every gate's skip rate at that threshold on calibration text (training text, not the
+held-out text the sweep reported on), freezes the gates the rule picks (sparsify.skip.freezing)
+and writes a new folder whose config carries both, so transformers (with or without sparsify
+installed) and the decode engine serve exactly that model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsify.atomic_output import check_output_free
+from sparsify.errors import SparsifyError
+from sparsify.model_folder import save_model_folder
+from sparsify.provenance import read_record
+from sparsify.skip.freezing import FreezeRule, freeze_gates
+
+
+@dataclass
+class FrozenCopy:
+    output: Path
+    threshold: float
+    calibration_tokens: int
+    skip_rate: float  # on the calibration text, before freezing
+    gates: list[dict[str, Any]]  # layer, sublayer, skip_rate, decision ("run", "skip" or "per token")
+
+
+def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, calibration_data: str, *, threshold: float | None = None,
+                      tokens: str = "64k", window: int = 512, batch_size: int = 4, overwrite: bool = False) -> FrozenCopy:
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.routing import measure_routing
+    from sparsify.eval.run import eval_text
+    from sparsify.sources import load_model, load_tokenizer
+    from sparsify.train.options import parse_count
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise SparsifyError(f"{model_dir} is not a model folder; skip-freeze takes the folder of a layer-skip model")
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "sparsify_skip":
+        raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise SparsifyError(f"--threshold must be between 0 and 1 (got {threshold})")
+    check_output_free(output, overwrite)  # fail before the slow part
+    model, tokenizer = load_model(str(model_dir), dtype=torch.float32), load_tokenizer(str(model_dir))
+    if threshold is not None:
+        model.set_skip_threshold(threshold)
+    model.freeze_gates({})
+    text = eval_text(EvalOptions(data=calibration_data, tokens=tokens), tokenizer)
+    skip = measure_routing(model, text, block=window, batch_size=batch_size, max_tokens=parse_count(tokens))["skip"]
+    frozen = freeze_gates(model, skip["sublayers"], rule)
+    naming = {True: "run", False: "skip"}
+    gates = [{**row, "decision": naming.get(frozen.get(f"{row['layer']}.{row['sublayer']}"), "per token")} for row in skip["sublayers"]]
+    record = read_record(model_dir) or {}
+    record["serving"] = {"threshold": model.config.skip_threshold, "freeze": {"open_below": rule.open_below, "closed_above": rule.closed_above},
+                         "calibration": {"data": calibration_data, "tokens": skip["tokens"], "skip_rate": skip["skip_rate"]},
+                         "frozen": {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()),
+                                    "per_token": len(gates) - len(frozen)}}
+    dtype = _saved_dtype(model_dir)
+    if dtype != torch.float32:  # back to the folder's dtype; the gates stay fp32, as the model class keeps them
+        gate_state = {name: p.detach().clone() for name, p in model.named_parameters() if name.startswith("gates.")}
+        model.to(dtype)
+        for name, value in gate_state.items():
+            model.get_parameter(name).data = value
+    save_model_folder(model, tokenizer, model_dir, output, record, overwrite=overwrite)
+    return FrozenCopy(output, model.config.skip_threshold, skip["tokens"], skip["skip_rate"], gates)
+
+
+def _saved_dtype(model_dir: Path) -> torch.dtype:
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
