@@ -74,6 +74,8 @@ def _skip_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
         ("gated layers", f"{layers[0]}-{layers[-1]} ({len(layers)} layers)"),
         ("inference threshold", str(layout["threshold"])),
         ("KV cache rule", layout["kv_rule"]),
+        *([("frozen gates", "{always_run} always run, {always_skip} always skipped, {per_token} decide per token".format(**layout["frozen_gates"]))]
+          if "frozen_gates" in layout else []),
     ]
 
 

@@ -244,6 +244,9 @@ def test_skip_freeze_writes_a_folder_that_serves_its_threshold_and_frozen_gates(
     assert 0 < len(frozen) < len(model.skip_gates())  # some gates frozen, others still decide per token
     record = json.loads((output / "sparsify.json").read_text())
     assert record["serving"]["frozen"]["per_token"] == len(model.skip_gates()) - len(frozen)
+    info = subprocess.run([*sparsify_command(), "info", str(output)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert info.returncode == 0 and "decide per token" in info.stdout and "0.4" in info.stdout, info.stderr
     served = AutoModelForCausalLM.from_pretrained(output).eval()
     assert served.config.frozen_gates == frozen
     assert served.gates["attention"][0].weight.dtype == torch.float32

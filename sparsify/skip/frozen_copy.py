@@ -58,10 +58,12 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     naming = {True: "run", False: "skip"}
     gates = [{**row, "decision": naming.get(frozen.get(f"{row['layer']}.{row['sublayer']}"), "per token")} for row in skip["sublayers"]]
     record = read_record(model_dir) or {}
+    counts = {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()), "per_token": len(gates) - len(frozen)}
     record["serving"] = {"threshold": model.config.skip_threshold, "freeze": {"open_below": rule.open_below, "closed_above": rule.closed_above},
                          "calibration": {"data": calibration_data, "tokens": skip["tokens"], "skip_rate": skip["skip_rate"]},
-                         "frozen": {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()),
-                                    "per_token": len(gates) - len(frozen)}}
+                         "frozen": counts}
+    if record.get("layout"):  # what `sparsify info` and the model card show
+        record["layout"] = {**record["layout"], "threshold": model.config.skip_threshold, "frozen_gates": counts}
     dtype = _saved_dtype(model_dir)
     if dtype != torch.float32:  # back to the folder's dtype; the gates stay fp32, as the model class keeps them
         gate_state = {name: p.detach().clone() for name, p in model.named_parameters() if name.startswith("gates.")}
