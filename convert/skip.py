@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from sparsify.convert.experts import Exactness
 from sparsify.convert.native_moe import DROPPED_CONFIG_KEYS, SKIPPED, _passthrough
 from sparsify.convert.plan import ConversionPlan
 from sparsify.errors import SparsifyError
+from sparsify.skip import MODELING_FILE, modeling_source
 
 # Families whose decoder layer the skip modeling code wraps (same sublayer structure).
 SKIP_BASES = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,13 +34,6 @@ class SkipOptions:
     exclude_last: int = field(default=0, metadata={"help": "Leave the last N layers ungated (always run)."})
     threshold: float = field(default=0.5, metadata={"help": "Inference threshold: a sublayer runs for a token when its gate's probability exceeds it (adjustable after training)."})
     gate_bias_init: float = field(default=6.0, metadata={"help": "Initial gate bias: sigmoid(6) = 0.998, every gate open, the model exact."})
-
-
-def _modeling_source() -> bytes:
-    # Installed packages keep the file inside sparsify/skip; the repo layout is the same.
-    from sparsify.skip import modeling_skip
-
-    return Path(modeling_skip.__file__).read_bytes()
 
 
 def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPlan:
@@ -96,4 +89,4 @@ def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPla
         "dense_path": {"gates": "open"},
     }
     exact = Exactness(True, f"every gate starts open (sigmoid({options.gate_bias_init}) = {open_probability:.4f} > {options.threshold})")
-    return ConversionPlan(out_config, tensors, layout, exact, tags=["layer-skip"], files={"modeling_skip.py": _modeling_source()})
+    return ConversionPlan(out_config, tensors, layout, exact, tags=["layer-skip"], files={MODELING_FILE: modeling_source()})

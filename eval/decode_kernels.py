@@ -61,8 +61,17 @@ def available() -> bool:
     return torch.cuda.is_available() and (_nvcc() is not None or _library_path().exists())
 
 
+@cache
+def _nvcc_version() -> str:
+    nvcc = _nvcc()
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else ""
+
+
 def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + (torch.version.cuda or "").encode()).hexdigest()[:16]
+    # A build is for one source, CUDA runtime, compiler and GPU architecture (-arch=sm_XY).
+    major, minor = torch.cuda.get_device_capability()
+    key = SOURCE.read_bytes() + f"{torch.version.cuda}|sm_{major}{minor}|{_nvcc_version()}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     return Path(os.environ.get("SPARSIFY_CACHE", Path.home() / ".cache" / "sparsify")) / "cuda" / f"decode_kernels-{digest}.so"
 
 
@@ -97,11 +106,12 @@ def _check(code: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA error {code}")
 
 
-def fusable_norm(norm: nn.Module) -> bool:
-    """transformers' RMSNorm (Llama, Mistral, Qwen2, Qwen3): weight * normalise(x), no offset."""
+def fusable_norm(norm: nn.Module, dtype: torch.dtype) -> bool:
+    """transformers' RMSNorm (Llama, Mistral, Qwen2, Qwen3: weight * normalise(x), no offset) with
+    its weight in the activations' dtype, which is what the kernel reads."""
     weight = getattr(norm, "weight", None)
     return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and weight is not None \
-        and weight.dtype in DTYPE_CODES and "Gemma" not in type(norm).__name__
+        and weight.dtype == dtype and dtype in DTYPE_CODES and "Gemma" not in type(norm).__name__
 
 
 class DecodeKernels:

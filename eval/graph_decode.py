@@ -26,6 +26,7 @@ without padding, lengths within a sliding window if the model has one.
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,9 @@ def _check_supported(model: nn.Module) -> None:
 
 
 def _add_output(hidden: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """hidden += out, per sequence where `mask` is given (one kernel either way)."""
+    """hidden += out, per sequence where `mask` is given (one kernel either way). A skipped
+    sequence gets out * 0: exact unless the sublayer overflowed to inf for it (fp16), which the
+    model's own forward, not running the sublayer for it, would not see."""
     if mask is None:
         hidden.add_(out)
     else:
@@ -82,7 +85,10 @@ def _add_output(hidden: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | No
 
 
 class GraphDecoder:
-    """Greedy decode for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
+    """Greedy decode for `batch` sequences of up to `max_len` tokens (prompt + generated).
+
+    The gates' thresholds and frozen decisions are read when the decoder is built and the step
+    captured: after changing them, build a new decoder."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None):
         _check_supported(model)
@@ -97,15 +103,14 @@ class GraphDecoder:
         self.layers = [_Layer(i, block, *gates[i]) for i, block in enumerate(decoder.layers)]
         evaluated = [g for pair in gates for g in pair if g is not None and g.forced is None]
         self.gated = bool(evaluated)
-        kernels = self.device.type == "cuda" and decode_kernels.available()
-        supported = self.device.type == "cuda" and (kernels or not self.gated)
+        self.capture_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.
+        self.kernels = self._load_kernels(decoder, evaluated)
+        supported = self.device.type == "cuda" and (self.kernels is not None or not self.gated)
         self.use_graph = supported if use_graph is None else use_graph
         if self.use_graph and not supported:
             raise SparsifyError("the graph decode engine needs the model on a GPU and, for gated models, nvcc (CUDA >= 12.4) "
                                 "to build its kernels; use --decode-engine hf")
-        self.capture_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.
-        self.kernels = decode_kernels.DecodeKernels(self.device, self.capture_stream) if kernels else None
         # Per evaluated gate: the kernel's two counters (zero between replays) and, at batch > 1, its mask.
         self.gate_slots = {id(g): i for i, g in enumerate(evaluated)}
         self.scratch = torch.zeros(len(evaluated), 2, dtype=torch.int32, device=self.device)
@@ -130,22 +135,43 @@ class GraphDecoder:
         self._force_bodies = False
         self.decisions: list[torch.Tensor] | None = None  # set to [] to collect eager steps' keep masks
 
+    def _load_kernels(self, decoder: nn.Module, evaluated: list[nn.Module]) -> decode_kernels.DecodeKernels | None:
+        """The fused kernels where they apply; None on CPU, or (dense and frozen-gate models only)
+        where they cannot be built or the norms are not the kind they fuse."""
+        if self.device.type != "cuda" or not decode_kernels.available():
+            return None
+        norms = [m for layer in decoder.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [decoder.norm]
+        problem = None
+        if not all(decode_kernels.fusable_norm(norm, self.dtype) for norm in norms):
+            problem = f"its norms ({type(norms[0]).__name__}, weights in {norms[0].weight.dtype}) are not ones the kernels fuse"
+        elif any(g.weight.dtype != torch.float32 or g.bias.dtype != torch.float32 for g in evaluated):
+            problem = "its gates are not in fp32 (load the model with from_pretrained, which keeps them fp32)"
+        else:
+            try:
+                return decode_kernels.DecodeKernels(self.device, self.capture_stream)
+            except SparsifyError as error:
+                problem = str(error)
+        if evaluated:
+            raise SparsifyError(f"the graph decode engine cannot evaluate this model's gates on the GPU: {problem}; use --decode-engine hf")
+        warnings.warn(f"decode engine: plain transformers norms, no fused kernels ({problem})", stacklevel=3)
+        return None
+
     # -- the step ---------------------------------------------------------------------------------
     def _norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and decode_kernels.fusable_norm(norm):
-            return self.kernels.rms_norm(norm, hidden)
-        return norm(hidden)
+        return self.kernels.rms_norm(norm, hidden) if self.kernels is not None else norm(hidden)
 
     def _norm_and_decide(self, norm: nn.Module, hidden: torch.Tensor, gate: nn.Module | None) -> tuple[torch.Tensor, _Decision | None]:
         """The sublayer's normalised input and, for an evaluated gate, its decision."""
         if gate is None or gate.forced is not None:
+            if gate is not None and self.decisions is not None and not self._capturing and not self._force_bodies:
+                self.decisions.append(torch.full((self.batch,), gate.forced, device=self.device))  # frozen: counted too
             return self._norm(norm, hidden), None
         slot = self.gate_slots[id(gate)]
         mask = self.masks[slot] if self.batch > 1 else None
         if self._capturing:  # one kernel: norm, gate, mask, and the IF node's condition
             normed, handle = self.kernels.norm_gate(norm, hidden, gate, mask, self.scratch[slot])
             return normed, _Decision(handle=handle, mask=mask)
-        if self.kernels is None or not decode_kernels.fusable_norm(norm):  # CPU: the model's own modules
+        if self.kernels is None:  # CPU: the model's own modules
             normed = norm(hidden)
             keep = gate(normed)[1]
             mask = keep[..., None].to(normed.dtype) if mask is not None else None
@@ -257,13 +283,14 @@ class GraphDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for buffer, saved in zip((self.token, self.position, self.history), state, strict=True):
             buffer.copy_(saved)  # the warm-up's cache write lands on the slot the first real step overwrites
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         self._capturing = True
         try:
-            with torch.cuda.graph(self.graph, stream=stream):
+            with torch.cuda.graph(graph, stream=stream):
                 self._step()
         finally:
             self._capturing = False
+        self.graph = graph  # only a finished capture is ever replayed
 
 
 def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,

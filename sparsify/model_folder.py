@@ -12,6 +12,7 @@ from sparsify.atomic_output import atomic_folder
 from sparsify.info import count_params
 from sparsify.model_card import render_card
 from sparsify.provenance import write_record
+from sparsify.skip import MODELING_FILE, SkipConfig, modeling_source
 
 
 def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: dict[str, Any] | None, *, overwrite: bool = False) -> None:
@@ -23,7 +24,9 @@ def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: 
         for name in extra:
             if (source_dir / name).exists() and not (staging / name).exists():
                 (staging / name).write_bytes((source_dir / name).read_bytes())
+        config = json.loads((staging / "config.json").read_text())
+        if config.get("model_type") == SkipConfig.model_type:  # the code that reads frozen_gates etc., not the source's older copy
+            (staging / MODELING_FILE).write_bytes(modeling_source())
         if record and record.get("variant"):
             write_record(staging, record)
-            config = json.loads((staging / "config.json").read_text())
             (staging / "README.md").write_text(render_card(record, count_params(staging, config)))

@@ -92,6 +92,24 @@ def test_batched_skip_decode_masks_per_sequence(skip_models):
     _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
+def test_frozen_gates_decode_like_the_model_and_are_counted(skip_models):
+    model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
+    randomise_gates(model, seed=9)
+    gates = model.skip_gates()
+    model.freeze_gates({f"{layer}.{sublayer}": index % 2 == 1 for index, (layer, sublayer, _) in enumerate(gates[::2])})
+    with torch.no_grad():
+        expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=6)
+        engine = GraphDecoder(model, batch=2, max_len=13, use_graph=False)
+        engine.prefill(IDS[:, :6])
+        engine.decisions = []
+        logits = []
+        for _ in range(6):
+            engine.step()
+            logits.append(engine.last_logits[:, -1].clone())
+    _assert_same_decoding((engine.history[:, :13].clone(), logits), (expected_ids, expected))
+    assert len(engine.decisions) == 6 * len(gates)  # every gate, frozen or not, at every step
+
+
 def test_unsupported_models_and_lengths_are_refused(dense_weights, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models["llama"]).eval()
     engine = GraphDecoder(model, batch=1, max_len=8, use_graph=False)
@@ -152,7 +170,7 @@ def test_fused_norm_and_gate_kernel_match_the_modules_on_gpu(dtype, skip_models)
     block = model.model.layers[0]
     norm, gate = block.input_layernorm, block.sparsify_gates[0]
     norm.weight.data.normal_(1.0, 0.2)
-    assert fusable_norm(norm)
+    assert fusable_norm(norm, dtype)
     kernels = DecodeKernels(torch.device("cuda"), torch.cuda.Stream())
     hidden = torch.randn(16, 1, model.config.hidden_size, device="cuda").to(dtype) * 3
     with torch.no_grad():

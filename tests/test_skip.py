@@ -4,6 +4,7 @@ recomputation, the folder loads with and without sparsify, gradients reach the g
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -133,6 +134,7 @@ def test_threshold_is_adjustable_after_loading(skip_models):
 
 
 def test_frozen_gates_change_nothing_where_the_gate_never_decides_and_survive_saving(skip_models, tmp_path):
+    from sparsify.eval.probes import SkipGateProbe
     from sparsify.skip.freezing import FreezeRule, freeze_gates
     from sparsify.train.skipping import find_gates, gates_open
 
@@ -146,11 +148,22 @@ def test_frozen_gates_change_nothing_where_the_gate_never_decides_and_survive_sa
         before = model(IDS).logits
     rows = [{"layer": layer, "sublayer": sublayer, "skip_rate": {id(always_on): 0.0, id(always_off): 1.0}.get(id(gate), 0.5)}
             for layer, sublayer, gate in gates]
+    probe = SkipGateProbe(gates)
+
+    def watched() -> dict:
+        probe.attach()
+        with torch.no_grad():
+            model(IDS)
+        probe.detach()
+        return probe.summary()
+
+    unfrozen = watched()
     frozen = freeze_gates(model, rows, FreezeRule(open_below=0.05, closed_above=0.95))
     assert frozen == {f"{on_layer}.{on_sublayer}": True, f"{off_layer}.{off_sublayer}": False}
     assert always_on.forced is True and always_off.forced is False and all(gate.forced is None for _, _, gate in gates[2:])
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=1e-6)
+    assert watched() == unfrozen  # frozen gates are still counted, with the decisions they always made
     with gates_open(find_gates(model)):  # the training loop's teacher pass
         assert always_off.forced is True
     assert always_off.forced is False  # frozen again afterwards
@@ -194,6 +207,27 @@ def test_a_tiny_training_run_lowers_the_skip_loss_and_keeps_kl_bounded(skip_mode
     assert record["variant"] == "skip" and record["layout"]["dense_path"] is None
 
 
+def test_training_keeps_frozen_gates_frozen_and_counts_them(skip_models, corpus, tmp_path):
+    from sparsify.train.loop import train
+    from sparsify.train.options import TrainOptions
+
+    model = AutoModelForCausalLM.from_pretrained(skip_models["qwen2"])
+    gates = model.skip_gates()
+    decisions = {f"{layer}.{sublayer}": index % 2 == 0 for index, (layer, sublayer, _) in enumerate(gates[:-1])}
+    model.freeze_gates(decisions)  # every gate but the last frozen, half of them closed
+    source = tmp_path / "frozen"
+    shutil.copytree(skip_models["qwen2"], source)
+    model.save_pretrained(source)
+    options = TrainOptions(data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1024", seq_len=32, batch_size=4,
+                           eval_every=0, eval_tokens="256", checkpoint_every=0, lora_rank=4, lora_alpha=8.0, target_skip=0.3)
+    result = train(source, options, output=tmp_path / "trained")
+    closed = sum(not keep for keep in decisions.values()) / len(gates)
+    assert result.before["skip_rate"] >= closed - 1e-6  # the frozen-closed gates are counted as skipping
+    trained = AutoModelForCausalLM.from_pretrained(result.output)
+    assert trained.config.frozen_gates == decisions
+    assert [gate.forced for _, _, gate in trained.skip_gates()] == [*decisions.values(), None]
+
+
 def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_models, dense_models, corpus, tmp_path):
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.sweep import skip_sweep
@@ -221,7 +255,6 @@ def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_model
 
 def test_skip_freeze_writes_a_folder_that_serves_its_threshold_and_frozen_gates(skip_models, corpus, tmp_path):
     import os
-    import shutil
 
     from conftest import sparsify_command
 
@@ -232,12 +265,15 @@ def test_skip_freeze_writes_a_folder_that_serves_its_threshold_and_frozen_gates(
     layer, sublayer, always_off = model.skip_gates()[2]
     always_off.weight.data.zero_(), always_off.bias.data.fill_(-10.0)
     model.save_pretrained(source)
+    current = (source / "modeling_skip.py").read_bytes()
+    (source / "modeling_skip.py").write_bytes(b"# an older sparsify's copy\n" + current)
     output = tmp_path / "served"
     done = subprocess.run([*sparsify_command(), "skip-freeze", str(source), "-o", str(output), "--data", str(corpus["train"]),
                            "--threshold", "0.4", "--freeze-below", "0.2", "--freeze-above", "0.95", "--tokens", "2k"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "always run" in done.stdout and "per token" in done.stdout
+    assert (output / "modeling_skip.py").read_bytes() == current  # the code that knows frozen_gates, not the source's copy
     config = json.loads((output / "config.json").read_text())
     frozen = config["frozen_gates"]
     assert config["skip_threshold"] == 0.4 and frozen[f"{layer}.{sublayer}"] is False

@@ -1,6 +1,16 @@
 """Layer-skip models: their modeling code, registered with the Auto classes on `import sparsify`."""
 
+from pathlib import Path
+
+from sparsify.skip import modeling_skip
 from sparsify.skip.modeling_skip import SkipConfig, SkipForCausalLM
+
+MODELING_FILE = "modeling_skip.py"
+
+
+def modeling_source() -> bytes:
+    """The remote code every saved skip model carries: this version, matching the config it wrote."""
+    return Path(modeling_skip.__file__).read_bytes()
 
 
 def register() -> None:
@@ -10,4 +20,4 @@ def register() -> None:
     AutoModelForCausalLM.register(SkipConfig, SkipForCausalLM, exist_ok=True)
 
 
-__all__ = ["SkipConfig", "SkipForCausalLM", "register"]
+__all__ = ["MODELING_FILE", "SkipConfig", "SkipForCausalLM", "modeling_source", "register"]

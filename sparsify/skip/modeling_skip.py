@@ -35,7 +35,6 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa arrived in 2.5
 SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", "skip_threshold", "gate_bias_init", "frozen_gates")
 SUBLAYERS = ("attention", "ffn")
 
@@ -170,30 +169,35 @@ def _attention_for_kept(attention: nn.Module, normed: torch.Tensor, keep: torch.
         position = order + (total - length)
         allowed = (torch.arange(total, device=normed.device)[None, None, :] <= position[:, :, None])[:, None]
     groups = queries.shape[1] // keys.shape[1]
-    shared = {}
-    if groups > 1 and _SDPA_GQA:  # grouped heads read the shared keys in place (no copies)
-        shared = {"enable_gqa": True}
-    elif groups > 1:
+    if groups > 1:  # (SDPA's enable_gqa would fall back to the math kernel on CUDA with a mask)
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(queries, keys.to(queries.dtype), values.to(queries.dtype), attn_mask=allowed,
-                                         scale=attention.scaling, **shared)
+                                         scale=attention.scaling)
     out = attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)) * valid[..., None].to(normed.dtype)
     return torch.zeros_like(normed).scatter(1, order[..., None].expand(-1, -1, hidden), out)
 
 
-def _evaluated(gate: SkipGate | None) -> SkipGate | None:
-    """The gate if it decides per token; None if the sublayer always runs (ungated, or frozen open)."""
-    return None if gate is None or gate.forced is True else gate
+def _consulted(gate: SkipGate | None, training: bool) -> SkipGate | None:
+    """The gate to call, or None where the sublayer simply runs (ungated, or frozen open). A frozen
+    gate is still called while it is watched (forward hooks: skip-rate probes, the training loss)
+    or trained through, so its fixed decision is counted like any other; serving pays nothing."""
+    if gate is None or (gate.forced is True and not gate._forward_hooks and not training):
+        return None
+    return gate
 
 
 def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) -> torch.Tensor:
+    differentiable = layer.training or torch.is_grad_enabled()
+    gate = _consulted(gate, differentiable)
     if gate is None:
         return layer.mlp(normed)
-    if gate.forced is False and not (layer.training or torch.is_grad_enabled()):  # frozen closed: no work, no sync
+    if gate.forced is False and not differentiable and not gate._forward_hooks:  # frozen closed: no work, no sync
         return torch.zeros_like(normed)
     probability, keep = gate(normed)
-    if layer.training or torch.is_grad_enabled():
+    if differentiable:
         return _straight_through(probability, keep).unsqueeze(-1).to(normed.dtype) * layer.mlp(normed)
+    if gate.forced is False:
+        return torch.zeros_like(normed)
     kept = keep.reshape(-1)
     count = int(kept.sum())  # the one host synchronisation this sublayer needs to decide
     if count == kept.numel():
@@ -209,13 +213,13 @@ def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) ->
 def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                          use_cache=False, position_embeddings=None, **kwargs):
     # Frozen-open gates are not evaluated at all; frozen-closed ones decide without a host sync.
-    attention_gate, ffn_gate = (_evaluated(gate) for gate in self.sparsify_gates)
+    differentiable = self.training or torch.is_grad_enabled()
+    attention_gate = _consulted(self.sparsify_gates[0], differentiable)
     residual = hidden_states
     normed = self.input_layernorm(hidden_states)
     run_attention = True
     if attention_gate is not None:
         probability, keep = attention_gate(normed)
-        differentiable = self.training or torch.is_grad_enabled()
         if differentiable:
             count = None
         elif attention_gate.forced is False:
@@ -240,7 +244,7 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
             attended = _straight_through(probability, keep).unsqueeze(-1).to(attended.dtype) * attended
         hidden_states = residual + attended
     residual = hidden_states
-    hidden_states = residual + _gated_ffn(self, ffn_gate, self.post_attention_layernorm(hidden_states))
+    hidden_states = residual + _gated_ffn(self, self.sparsify_gates[1], self.post_attention_layernorm(hidden_states))
     return hidden_states
 
 
