@@ -147,7 +147,10 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                 _timed(generate(decode_tokens), device, warmup, 0)
                 # Each repeat times 1 token then N tokens back to back, so drift hits both alike.
                 pairs = [(_timed(generate(1), device, 0, 1)[0], _timed(generate(decode_tokens), device, 0, 1)[0]) for _ in range(repeats)]
-            per_token = [(full - first) / (decode_tokens - 1) for first, full in pairs]
+            # The fastest 1-token run is the fixed cost (prompt, set-up): a per-repeat difference
+            # goes negative on a busy machine when one 1-token run is slow and the N-token run is not.
+            fixed = min(first for first, _ in pairs)
+            per_token = [max(full - fixed, 0.0) / (decode_tokens - 1) for _, full in pairs]
         if decode_tokens > 1:
             entry.setdefault("decode_engine", decode_engine)
             entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
