@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 from sparsify.errors import SparsifyError
 from sparsify.eval.options import EvalOptions
