@@ -64,9 +64,7 @@ def main() -> None:
     settings = EvalOptions(teacher=args.model, data=args.eval_data, tokens=args.eval_tokens, batch_size=4, routing_tokens="32k",
                            speed_batch="1,16", prompt_len=256, decode_tokens=64, repeats=5,
                            decode_engine=args.decode_engine)
-    freeze = None
-    if args.freeze_below is not None or args.freeze_above is not None:
-        freeze = FreezeRule(args.freeze_below or 0.0, 1.0 if args.freeze_above is None else args.freeze_above)
+    freeze = FreezeRule.from_options(args.freeze_below, args.freeze_above)
     sweep = skip_sweep(str(trained_folder), [float(t) for t in args.thresholds.split(",")], [int(w) for w in args.windows.split(",")],
                        settings, output=args.work / "sweep", freeze=freeze, calibration_data=args.data if freeze else None)
     report["sweep"] = sweep

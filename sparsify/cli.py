@@ -332,9 +332,7 @@ def skip_sweep(
 
     names = {f.name for f in fields(EvalOptions)}
     settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
-    freeze = None
-    if freeze_below is not None or freeze_above is not None:
-        freeze = FreezeRule(open_below=freeze_below or 0.0, closed_above=1.0 if freeze_above is None else freeze_above)
+    freeze = FreezeRule.from_options(freeze_below, freeze_above)
     with err.status("sweeping") as status:
         result = run_sweep(model, [float(t) for t in thresholds.split(",")], [int(w) for w in windows.split(",")], settings,
                            output=output, freeze=freeze, calibration_data=calibration_data,

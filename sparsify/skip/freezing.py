@@ -27,6 +27,13 @@ class FreezeRule:
         if not 0.0 <= self.open_below <= self.closed_above <= 1.0:
             raise SparsifyError(f"freezing needs 0 <= open-below ({self.open_below}) <= closed-above ({self.closed_above}) <= 1")
 
+    @classmethod
+    def from_options(cls, open_below: float | None, closed_above: float | None) -> FreezeRule | None:
+        """The rule two optional command-line bounds ask for; None when neither is given."""
+        if open_below is None and closed_above is None:
+            return None
+        return cls(open_below or 0.0, 1.0 if closed_above is None else closed_above)
+
     def decide(self, skip_rate: float) -> bool | None:
         """True: always run, False: always skip, None: keep deciding per token."""
         if skip_rate < self.open_below:

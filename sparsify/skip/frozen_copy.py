@@ -20,6 +20,7 @@ from sparsify.atomic_output import check_output_free
 from sparsify.errors import SparsifyError
 from sparsify.model_folder import save_model_folder
 from sparsify.provenance import read_record
+from sparsify.skip import SkipConfig
 from sparsify.skip.freezing import FreezeRule, freeze_gates
 
 
@@ -43,7 +44,8 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise SparsifyError(f"{model_dir} is not a model folder; skip-freeze takes the folder of a layer-skip model")
-    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "sparsify_skip":
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != SkipConfig.model_type:
         raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SparsifyError(f"--threshold must be between 0 and 1 (got {threshold})")
@@ -64,7 +66,7 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
                          "frozen": counts}
     if record.get("layout"):  # what `sparsify info` and the model card show
         record["layout"] = {**record["layout"], "threshold": model.config.skip_threshold, "frozen_gates": counts}
-    dtype = _saved_dtype(model_dir)
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
     if dtype != torch.float32:  # back to the folder's dtype; the gates stay fp32, as the model class keeps them
         gate_state = {name: p.detach().clone() for name, p in model.named_parameters() if name.startswith("gates.")}
         model.to(dtype)
@@ -72,9 +74,3 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
             model.get_parameter(name).data = value
     save_model_folder(model, tokenizer, model_dir, output, record, overwrite=overwrite)
     return FrozenCopy(output, model.config.skip_threshold, skip["tokens"], skip["skip_rate"], gates)
-
-
-def _saved_dtype(model_dir: Path) -> torch.dtype:
-    config = json.loads((model_dir / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name, torch.float32)

@@ -191,13 +191,13 @@ def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) ->
     gate = _consulted(gate, differentiable)
     if gate is None:
         return layer.mlp(normed)
-    if gate.forced is False and not differentiable and not gate._forward_hooks:  # frozen closed: no work, no sync
+    if gate.forced is False and not differentiable:  # frozen closed: no work, no sync
+        if gate._forward_hooks:
+            gate(normed)  # watched: its decision is counted
         return torch.zeros_like(normed)
     probability, keep = gate(normed)
     if differentiable:
         return _straight_through(probability, keep).unsqueeze(-1).to(normed.dtype) * layer.mlp(normed)
-    if gate.forced is False:
-        return torch.zeros_like(normed)
     kept = keep.reshape(-1)
     count = int(kept.sum())  # the one host synchronisation this sublayer needs to decide
     if count == kept.numel():
