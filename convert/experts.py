@@ -20,11 +20,12 @@ projections; silu is not homogeneous, so that is not exact for SwiGLU. Scaling o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from sparsify.convert.options import ExpertInitOptions  # noqa: F401 - shared by moe and fine-moe
 from sparsify.errors import SparsifyError
 
 SPLITS = ("contiguous", "random")
@@ -92,18 +93,6 @@ class ExpertLayout:
         if g > 1 and self.router_init != "virtual-group":
             return Exactness(False, "a random router does not select whole copies; use --router-init virtual-group")
         return Exactness(True, f"top-k {k} selects {k // g} whole cop{'y' if k == g else 'ies'} of the FFN")
-
-
-@dataclass
-class ExpertInitOptions:
-    """Options both `moe` and `fine-moe` take: how new parameters are drawn."""
-
-    reinit_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Drop-Upcycling: fraction of the FFN neurons of copies 1..E-1 re-drawn at random (0 keeps the model exact)."},
-    )
-    router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
-    seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:

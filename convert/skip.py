@@ -10,7 +10,6 @@ sparsify, and through the registered Auto classes with it. Every gate starts ope
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from sparsify.checkpoint_writer import PlannedTensor
 from sparsify.convert.experts import Exactness
 from sparsify.convert.native_moe import DROPPED_CONFIG_KEYS, SKIPPED, _passthrough
+from sparsify.convert.options import SkipOptions
 from sparsify.convert.plan import ConversionPlan
 from sparsify.errors import SparsifyError
 from sparsify.skip import MODELING_FILE, modeling_source
@@ -25,15 +25,6 @@ from sparsify.skip import MODELING_FILE, modeling_source
 # Families whose decoder layer the skip modeling code wraps (same sublayer structure).
 SKIP_BASES = ("llama", "mistral", "qwen2", "qwen3")
 GATE_CHOICES = {"both": ("attention", "ffn"), "attention": ("attention",), "ffn": ("ffn",)}
-
-
-@dataclass
-class SkipOptions:
-    gates: str = field(default="both", metadata={"help": "Which sublayers get a gate: both, attention or ffn."})
-    exclude_first: int = field(default=0, metadata={"help": "Leave the first N layers ungated (always run)."})
-    exclude_last: int = field(default=0, metadata={"help": "Leave the last N layers ungated (always run)."})
-    threshold: float = field(default=0.5, metadata={"help": "Inference threshold: a sublayer runs for a token when its gate's probability exceeds it (adjustable after training)."})
-    gate_bias_init: float = field(default=6.0, metadata={"help": "Initial gate bias: sigmoid(6) = 0.998, every gate open, the model exact."})
 
 
 def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPlan:
@@ -70,7 +61,10 @@ def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPla
         "dtype": str(dtype).removeprefix("torch."),
     }
     reader = source.tensors
-    tensors = [_passthrough(reader, name, dtype) for name in reader.names() if not SKIPPED.search(name)]
+    # A tied output head is the input embedding: stored once, as transformers saves it.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tensors = [_passthrough(reader, name, dtype) for name in reader.names()
+               if not SKIPPED.search(name) and not (tied and name == "lm_head.weight")]
     hidden = int(config.hidden_size)
     for sublayer in sublayers:  # gates in fp32: the decision near the threshold needs the precision
         for layer in gated_layers:

@@ -45,7 +45,10 @@ class EvalOptions:
 
     @property
     def speed_batches(self) -> list[int]:
-        return [int(b) for b in _list(self.speed_batch)]
+        try:
+            return [int(b) for b in _list(self.speed_batch)]
+        except ValueError as error:
+            raise SparsifyError(f"--speed-batch takes comma-separated batch sizes (e.g. 1,8), not '{self.speed_batch}'") from error
 
     @property
     def task_names(self) -> list[str]:
@@ -67,6 +70,28 @@ class EvalOptions:
             raise SparsifyError("--dtype must be auto, bf16, fp16 or fp32")
         if self.decode_engine not in DECODE_ENGINES:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
-        if any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
+        if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
             raise SparsifyError("--speed-batch, --prompt-len and --repeats must be positive")
-        parse_count(self.tokens), parse_count(self.routing_tokens)  # noqa: B018 - fail early on a bad count
+        for name, ok, rule in _RULES:
+            if not ok(getattr(self, name)):
+                raise SparsifyError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+        if not 0 < self.stride < self.window:
+            raise SparsifyError(f"--stride must be at least 1 and below --window ({self.window}), not {self.stride}")
+        if parse_count(self.tokens) < 2:
+            raise SparsifyError(f"--tokens {self.tokens}: score at least 2 tokens (e.g. --tokens 64k)")
+        if parse_count(self.routing_tokens) < 1:
+            raise SparsifyError(f"--routing-tokens {self.routing_tokens}: watch at least 1 token (e.g. --routing-tokens 32k)")
+        if self.data:
+            from sparsify.data import check_sources
+
+            check_sources(_list(self.data), "--data")
+
+
+# (field, accepts, what the rule is): numeric options a measurement cannot sensibly take.
+_RULES = (
+    ("window", lambda v: v >= 2, "must be at least 2"),
+    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+    ("decode_tokens", lambda v: v >= 0, "must be 0 or more (0 or 1: no decode timing)"),
+    ("warmup", lambda v: v >= 0, "must be 0 or more"),
+    ("task_limit", lambda v: v >= 0, "must be 0 or more (0: every example)"),
+)

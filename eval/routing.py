@@ -16,14 +16,19 @@ def measure_routing(model, text: EvalText, *, block: int, batch_size: int, max_t
     if not probes:
         return None
     device = next(model.parameters()).device
-    usable = min(len(text.ids), max_tokens) // block * block
-    blocks = text.ids[:usable].reshape(-1, block) if usable else text.ids[None, : min(len(text.ids), max_tokens)]
+    watched = text.ids[: min(len(text.ids), max_tokens)]
+    whole = len(watched) // block * block
+    # Whole blocks in batches, then the remainder as one shorter block: every token asked for (or
+    # every token the text has) is seen, so the statistics cover the count the user gave.
+    batches = [watched[:whole].reshape(-1, block)[start:start + batch_size] for start in range(0, whole // block, batch_size)]
+    if whole < len(watched):
+        batches.append(watched[whole:][None])
     for probe in probes:
         probe.attach()
     try:
         with torch.no_grad():
-            for start in range(0, len(blocks), batch_size):
-                model(input_ids=blocks[start:start + batch_size].to(device))
+            for batch in batches:
+                model(input_ids=batch.to(device))
     finally:
         for probe in probes:
             probe.detach()

@@ -62,12 +62,20 @@ def _describe(ref: str, model) -> dict[str, Any]:
     }
 
 
-def eval_text(options: EvalOptions, tokenizer) -> EvalText:
+def eval_text(options: EvalOptions, tokenizer, tokens: str | None = None) -> EvalText:
+    """Held-out text of `tokens` tokens (default --tokens) from --data."""
     from sparsify.data import iter_documents
 
     sources = [s.strip() for s in options.data.split(",") if s.strip()]
     documents = (doc for source in sources for doc in iter_documents(source, options.text_field))
-    return build_eval_text(documents, tokenizer, parse_count(options.tokens))
+    return build_eval_text(documents, tokenizer, parse_count(tokens or options.tokens))
+
+
+def shortfall_note(what: str, asked: int, seen: int) -> str | None:
+    """Say so when a measurement covered fewer tokens than asked (the data ran out)."""
+    if seen >= asked:
+        return None
+    return f"{what} cover {seen:,} tokens, not the {asked:,} asked: the data has no more text"
 
 
 def measure_model_speed(model, tokenizer, options: EvalOptions, sample: torch.Tensor) -> dict[str, Any]:
@@ -106,10 +114,15 @@ def evaluate(
     on_status: Callable[[str], None] = lambda text: None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict[str, Any]:
+    from sparsify.sources import check_model_ref
+
     options.validate()
     suites = options.suites
     if card and not Path(model_ref).is_dir():
         raise SparsifyError("--card writes into the model folder's README.md; MODEL must be a local folder")
+    check_model_ref(model_ref)  # both refused before either model is loaded
+    if options.teacher:
+        check_model_ref(options.teacher, "--teacher")
     device = resolve_device(options.device)
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     on_status(f"loading {model_ref}")
@@ -132,14 +145,24 @@ def evaluate(
         "versions": versions(),
     }
     text = eval_text(options, tokenizer) if {"quality", "routing"} & set(suites) or options.data else None
+    if text is not None and "quality" in suites:
+        note = shortfall_note("quality figures", parse_count(options.tokens), len(text.ids))
+        if note:
+            report["notes"] = [*report.get("notes", []), note]
     if "quality" in suites:
         on_status("quality: sliding-window perplexity" + (" and agreement with the teacher" if teacher is not None else ""))
         report["quality"] = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size,
                                             teacher=teacher, on_progress=on_progress)
     if "routing" in suites:
         on_status("routing: expert load and entropy")
-        report["routing"] = measure_routing(model, text, block=options.window, batch_size=options.batch_size,
-                                            max_tokens=parse_count(options.routing_tokens))
+        asked = parse_count(options.routing_tokens)
+        # The quality text holds --tokens tokens; routing may ask for more.
+        routing_text = text if asked <= parse_count(options.tokens) else eval_text(options, tokenizer, options.routing_tokens)
+        report["routing"] = measure_routing(model, routing_text, block=options.window, batch_size=options.batch_size, max_tokens=asked)
+        seen = next(iter((report["routing"] or {}).values()), {}).get("tokens", asked)
+        note = shortfall_note("routing statistics", asked, seen)
+        if note:
+            report["notes"] = [*report.get("notes", []), note]
     if "cost" in suites:
         sample = text.ids[1:] if text is not None else torch.tensor(tokenizer(SPEED_TEXT)["input_ids"])
         on_status("cost: speed of the model")

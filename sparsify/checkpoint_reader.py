@@ -54,9 +54,15 @@ class _Entry:
 
 
 def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    file_size = os.path.getsize(path)
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+        try:
+            if not 0 < size <= file_size - 8:
+                raise ValueError(f"header length {size} does not fit in {file_size} bytes")
+            header = json.loads(handle.read(size))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SparsifyError(f"{path} is not a readable safetensors file ({error}); re-download or re-export it") from error
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -68,17 +74,32 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of `folder` is whole: its header parses and the file is as long as
+    the header says. Reads headers only, so a broken download is refused in milliseconds rather
+    than with a loader's traceback after the model has half loaded."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        entries = read_safetensors_header(path)
+        needed = max((entry.start + entry.nbytes for entry in entries.values()), default=0)
+        have = os.path.getsize(path)
+        if have < needed:
+            raise SparsifyError(
+                f"{path} is truncated: {have:,} bytes where its header needs {needed:,}; re-download, re-convert or re-save it"
+            )
+
+
 class SafetensorsReader:
     """Lazy reader over every `*.safetensors` file of a folder (single file or shards)."""
 
     def __init__(self, folder: Path):
+        self._fds: dict[Path, int] = {}  # first: __del__ runs even when the checks below refuse the folder
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise SparsifyError(f"no .safetensors files in {folder}")
+        check_weight_files(folder)
         self._entries: dict[str, _Entry] = {}
         for file in files:
             self._entries.update(read_safetensors_header(file))
-        self._fds: dict[Path, int] = {}
 
     def names(self) -> list[str]:
         return list(self._entries)

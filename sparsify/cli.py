@@ -24,7 +24,8 @@ from sparsify.aliases import ALIASES, DEFAULT_MODEL
 
 app = typer.Typer(
     name="sparsify",
-    help="Turn dense Hugging Face causal LMs into sparse ones (MoE, fine-grained MoE), train their routers, and measure them.",
+    help="Turn dense Hugging Face causal LMs into sparse ones (MoE, fine-grained MoE, layer skip), train their routers or "
+         "gates, and measure them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -45,6 +46,15 @@ def _default_text(options_cls: type, name: str) -> str:
     f = next(x for x in fields(options_cls) if x.name == name)
     value = f.default if f.default is not MISSING else None
     return "auto" if value is None else (str(value) if value != "" else "none")
+
+
+def _with_help(f, text: str):
+    """A copy of dataclass field `f` whose help is `text` (fields are shared; do not mutate)."""
+    import copy
+
+    changed = copy.copy(f)
+    changed.metadata = {**f.metadata, "help": text}
+    return changed
 
 
 def _option(f, hint: Any, panel: str, default_text: str) -> inspect.Parameter:
@@ -75,6 +85,9 @@ def _variant_parameters() -> list[inspect.Parameter]:
                 else ", ".join(f"{name}: {value}" for name, value in per_variant.items())
             )
             panel = "Variant options (--to " + " / ".join(c.name for c in users) + ")"
+            helps = {c.name: next(x for x in fields(c.options) if x.name == f.name).metadata.get("help", "") for c in users}
+            if len(set(helps.values())) > 1:  # e.g. --experts: experts for moe, FFN copies for fine-moe
+                f = _with_help(f, " ".join(f"{name}: {text}" for name, text in helps.items()))
             params[f.name] = _option(f, hints[f.name], panel, defaults)
     return list(params.values())
 
@@ -119,10 +132,11 @@ def upcycle(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the source's custom config code to run.")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     max_shard_size: Annotated[float, typer.Option(help="Largest output shard, in GB.")] = 5.0,
-    train_after: Annotated[bool, typer.Option("--train", help="Then train the routers (see the training options).")] = False,
+    train_after: Annotated[bool, typer.Option("--train", help="Then train the routers or skip gates (see the training options).")] = False,
     **options: Any,
 ) -> None:
-    """Convert a dense checkpoint into a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    """Convert a dense checkpoint into a sparse one: a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) for
+    --to moe / fine-moe, or the layer-skip architecture (remote code) for --to skip."""
     from sparsify.info import layout_rows
     from sparsify.upcycle import upcycle as run_upcycle
 
@@ -176,14 +190,16 @@ app.command(help=upcycle.__doc__)(upcycle)
 
 
 def train(
-    model: Annotated[Path, typer.Argument(help="A MoE folder made by `sparsify upcycle`.")],
+    model: Annotated[Path, typer.Argument(help="A folder made by `sparsify upcycle` (MoE, fine-grained MoE or layer skip). A dense "
+                                               "folder is accepted only with --teacher (a LoRA fine-tune against that model).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the trained model goes (default: replace MODEL atomically at the end).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and tokenized data (default: OUTPUT.run).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run in the run folder.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard the unfinished run's checkpoint and start over.")] = False,
     **options: Any,
 ) -> None:
-    """Train routers (fully) and LoRA adapters with KL to the dense teacher; merge and save natively."""
+    """Train the routers or skip gates (in full) and LoRA adapters of a converted model with KL to its dense teacher;
+    merge the adapters and save the model in its own format."""
     _run_training(model, _train_options(options), output=output, run_dir=run_dir, resume=resume, restart=restart)
 
 
@@ -194,14 +210,18 @@ app.command(help=train.__doc__)(train)
 def _run_training(model: Path, options, output, run_dir, resume: bool, restart: bool) -> None:
     import os
 
+    from sparsify.train.loop import TrainingInterrupted
     from sparsify.train.loop import train as run_train
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, rank 0 reports
     progress = Progress(
-        TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.fields[steps]}"),
         TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not main_process,
     )
-    task = progress.add_task("train", total=None, status="starting")
+    task = progress.add_task("train", total=None, steps="?", status="starting")
+
+    def on_plan(total_steps: int, start_step: int) -> None:
+        progress.update(task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")
 
     def on_step(entry: dict[str, Any]) -> None:
         status = (
@@ -209,13 +229,19 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
             + (f" skip {entry['skip_rate']:.1%}" if "skip_rate" in entry else "")
             + f" | {entry['tokens_per_s']:,.0f} tok/s"
         )
-        progress.update(task, total=entry["total_steps"], completed=entry["step"], status=status)
+        progress.update(task, completed=entry["step"], status=status)
 
-    with progress:
-        result = run_train(
-            model, options, output=output, run_dir=run_dir, resume=resume, restart=restart,
-            on_step=on_step, on_status=lambda text: progress.update(task, status=text),
-        )
+    try:
+        with progress:
+            result = run_train(
+                model, options, output=output, run_dir=run_dir, resume=resume, restart=restart,
+                command=shlex.join(["sparsify", *sys.argv[1:]]), on_step=on_step, on_plan=on_plan,
+                on_status=lambda text: progress.update(task, status=text),
+                on_notice=lambda text: progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False),
+            )
+    except TrainingInterrupted as stopped:
+        err.print(f"[yellow]{stopped}[/yellow]", highlight=False, soft_wrap=True)
+        sys.exit(130)
     if not main_process:
         return
     table = Table(title=f"training -> {result.output}")
@@ -232,10 +258,20 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
             continue
         table.add_row(label, fmt.format(result.before[key]) if key in result.before else "-", fmt.format(result.after[key]))
     out.print(table)
-    out.print(
-        f"{result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s), "
-        f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}"
-    )
+    memory = "peak GPU memory" if result.peak_memory_bytes and _on_gpu() else "peak resident memory"
+    session = (f"{result.session_tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
+    if result.start_step:
+        out.print(f"run: {result.steps} steps, {result.tokens:,} tokens; resumed after step {result.start_step}, "
+                  f"this session trained steps {result.start_step + 1}-{result.steps}: {session}")
+    else:
+        out.print(f"{result.steps} steps, {session}")
+    out.print(f"{memory} {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}")
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --- eval / compare ---------------------------------------------------------------------------
@@ -279,6 +315,8 @@ def evaluate(
             cells += [row.show(row.teacher, "teacher"), row.show_change()]
         table.add_row(*cells)
     out.print(table)
+    for note in report.get("notes", []):
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if output:
         out.print(f"report: {Path(output) / 'report.md'} (and report.json)")
 
@@ -330,11 +368,15 @@ def skip_sweep(
     from sparsify.eval.sweep import skip_sweep as run_sweep
     from sparsify.skip.freezing import FreezeRule
 
+    from sparsify.train.options import parse_numbers
+
     names = {f.name for f in fields(EvalOptions)}
     settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
+    threshold_values = parse_numbers(thresholds, float, "--thresholds", lambda t: 0 < t < 1, "between 0 and 1")
+    window_values = parse_numbers(windows, int, "--windows", lambda w: w >= 2, "of at least 2 tokens")
     freeze = FreezeRule.from_options(freeze_below, freeze_above)
     with err.status("sweeping") as status:
-        result = run_sweep(model, [float(t) for t in thresholds.split(",")], [int(w) for w in windows.split(",")], settings,
+        result = run_sweep(model, threshold_values, window_values, settings,
                            output=output, freeze=freeze, calibration_data=calibration_data,
                            on_status=lambda text: status.update(f"sweeping: {text}"))
     window = str(result["windows"][-1])
@@ -378,8 +420,10 @@ def skip_freeze(
 ) -> None:
     """Fix a skip model's threshold and freeze the gates that barely decide, measured on calibration text (see skip-sweep
     --freeze-below/--freeze-above for the trade-off); writes a new folder that loads and serves with those settings."""
+    from sparsify.eval.run import shortfall_note
     from sparsify.skip.freezing import FreezeRule
     from sparsify.skip.frozen_copy import write_frozen_copy
+    from sparsify.train.options import parse_count
 
     with err.status("measuring gate skip rates"):
         result = write_frozen_copy(model, output, FreezeRule(freeze_below, freeze_above), data, threshold=threshold, tokens=tokens,
@@ -394,6 +438,9 @@ def skip_freeze(
         table.add_row(sublayer, *(str(sum(g["decision"] == d for g in rows)) for d in ("run", "skip", "per token")),
                       f"{sum(deciding) / len(deciding):.1%}" if deciding else "-")
     out.print(table)
+    note = shortfall_note("the calibration rates", parse_count(tokens), result.calibration_tokens)
+    if note:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 # --- info -------------------------------------------------------------------------------------
@@ -433,16 +480,19 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
 
 def main() -> None:
     import os
+    import warnings
 
-    # transformers' own warnings and progress bars would interleave with ours; keep the terminal to
-    # sparsify's output unless the user asks for transformers' logs.
+    # transformers' own logs, warnings and progress bars would interleave with our rich display;
+    # keep the terminal to sparsify's output unless the user asks for transformers' logs. Set
+    # before transformers is imported (only the commands that need it import it), which is when
+    # it reads them.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # `import sparsify` has already imported transformers (to register the skip architecture), so
-    # the variable above came too late for its logger: apply the verbosity it asks for now.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity(getattr(hf_logging, os.environ["TRANSFORMERS_VERBOSITY"].upper(), hf_logging.ERROR))
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            for module in ("transformers", "torch", "peft", "accelerate", "huggingface_hub", "datasets"):
+                warnings.filterwarnings("ignore", category=category, module=module)
     try:
         app()
     except SparsifyError as error:

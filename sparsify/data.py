@@ -51,15 +51,27 @@ def _loader_for(path: str) -> str:
     return LOADERS[suffix]
 
 
+def check_sources(sources: Iterable[str], flag: str = "--data") -> None:
+    """Refuse, in a blink and before any model is loaded, a source that names no readable local
+    files and cannot be a Hub dataset id. (A Hub id is checked when it is opened.)"""
+    for source in sources:
+        files = _local_files(source)
+        if files is None:
+            looks_local = any(c in source for c in "*?[") or source.startswith((".", "/", "~")) or Path(source).suffix in (".gz", ".jsonl", ".txt", ".parquet")
+            if looks_local or "/" not in source:
+                raise SparsifyError(f"{flag}: no files match '{source}', and it is not a Hub dataset id (owner/name)")
+            continue
+        for path in files:
+            _loader_for(path)
+
+
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Documents of one source, in a fixed order (files sorted; a .txt file is one document)."""
     files = _local_files(source)
     if files is None:
         from datasets import load_dataset
 
-        looks_local = any(c in source for c in "*?[") or source.startswith((".", "/", "~")) or Path(source).suffix in (".gz", ".jsonl", ".txt", ".parquet")
-        if looks_local or "/" not in source:
-            raise SparsifyError(f"no files match '{source}', and it is not a Hub dataset id (owner/name)")
+        check_sources([source])
         try:
             rows = load_dataset(source, split="train", streaming=True)
         except Exception as error:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from sparsify.aliases import ALIASES, DEFAULT_MODEL  # noqa: F401 - re-exported
-from sparsify.checkpoint_reader import InMemoryReader, SafetensorsReader, TensorReader, load_pickle_checkpoint
+from sparsify.checkpoint_reader import InMemoryReader, SafetensorsReader, TensorReader, check_weight_files, load_pickle_checkpoint
 from sparsify.errors import SparsifyError
 
 
@@ -53,7 +53,9 @@ class ModelSource:
         self._write_sidecars(dest)
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        from sparsify.provenance import describe_gguf
+
+        found = {
             "ref": self.ref,
             "kind": self.kind,
             "path": str(self.path),
@@ -61,6 +63,10 @@ class ModelSource:
             "revision": self.revision,
             "model_type": self.config.model_type,
         }
+        if self.kind == "gguf":  # the weights are this file's (quantised) ones, not the Hub model's
+            alias = ALIASES.get(self.ref)
+            found["gguf"] = describe_gguf(self.path, alias.distribution.split("==")[0] if alias else None)
+        return found
 
 
 def gguf_path(ref: str) -> Path | None:
@@ -73,6 +79,23 @@ def gguf_path(ref: str) -> Path | None:
     if not path.is_file():
         raise SparsifyError(f"GGUF file not found: {path}")
     return path
+
+
+def check_model_ref(ref: str, flag: str = "MODEL") -> None:
+    """Refuse, before anything slow, a model reference that cannot load: a missing alias package
+    or .gguf file, a folder without config.json, truncated weights. A Hub id is checked when fetched."""
+    gguf = gguf_path(ref)
+    if gguf is not None:
+        return
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SparsifyError(f"{flag} {ref}: {path} has no config.json, so it is not a Hugging Face model folder")
+        check_weight_files(path)
+    elif path.exists():
+        raise SparsifyError(f"{flag} {ref} is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")
+    elif ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise SparsifyError(f"{flag} {ref}: no such folder or file (and it is not a Hub id)")
 
 
 def open_source(

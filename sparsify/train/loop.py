@@ -39,18 +39,33 @@ class TrainingDiverged(SparsifyError):
     pass
 
 
+class TrainingInterrupted(SparsifyError):
+    """Ctrl-C: the message says whether a checkpoint exists and how to resume."""
+
+
 @dataclass
 class TrainResult:
     output: Path
     run_dir: Path
-    steps: int
-    tokens: int
-    seconds: float
-    tokens_per_second: float
-    peak_memory_bytes: int
+    steps: int  # of the whole run
+    tokens: int  # of the whole run
+    seconds: float  # this session's training time (a resumed run counts from where it resumed)
+    tokens_per_second: float  # this session's
+    peak_memory_bytes: int  # as logged in log.jsonl
     before: dict[str, float]
     after: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0  # > 0: this session resumed the run after that step
+
+    @property
+    def session_tokens(self) -> int:
+        return self.tokens * (self.steps - self.start_step) // self.steps if self.steps else 0
+
+
+# Measured: router training of SmolLM2-135M fine-moe ran at ~2-10 tokens/s on a 2-core CPU and at
+# ~30-45k tokens/s on one H100 (CHANGELOG). Used to warn before a CPU run that would take hours.
+CPU_TOKENS_PER_S_135M = (2, 10)
+GPU_TOKENS_PER_S_135M = "30-45k tokens/s on one H100"
 
 
 def default_run_dir(output: Path) -> Path:
@@ -58,15 +73,38 @@ def default_run_dir(output: Path) -> Path:
 
 
 def train(model_dir: str | Path, options: TrainOptions, **kwargs: Any) -> TrainResult:
-    """Run (or resume) a training run; see `_train` for the keyword arguments."""
+    """Run (or resume) a training run; see `_train` for the keyword arguments.
+
+    A run that fails or is interrupted before its first checkpoint leaves no run folder behind
+    (unless the folder was there before); one with a checkpoint keeps it for `--resume`."""
+    output = Path(kwargs.get("output") or model_dir)
+    run_dir = Path(kwargs.get("run_dir") or default_run_dir(output))
+    existed = run_dir.exists()
     try:
         return _train(model_dir, options, **kwargs)
     except torch.cuda.OutOfMemoryError as error:
+        _discard_unstarted_run(run_dir, existed)
         # Anywhere: the evaluation before training runs first and uses the same batch size.
         raise SparsifyError(
             f"out of GPU memory with --batch-size {options.batch_size} x --seq-len {options.seq_len}; lower "
             "--batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
         ) from error
+    except KeyboardInterrupt:
+        checkpoint = _discard_unstarted_run(run_dir, existed)
+        kept = (f"the last checkpoint is in {run_dir}; continue with the same command plus --resume" if checkpoint
+                else "no checkpoint had been written yet (the first comes after --checkpoint-every steps), so there is nothing to resume")
+        raise TrainingInterrupted(f"training interrupted; {kept}") from None
+    except BaseException:
+        _discard_unstarted_run(run_dir, existed)
+        raise
+
+
+def _discard_unstarted_run(run_dir: Path, existed: bool) -> Path | None:
+    """Remove a run folder this call created if it holds no checkpoint; returns the checkpoint."""
+    checkpoint = find_checkpoint(run_dir) if run_dir.exists() else None
+    if not existed and checkpoint is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return checkpoint
 
 
 def _train(
@@ -77,14 +115,21 @@ def _train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     restart: bool = False,
+    command: str | None = None,
     on_step: Callable[[dict[str, Any]], None] = lambda entry: None,
     on_status: Callable[[str], None] = lambda text: None,
+    on_plan: Callable[[int, int], None] = lambda total_steps, start_step: None,
+    on_notice: Callable[[str], None] = lambda text: None,
 ) -> TrainResult:
+    """`on_status(text)`: the phase; `on_plan(total_steps, start_step)`: as soon as both are known;
+    `on_notice(text)`: a one-off message for the user (e.g. that a CPU run will be slow);
+    `on_step(entry)`: after every optimizer step; `command`: recorded in sparsify.json."""
     from accelerate import Accelerator
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     options.validate()
     model_dir = Path(model_dir)
+    check_trainable(model_dir, options)
     output = Path(output) if output else model_dir
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
     if output != model_dir:
@@ -103,6 +148,13 @@ def _train(
     _check_fsdp_version(accelerator)
     torch.manual_seed(options.train_seed)
     record = read_record(model_dir) or {}
+    world = accelerator.num_processes
+    tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
+    total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
+    start_step = _checkpoint_step(checkpoint)
+    on_plan(total_steps, start_step)
+    if accelerator.device.type == "cpu":
+        on_notice(_cpu_notice(model_dir, (total_steps - start_step) * tokens_per_step))
     on_status("loading model")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     model, routers, gates = _student(model_dir, options, dtype)
@@ -111,7 +163,7 @@ def _train(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = DataSpec(options.sources(options.data), options.sources(options.eval_data), options.text_field)
-    on_status("tokenizing data")
+    on_status("tokenizing data (once per run folder)")
     with accelerator.main_process_first():
         paths = materialise(spec, tokenizer, run_dir / "data", options.train_tokens, options.heldout_tokens)
     train_data, heldout = TokenFile(paths["train"], options.seq_len), TokenFile(paths["heldout"], options.seq_len)
@@ -126,9 +178,6 @@ def _train(
     if not groups:
         raise SparsifyError("nothing to train: this model has no routers or gates and --lora-rank is 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
-    world = accelerator.num_processes
-    tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
-    total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(options.warmup * total_steps), total_steps)
     # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
     # process, which would run the schedule num_processes times too fast under DDP.
@@ -151,9 +200,13 @@ def _train(
     def evaluate() -> dict[str, float]:
         return _evaluate(model, teacher, heldout, options, accelerator, gates)
 
+    blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
+    if start_step == 0:
+        on_status(f"held-out evaluation before training ({blocks * options.seq_len:,} tokens, student and teacher)")
     before = evaluate() if start_step == 0 else _first_eval(run_dir / LOG)
     if log and start_step == 0:
         log.write({"step": 0, "eval": before})
+    on_status("training")
     model.train()
     started, tokens_done = time.perf_counter(), 0
     history: list[dict[str, Any]] = []
@@ -191,7 +244,9 @@ def _train(
             "total_steps": total_steps,
         }
         if options.eval_every and step % options.eval_every == 0 and step != total_steps:
+            on_status(f"held-out evaluation at step {step}")
             entry["eval"] = evaluate()
+            on_status("training")
             model.train()
         if log:
             log.write(entry)
@@ -203,9 +258,11 @@ def _train(
                 save_checkpoint(run_dir, step, trainable, optimizer_state, scheduler, {"options": options_dict, "processes": world})
             accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
+    on_status("held-out evaluation after training")
     after = evaluate()
+    peak_memory = _peak_memory()  # before the merge below, which rebuilds the model: the training peak
     if log:
-        log.write({"step": total_steps, "eval": after, "final": True, "peak_memory_bytes": _peak_memory()})
+        log.write({"step": total_steps, "eval": after, "final": True, "peak_memory_bytes": peak_memory})
         log.close()
 
     # --- save ------------------------------------------------------------------------------
@@ -214,12 +271,55 @@ def _train(
         on_status("merging adapters and saving")
         del model, optimizer  # the merge rebuilds the model whole, on the CPU, from the trained state
         merged = _merged(model_dir, options, dtype, trainable)
-        _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step)
+        _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step, command)
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the run is finished; log and data stay
     accelerator.wait_for_everyone()
     return TrainResult(
         output, run_dir, total_steps, total_steps * tokens_per_step, seconds,
-        tokens_done / seconds if seconds else 0.0, _peak_memory(), before, after, history,
+        tokens_done / seconds if seconds else 0.0, peak_memory, before, after, history, start_step,
+    )
+
+
+def check_trainable(model_dir: Path, options: TrainOptions) -> None:
+    """Refuse, before loading anything, a folder `sparsify train` cannot train as asked."""
+    from sparsify.checkpoint_reader import check_weight_files
+    from sparsify.families import FAMILIES
+    from sparsify.skip import SkipConfig
+    from sparsify.sources import check_model_ref
+
+    if not (model_dir / "config.json").exists():
+        raise SparsifyError(f"{model_dir} is not a model folder (no config.json); sparsify train takes a folder made by `sparsify upcycle`")
+    check_weight_files(model_dir)
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    sparse = model_type == SkipConfig.model_type or any(f.moe_model_type == model_type for f in FAMILIES)
+    if not sparse and options.teacher == "self":
+        raise SparsifyError(
+            f"{model_dir} is a dense model ({model_type}): it has no routers or gates, and as its own teacher LoRA would learn "
+            f"nothing. Convert it first (`sparsify upcycle {model_dir} --to fine-moe -o OUT`, then `sparsify train OUT`), or "
+            "pass --teacher MODEL to fine-tune it with LoRA against another model"
+        )
+    if options.teacher != "self":
+        check_model_ref(options.teacher, "--teacher")
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+
+
+def _cpu_notice(model_dir: Path, tokens: int) -> str:
+    """What to expect from a CPU run, from measured rates scaled by the model's size."""
+    from sparsify.info import count_params
+
+    config = json.loads((model_dir / "config.json").read_text())
+    active = count_params(model_dir, config)["active"]
+    scale = 135e6 / max(active, 1)
+    slow, fast = (rate * scale for rate in CPU_TOKENS_PER_S_135M)
+    hours = (tokens / fast / 3600, tokens / slow / 3600)
+    return (
+        f"no GPU: training runs on the CPU, at roughly {slow:.0f}-{fast:.0f} tokens/s for this model "
+        f"({active / 1e6:.0f}M active parameters; measured 2-10 tokens/s for a 135M model on 2 cores), so {tokens:,} "
+        f"tokens would take about {hours[0]:,.1f}-{hours[1]:,.1f} hours. A GPU does {GPU_TOKENS_PER_S_135M} for "
+        "a 135M model; on the CPU, try --tokens 20k first."
     )
 
 
@@ -373,10 +473,10 @@ def _peak_memory() -> int:
 
 
 def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any], options: dict[str, Any],
-          before: dict[str, float], after: dict[str, float], steps: int, tokens: int) -> None:
+          before: dict[str, float], after: dict[str, float], steps: int, tokens: int, command: str | None) -> None:
     record = dict(record)
     if record.get("layout"):
         # Merged adapters changed copy 0 and the attention: the dense path is no longer the teacher.
         record["layout"] = {**record["layout"], "dense_path": None}
-    record["training"] = [*record.get("training", []), {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after}]
+    record["training"] = [*record.get("training", []), {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after, "command": command}]
     save_model_folder(model, tokenizer, model_dir, output, record, overwrite=output == model_dir)

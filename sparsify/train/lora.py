@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.train.options import LORA_TARGETS
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 # In a dense model (a baseline with the same flags) "experts" means its FFN projections.
 DENSE_FFN_MODULES = ["gate_proj", "up_proj", "down_proj"]
-TARGETS = ("attention", "experts")
+TARGETS = LORA_TARGETS
 
 
 @dataclass(frozen=True)

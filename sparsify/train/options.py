@@ -20,6 +20,18 @@ def parse_count(text: str | int) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
 
 
+def parse_numbers(text: str, kind: type, flag: str, accepts=lambda value: True, rule: str = "") -> list:
+    """'0.3, 0.5' -> [0.3, 0.5] for a comma-separated flag, with one clear error for a bad item."""
+    try:
+        values = [kind(part) for part in (p.strip() for p in text.split(",")) if part]
+    except ValueError:
+        values = []
+    if not values or not all(accepts(v) for v in values):
+        example = "0.3,0.5,0.7" if kind is float else "512,2048"
+        raise SparsifyError(f"{flag} takes comma-separated {kind.__name__} values{' ' + rule if rule else ''} (e.g. {example}), not '{text}'")
+    return values
+
+
 @dataclass
 class TrainOptions:
     data: str = field(default="", metadata={"help": "Training text: Hub dataset id, or files/globs (txt, jsonl, parquet, .gz), comma-separated."})
@@ -63,12 +75,52 @@ class TrainOptions:
         return tuple(part.strip() for part in text.split(",") if part.strip())
 
     def validate(self) -> None:
+        """Refuse bad options before any model or data is loaded (nothing is read but file names)."""
+        from sparsify.data import check_sources
+
         if not self.sources(self.data):
             raise SparsifyError("--data is required: a Hub dataset id or local text files")
-        if self.seq_len < 2 or self.batch_size < 1 or self.grad_accum < 1:
-            raise SparsifyError("--seq-len must be at least 2, --batch-size and --grad-accum at least 1")
-        if not 0.0 <= self.target_skip < 1.0:
-            raise SparsifyError("--target-skip must be in [0, 1)")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise SparsifyError("--precision must be auto, bf16 or fp32")
-        self.train_tokens, self.heldout_tokens  # parse early: a bad count fails before any work
+        for name, ok, rule in _RULES:
+            if not ok(getattr(self, name)):
+                raise SparsifyError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
+        unknown = set(self.sources(self.lora_targets)) - set(LORA_TARGETS)
+        if unknown or not self.sources(self.lora_targets):
+            raise SparsifyError(f"--lora-targets must name {' and/or '.join(LORA_TARGETS)} (comma-separated), not '{self.lora_targets}'")
+        if self.train_tokens < 1:
+            raise SparsifyError(f"--tokens {self.tokens}: train on at least one token (e.g. --tokens 5M)")
+        if self.heldout_tokens < self.seq_len:
+            raise SparsifyError(
+                f"--eval-tokens {self.eval_tokens} is less than one --seq-len block ({self.seq_len} tokens); the held-out "
+                "evaluation needs at least one"
+            )
+        check_sources(self.sources(self.data), "--data")
+        check_sources(self.sources(self.eval_data), "--eval-data")
+
+
+LORA_TARGETS = ("attention", "experts")
+_POSITIVE, _NON_NEGATIVE = "must be greater than 0", "must be 0 or more"
+# (field, accepts, what the rule is): numeric options a run cannot sensibly take.
+_RULES = (
+    ("seq_len", lambda v: v >= 2, "must be at least 2"),
+    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+    ("grad_accum", lambda v: v >= 1, "must be at least 1"),
+    ("lr", lambda v: v > 0, _POSITIVE),
+    ("router_lr", lambda v: v > 0, _POSITIVE),
+    ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
+    ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
+    ("max_grad_norm", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 disables clipping)"),
+    ("temperature", lambda v: v > 0, _POSITIVE),
+    ("kl_weight", lambda v: v >= 0, _NON_NEGATIVE),
+    ("ce_weight", lambda v: v >= 0, _NON_NEGATIVE),
+    ("balance_weight", lambda v: v >= 0, _NON_NEGATIVE),
+    ("z_weight", lambda v: v >= 0, _NON_NEGATIVE),
+    ("skip_weight", lambda v: v >= 0, _NON_NEGATIVE),
+    ("target_skip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("lora_rank", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 trains the routers or gates only)"),
+    ("lora_alpha", lambda v: v > 0, _POSITIVE),
+    ("eval_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: evaluate only before and after)"),
+    ("checkpoint_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: no intermediate checkpoints)"),
+    ("precision", lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+)

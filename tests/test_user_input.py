@@ -1,0 +1,212 @@
+"""What the CLI tells a user is true: bad input fails in one line before any model loads and leaves
+nothing behind, training says what it is doing, interrupts say how to resume, start-up is light."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sparsify_command
+from sparsify.errors import SparsifyError
+from sparsify.eval.options import EvalOptions
+from sparsify.train.loop import TrainingInterrupted, train
+from sparsify.train.options import TrainOptions
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([*sparsify_command(), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+def tiny_options(corpus, **overrides) -> TrainOptions:
+    settings = dict(
+        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
+        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
+    )
+    return TrainOptions(**{**settings, **overrides})
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+def test_the_cli_module_imports_neither_torch_nor_transformers():
+    probe = "import sys, sparsify.cli; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_help_and_argument_errors_come_back_fast():
+    started = time.perf_counter()
+    shown = run_cli("--help")
+    wrong = run_cli("upcycle", "--no-such-flag")
+    elapsed = time.perf_counter() - started
+    assert shown.returncode == 0 and "upcycle" in shown.stdout
+    assert wrong.returncode == 2 and "--no-such-flag" in wrong.stderr
+    # Two processes; importing torch + transformers alone takes 4-6 s on this machine.
+    assert elapsed < 8, elapsed
+
+
+@pytest.mark.parametrize("order", ["sparsify first", "transformers first"])
+def test_import_sparsify_registers_the_skip_architecture_whenever_transformers_arrives(order):
+    imports = "import sparsify; import transformers" if order == "sparsify first" else "import transformers; import sparsify"
+    probe = f"{imports}; from transformers import AutoConfig; print(type(AutoConfig.for_model('sparsify_skip')).__name__)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SkipConfig"
+
+
+def test_a_shared_flag_explains_itself_for_each_variant():
+    shown = run_cli("upcycle", "--help")
+    flat = " ".join(shown.stdout.split())
+    assert "moe: Number of experts" in flat and "fine-moe: E: copies of the FFN" in flat
+
+
+# --- bad options, refused before anything loads -------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("lr", -0.5, "--lr -0.5: must be greater than 0"),
+    ("router_lr", 0.0, "--router-lr 0.0: must be greater than 0"),
+    ("warmup", 1.5, "--warmup 1.5: is a fraction"),
+    ("weight_decay", -0.1, "--weight-decay -0.1: must be 0 or more"),
+    ("temperature", 0.0, "--temperature 0.0: must be greater than 0"),
+    ("kl_weight", -1.0, "--kl-weight -1.0: must be 0 or more"),
+    ("balance_weight", -0.01, "--balance-weight"),
+    ("z_weight", -1.0, "--z-weight"),
+    ("skip_weight", -1.0, "--skip-weight"),
+    ("lora_alpha", 0.0, "--lora-alpha"),
+    ("max_grad_norm", -1.0, "--max-grad-norm"),
+    ("tokens", "0", "--tokens 0: train on at least one token"),
+    ("eval_tokens", "16", "--eval-tokens 16 is less than one --seq-len block"),
+    ("lora_targets", "mlp", "--lora-targets must name attention and/or experts"),
+])
+def test_nonsensical_training_options_are_refused_with_their_flag(corpus, flag, value, words):
+    with pytest.raises(SparsifyError) as refused:
+        tiny_options(corpus, **{flag: value}).validate()
+    assert words in str(refused.value)
+
+
+def test_both_loss_weights_zero_is_refused(corpus):
+    with pytest.raises(SparsifyError, match="both 0"):
+        tiny_options(corpus, kl_weight=0.0, ce_weight=0.0).validate()
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ({"tokens": "0"}, "--tokens 0: score at least 2 tokens"),
+    ({"routing_tokens": "0"}, "--routing-tokens 0"),
+    ({"window": 1}, "--window 1"),
+    ({"stride": 600, "window": 512}, "--stride must be at least 1 and below --window"),
+    ({"speed_batch": "1,x"}, "--speed-batch takes comma-separated batch sizes"),
+    ({"decode_tokens": -1}, "--decode-tokens -1"),
+    ({"data": "missing-file.jsonl.gz"}, "--data: no files match 'missing-file.jsonl.gz'"),
+])
+def test_nonsensical_eval_options_are_refused_with_their_flag(corpus, settings, words):
+    with pytest.raises(SparsifyError) as refused:
+        EvalOptions(**{"data": str(corpus["valid"]), **settings}).validate()
+    assert words in str(refused.value)
+
+
+def test_train_with_a_negative_lr_fails_in_one_line_and_leaves_no_run_folder(students, corpus, tmp_path):
+    output = tmp_path / "out"
+    done = run_cli("train", str(students["half"]), "-o", str(output), "--data", str(corpus["train"]), "--lr", "-0.5")
+    assert "--lr -0.5" in one_error_line(done)
+    assert not output.exists() and not (tmp_path / "out.run").exists()
+
+
+def test_missing_data_is_refused_before_the_model_loads(students, tmp_path):
+    started = time.perf_counter()
+    done = run_cli("train", str(students["half"]), "-o", str(tmp_path / "out"), "--data", str(tmp_path / "nothing*.jsonl"))
+    assert "--data: no files match" in one_error_line(done)
+    evaluated = run_cli("eval", str(students["half"]), "--data", str(tmp_path / "none.jsonl"))
+    assert "--data: no files match" in one_error_line(evaluated)
+    assert time.perf_counter() - started < 15  # no model was loaded: two bare process start-ups
+
+
+def test_a_truncated_weight_file_is_one_line_for_every_command(students, corpus, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(students["half"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for args in (["eval", str(broken), "--data", str(corpus["valid"])],
+                 ["eval", str(students["half"]), "--teacher", str(broken), "--data", str(corpus["valid"])],
+                 ["train", str(broken), "-o", str(tmp_path / "t"), "--data", str(corpus["train"])],
+                 ["upcycle", str(broken), "--to", "moe", "-o", str(tmp_path / "u")]):
+        assert "is truncated" in one_error_line(run_cli(*args)), args
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.run").exists() and not (tmp_path / "u").exists()
+
+
+def test_a_dense_folder_is_not_trained_against_itself(dense_models, corpus, tmp_path):
+    done = run_cli("train", str(dense_models["llama"]), "-o", str(tmp_path / "out"), "--data", str(corpus["train"]))
+    line = one_error_line(done)
+    assert "is a dense model" in line and "sparsify upcycle" in line and "--teacher" in line
+
+
+def test_skip_sweep_refuses_bad_thresholds_in_one_line(tmp_path):
+    done = run_cli("skip-sweep", str(tmp_path), "--thresholds", "0.5,abc", "--teacher", "x", "--data", "y")
+    assert "--thresholds takes comma-separated float values between 0 and 1" in one_error_line(done)
+
+
+def test_a_failed_run_leaves_no_run_folder(students, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(SparsifyError, match="no train text"):
+        train(students["half"], TrainOptions(data=str(empty), tokens="64", seq_len=16, eval_tokens="16"), output=tmp_path / "out")
+    assert not (tmp_path / "out.run").exists() and not (tmp_path / "out").exists()
+
+
+# --- what training says -------------------------------------------------------------------------
+
+
+def test_training_announces_its_plan_phases_and_cpu_speed_before_the_first_step(students, corpus, tmp_path):
+    events: list[tuple[str, object]] = []
+    result = train(students["half"], tiny_options(corpus), output=tmp_path / "out",
+                   on_plan=lambda total, start: events.append(("plan", (total, start))),
+                   on_status=lambda text: events.append(("status", text)),
+                   on_notice=lambda text: events.append(("notice", text)),
+                   on_step=lambda entry: events.append(("step", entry["step"])))
+    kinds = [kind for kind, _ in events]
+    assert events[0] == ("plan", (result.steps, 0)) and result.steps == 1536 // (32 * 4)
+    notice = next(text for kind, text in events if kind == "notice")
+    assert "no GPU" in notice and "tokens/s" in notice and "hours" in notice
+    statuses = [text for kind, text in events if kind == "status"]
+    assert any(text.startswith("held-out evaluation before training") for text in statuses)
+    assert kinds.index("notice") < kinds.index("step") and statuses[-1].startswith("merging")
+    final = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()][-1]
+    assert final["peak_memory_bytes"] == result.peak_memory_bytes  # the summary prints what the log holds
+
+
+def test_interrupt_before_a_checkpoint_says_there_is_nothing_to_resume(students, corpus, tmp_path):
+    def stop(entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="nothing to resume"):
+        train(students["half"], tiny_options(corpus), output=tmp_path / "out", on_step=stop)
+    assert not (tmp_path / "out.run").exists()
+
+
+def test_interrupt_after_a_checkpoint_says_how_to_resume_and_the_resume_reports_its_part(students, corpus, tmp_path):
+    def stop_at_step_3(entry):
+        if entry["step"] == 3:
+            raise KeyboardInterrupt
+
+    options = tiny_options(corpus, checkpoint_every=2)
+    with pytest.raises(TrainingInterrupted, match=r"last checkpoint is in .*out\.run; continue with the same command plus --resume"):
+        train(students["half"], options, output=tmp_path / "out", on_step=stop_at_step_3)
+    resumed = train(students["half"], options, output=tmp_path / "out", resume=True)
+    assert resumed.start_step == 2 and resumed.steps == 12
+    assert resumed.session_tokens == 10 * 32 * 4 and resumed.tokens == 12 * 32 * 4
