@@ -153,8 +153,9 @@ def _train(
     total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
     start_step = _checkpoint_step(checkpoint)
     on_plan(total_steps, start_step)
-    if accelerator.device.type == "cpu":
-        on_notice(_cpu_notice(model_dir, (total_steps - start_step) * tokens_per_step))
+    notice = cpu_notice(model_dir, (total_steps - start_step) * tokens_per_step) if accelerator.device.type == "cpu" else None
+    if notice:
+        on_notice(notice)
     on_status("loading model")
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     model, routers, gates = _student(model_dir, options, dtype)
@@ -306,21 +307,30 @@ def _checkpoint_step(checkpoint: Path | None) -> int:
     return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
 
 
-def _cpu_notice(model_dir: Path, tokens: int) -> str:
-    """What to expect from a CPU run, from measured rates scaled by the model's size."""
+def cpu_notice(model_dir: Path, tokens: int) -> str | None:
+    """What to expect from a CPU run, from measured rates scaled by the model's size; None when
+    the run is short enough not to need a warning."""
     from sparsify.info import count_params
 
     config = json.loads((model_dir / "config.json").read_text())
     active = count_params(model_dir, config)["active"]
     scale = 135e6 / max(active, 1)
     slow, fast = (rate * scale for rate in CPU_TOKENS_PER_S_135M)
-    hours = (tokens / fast / 3600, tokens / slow / 3600)
+    if tokens / slow < 600:
+        return None
     return (
-        f"no GPU: training runs on the CPU, at roughly {slow:.0f}-{fast:.0f} tokens/s for this model "
-        f"({active / 1e6:.0f}M active parameters; measured 2-10 tokens/s for a 135M model on 2 cores), so {tokens:,} "
-        f"tokens would take about {hours[0]:,.1f}-{hours[1]:,.1f} hours. A GPU does {GPU_TOKENS_PER_S_135M} for "
-        "a 135M model; on the CPU, try --tokens 20k first."
+        f"no GPU: training runs on the CPU, at roughly {slow:,.0f}-{fast:,.0f} tokens/s for this model "
+        f"({active / 1e6:,.0f}M active parameters; measured 2-10 tokens/s for a 135M model on 2 cores), so {tokens:,} "
+        f"tokens would take about {_duration(tokens / fast)} to {_duration(tokens / slow)}, plus the held-out evaluations. "
+        f"A GPU does {GPU_TOKENS_PER_S_135M} for a 135M model; on the CPU, try a few thousand --tokens first."
     )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} seconds"
 
 
 def _check_fsdp_version(accelerator) -> None:
