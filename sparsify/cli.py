@@ -490,6 +490,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        # Some loaders (transformers' GGUF dequantisation) use plain tqdm, which only this silences.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             for module in ("transformers", "torch", "peft", "accelerate", "huggingface_hub", "datasets"):
                 warnings.filterwarnings("ignore", category=category, module=module)

@@ -215,3 +215,18 @@ def test_interrupt_after_a_checkpoint_says_how_to_resume_and_the_resume_reports_
     resumed = train(students["half"], options, output=tmp_path / "out", resume=True)
     assert resumed.start_step == 2 and resumed.steps == 12
     assert resumed.session_tokens == 10 * 32 * 4 and resumed.tokens == 12 * 32 * 4
+
+
+@pytest.mark.slow
+def test_the_real_model_converts_to_skip_quietly_with_its_tied_embedding_stored_once(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "smol-skip"
+    done = run_cli("upcycle", "smollm2-135m", "--to", "skip", "-o", str(output))
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr  # no progress bars or warnings leak
+    loaded = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    params = sum(p.numel() for p in loaded.parameters())
+    assert params == 134_549_628 and f"{params:,} total" in done.stdout
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    weights = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    assert 537e6 < weights < 539e6  # 651 MB when lm_head was written as a copy
