@@ -118,10 +118,16 @@ def main() -> None:
                 "warmup": 2, "repeats": args.repeats, "pad_token_id": 0}
 
     def decode_ms(model, engine: str) -> dict:
+        # "problem" is the measurement's verdict (eval/cost.py): a figure with one is not a result.
         speed = measure_speed(model, sample, **settings, decode_engine=engine)
         return {name: {"decode_ms_per_step": e["decode_ms_per_step"]["median"], "min": e["decode_ms_per_step"]["min"],
-                       "max": e["decode_ms_per_step"]["max"], "prefill_tokens_per_s": e["prefill_tokens_per_s"]["median"]}
+                       "max": e["decode_ms_per_step"]["max"], "problem": e["decode_ms_per_step"]["problem"],
+                       "prefill_tokens_per_s": e["prefill_tokens_per_s"]["median"], "prefill_problem": e["prefill_tokens_per_s"]["problem"]}
                 for name, e in speed.items()}
+
+    def speedup_problem(dense: dict, skip: dict) -> str | None:
+        """Why dense over skip ms per step is no result (either timing is not one), or None."""
+        return "; ".join(f"{side} {m['problem']}" for side, m in (("dense", dense), ("skip", skip)) if m["problem"]) or None
 
     report = {"benchmark": "skip_overhead", "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": str(dtype), "engines": engines, "graphs_supported": graphs_supported(), "settings": settings,
@@ -136,8 +142,11 @@ def main() -> None:
                                                      "batch_16": _graph_matches_eager(skip, batched, 32)}
         for engine in engines:
             row[engine] = decode_ms(skip, engine)
-            row[f"{engine}_speedup_vs_dense"] = {b: report["dense"][engine][b]["decode_ms_per_step"] / v["decode_ms_per_step"]
+            dense_ms = report["dense"][engine]
+            problems = {b: speedup_problem(dense_ms[b], v) for b, v in row[engine].items()}
+            row[f"{engine}_speedup_vs_dense"] = {b: None if problems[b] else dense_ms[b]["decode_ms_per_step"] / v["decode_ms_per_step"]
                                                  for b, v in row[engine].items()}
+            row[f"{engine}_speedup_problems"] = {b: why for b, why in problems.items() if why}
         report["skip"].append(row)
         print(json.dumps(row), flush=True)
     print(json.dumps(report, indent=2), flush=True)

@@ -5,7 +5,9 @@
 
 Prints JSON: the training result, then for the teacher and each threshold the held-out perplexity
 at two context lengths, the skip rate, and prefill/decode tokens/s at batch 1 and 16 measured
-with the same harness (`sparsify skip-sweep`); sweep.png draws the trade-off.
+with the same harness (`sparsify skip-sweep`); sweep.png draws the trade-off. A speed-up whose
+model or teacher timing is not a result (eval/cost.py's verdict) is null, with the reason in
+"speedup_problems", and is left out of the plot.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Speed is measured, never inferred: prefill is one forward pass over a batch of prompts; decode is
 the time per generated token with the KV cache, taken as the difference between generating N
 tokens and generating 1 (so the prompt's prefill cancels out). Every figure is the median of
-`repeats` runs after `warmup` runs, reported with its min and max.
+`repeats` runs after `warmup` runs, reported with its min and max, the raw seconds of each run, and
+a verdict (`valid`, `problem`): timing that cannot be trusted is marked where it is taken, never
+clamped into a number.
 """
 
 from __future__ import annotations
@@ -71,8 +73,39 @@ def flops_with_skips(model: nn.Module, flops: dict[str, float], skip: dict[str, 
     return flops["total"] - saved
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+# Fewer runs than this cannot show how much a figure moves between runs (with 1 run the spread is
+# 0 by construction), so the figure is shown but not trusted.
+MIN_REPEATS = 3
+# Bound on (max - min) / median of the per-run times. Speed-ups worth reporting here are 1.1-2x; when
+# one figure's own runs differ by more than half its median, noise is the size of the effect and a
+# ratio of two medians says nothing. Ordinary jitter on a shared CPU or GPU (10-30%) stays under it.
+MAX_SPREAD = 0.5
+
+
+def timing_problem(seconds: list[float], non_positive: str = "a time that is not positive") -> str | None:
+    """Why these per-run times are not a result, or None when they are. The text starts with the
+    kind ("invalid", "too few repeats", "unstable"), then a colon and the detail."""
+    bad = sum(t <= 0 for t in seconds)
+    if bad:
+        return f"invalid: {bad} of {len(seconds)} repeats gave {non_positive}"
+    if len(seconds) < MIN_REPEATS:
+        return f"too few repeats: {len(seconds)}, fewer than {MIN_REPEATS} cannot show the spread"
+    spread = (max(seconds) - min(seconds)) / statistics.median(seconds)
+    if spread > MAX_SPREAD:
+        return f"unstable: times spread {spread:.0%} of their median (max-min; bound {MAX_SPREAD:.0%})"
+    return None
+
+
+def timing_stats(seconds: list[float], figure: Callable[[float], float],
+                 non_positive: str = "a time that is not positive") -> dict[str, Any]:
+    """Median, min and max of `figure(t)` over the per-run times, with the verdict and the raw times.
+    A time that is not positive has no figure (tokens/s would be infinite), so then median, min and
+    max are None rather than a clamped stand-in."""
+    problem = timing_problem(seconds, non_positive)
+    values = [figure(t) for t in seconds] if all(t > 0 for t in seconds) else []
+    return {"median": statistics.median(values) if values else None, "min": min(values, default=None),
+            "max": max(values, default=None), "repeats": len(seconds), "valid": problem is None, "problem": problem,
+            "seconds": seconds}
 
 
 def _timed(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -126,7 +159,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
         baseline = _start_peak(device)
         with torch.no_grad():
             prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)
-        entry["prefill_tokens_per_s"] = _stats([needed / t for t in prefill])
+        entry["prefill_tokens_per_s"] = timing_stats(prefill, lambda t: needed / t)
         entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
         if decode_tokens > 1 and decode_engine == "graph":
             from sparsify.eval.graph_decode import time_decode_steps
@@ -134,6 +167,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             baseline = _start_peak(device)
             per_token, graphed = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
             entry["decode_engine"] = "graph" if graphed else "static-cache (eager: no CUDA graphs here)"
+            non_positive = "a decode step time that is not positive"
         elif decode_tokens > 1:
             baseline = _start_peak(device)
 
@@ -147,14 +181,17 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                 _timed(generate(decode_tokens), device, warmup, 0)
                 # Each repeat times 1 token then N tokens back to back, so drift hits both alike.
                 pairs = [(_timed(generate(1), device, 0, 1)[0], _timed(generate(decode_tokens), device, 0, 1)[0]) for _ in range(repeats)]
-            # The fastest 1-token run is the fixed cost (prompt, set-up): a per-repeat difference
-            # goes negative on a busy machine when one 1-token run is slow and the N-token run is not.
+            # The fastest 1-token run is the fixed cost (prompt, set-up). A difference that is not
+            # positive (a busy machine slowed the 1-token run, or the N-token run got lucky) is kept
+            # as it is: the verdict marks it invalid instead of a clamp turning it into 1e9 tokens/s.
             fixed = min(first for first, _ in pairs)
-            per_token = [max(full - fixed, 0.0) / (decode_tokens - 1) for _, full in pairs]
+            per_token = [(full - fixed) / (decode_tokens - 1) for _, full in pairs]
+            entry["decode_generate_seconds"] = {"one_token": [first for first, _ in pairs], "n_tokens": [full for _, full in pairs]}
+            non_positive = f"a {decode_tokens}-token generate no slower than the fastest 1-token one"
         if decode_tokens > 1:
             entry.setdefault("decode_engine", decode_engine)
-            entry["decode_tokens_per_s"] = _stats([batch / max(t, 1e-9) for t in per_token])
-            entry["decode_ms_per_step"] = _stats([1000 * t for t in per_token])
+            entry["decode_tokens_per_s"] = timing_stats(per_token, lambda t: batch / t, non_positive)
+            entry["decode_ms_per_step"] = timing_stats(per_token, lambda t: 1000 * t, non_positive)
             entry["decode_tokens"] = decode_tokens
             entry["decode_peak_bytes"] = _peak_bytes(model, device, baseline)
         results[f"batch_{batch}"] = entry

@@ -28,22 +28,45 @@ class Row:
     fmt: str  # format spec for one value
     change: str = "ratio"  # how model vs teacher is shown: "ratio" (x1.23) or "diff" (+0.012)
     spread: dict[str, tuple[float, float]] | None = None  # side -> (min, max) of a measured median
+    problems: dict[str, str] | None = None  # side -> why its measurement is not a result (eval/cost.py)
 
-    def show(self, value: float | None, side: str | None = None) -> str:
+    def show(self, value: float | None, side: str = "model") -> str:
+        """One cell. `side` defaults to the model, the one column `sparsify compare` shows, so a
+        measured row always shows what its label promises: median (min-max), and any verdict."""
+        problem = (self.problems or {}).get(side)
         if value is None:
-            return "-"
+            return problem or "-"
         text = format(value, self.fmt)
-        if side and self.spread and side in self.spread:
+        if self.spread and side in self.spread:
             low, high = self.spread[side]
             text += f" ({format(low, self.fmt)}-{format(high, self.fmt)})"
-        return text
+        return f"{text}, {problem}" if problem else text
 
     def show_change(self) -> str:
+        # A ratio of two medians is only a result when both measurements are; otherwise say why not.
+        if self.problems:
+            return "n/a: " + why_no_ratio(self.problems)
         if self.model is None or self.teacher is None:
             return ""
         if self.change == "diff":
             return format(self.model - self.teacher, "+" + self.fmt.lstrip(","))
         return f"x{self.model / self.teacher:.3f}" if self.teacher else ""
+
+
+def problem_kind(problem: str) -> str:
+    """The short kind of a measurement's problem ("invalid", "too few repeats", "unstable"): the text
+    before the first colon, as eval/cost.py `timing_problem` writes it. Kept here so that reading a
+    report never imports torch."""
+    return problem.split(":")[0]
+
+
+def why_no_ratio(problems: dict[str, str]) -> str:
+    """Short reason a model-vs-teacher ratio is not shown, from side -> problem:
+    "teacher unstable", "model and teacher too few repeats", "model invalid, teacher unstable"."""
+    sides_by_kind: dict[str, list[str]] = {}
+    for side, problem in problems.items():
+        sides_by_kind.setdefault(problem_kind(problem), []).append(side)
+    return ", ".join(f"{' and '.join(sides)} {kind}" for kind, sides in sides_by_kind.items())
 
 
 def _at(tree: Any, *path: str) -> Any:
@@ -75,9 +98,10 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
                                     ("decode_tokens_per_s", f"decode tokens/s{engine}, batch {batch}", ",.1f")):
                 measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}
-                spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m}
+                spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m and m["min"] is not None}
+                problems = {side: m["problem"] for side, m in measured.items() if m and m.get("problem")}
                 rows.append(Row("cost", label + " (median, min-max)", _at(measured, "model", "median"),
-                                _at(measured, "teacher", "median"), fmt, spread=spread))
+                                _at(measured, "teacher", "median"), fmt, spread=spread, problems=problems))
             peak = _at(entry, "decode_peak_bytes") or _at(entry, "prefill_peak_bytes")
             if peak is not None:
                 teacher_entry = _at(cost, "teacher", "speed", name) or {}
@@ -124,10 +148,12 @@ def render_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_markdown(rows: list[Row], with_teacher: bool) -> list[str]:
+def table_markdown(rows: list[Row], with_teacher: bool, level: int = 2) -> list[str]:
+    """Markdown tables, one per section under a heading of `level` (2 in report.md under its "#"
+    title, 3 in the model card under its "## Evaluation")."""
     lines: list[str] = []
     for section in dict.fromkeys(row.section for row in rows):
-        lines += ["", f"## {section.capitalize()}", ""]
+        lines += ["", f"{'#' * level} {section.capitalize()}", ""]
         if with_teacher:
             lines += ["| metric | model | teacher | model vs teacher |", "|---|---:|---:|---:|"]
             lines += [f"| {r.label} | {r.show(r.model, 'model')} | {r.show(r.teacher, 'teacher')} | {r.show_change()} |"
@@ -168,7 +194,7 @@ def embed_in_card(model_folder: Path, report: dict[str, Any]) -> Path:
     text = card.read_text() if card.exists() else ""
     teacher = (report.get("teacher") or {}).get("name")
     section = "\n".join([CARD_BEGIN, "## Evaluation", "", f"Measured with `sparsify eval` against {teacher or 'no teacher'} on "
-                         f"{report['device']}.", *table_markdown(metric_rows(report), teacher is not None), CARD_END])
+                         f"{report['device']}.", *table_markdown(metric_rows(report), teacher is not None, level=3), CARD_END])
     if CARD_BEGIN in text and CARD_END in text:
         before, rest = text.split(CARD_BEGIN, 1)
         text = before + section + rest.split(CARD_END, 1)[1]

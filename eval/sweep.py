@@ -3,7 +3,9 @@
 The model and its teacher are loaded once; for each inference threshold the held-out perplexity
 (at every requested window, to see what context length does), the KL to the teacher, the skip
 rate per sublayer and the measured prefill/decode speed are taken, and the teacher is measured
-under the same harness. Writes sweep.json and the trade-off curve sweep.png.
+under the same harness. Writes sweep.json and the trade-off curve sweep.png. A speed-up is a ratio
+of medians only where both timings are results (eval/cost.py's verdict); elsewhere it is None with
+the reason in "speedup_problems", the table says "n/a (...)" and the plot leaves the point out.
 
 With a freeze rule (sparsify.skip.freezing), each threshold first measures every gate's skip rate
 on calibration text (by default the held-out text itself; pass other text, e.g. training data, to keep
@@ -14,6 +16,7 @@ and speed are those of the model as it would be served.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 from sparsify.errors import SparsifyError
 from sparsify.eval.options import EvalOptions
 from sparsify.eval.quality import measure_quality
+from sparsify.eval.report import why_no_ratio
 from sparsify.eval.routing import measure_routing
 from sparsify.eval.run import eval_text, load_for_eval, measure_model_speed, resolve_device
 from sparsify.skip.freezing import FreezeRule, freeze_gates
@@ -86,46 +90,142 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
             entry["quality"][str(window)]["skip_rate_by_sublayer"] = skip["skip_rate_by_sublayer"]
             entry["quality"][str(window)]["skip_rate_by_gate"] = {f"{r['layer']}.{r['sublayer']}": r["skip_rate"] for r in skip["sublayers"]}
         entry["speed"] = measure_model_speed(model, tokenizer, options, sample)
-        entry["speedup"] = {
-            f"{name}_{kind}": entry["speed"][name][f"{kind}_tokens_per_s"]["median"] / result["teacher_run"]["speed"][name][f"{kind}_tokens_per_s"]["median"]
-            for name in entry["speed"] for kind in ("prefill", "decode") if f"{kind}_tokens_per_s" in entry["speed"][name]
-        }
+        entry["speedup"], entry["speedup_problems"] = speedups(entry["speed"], result["teacher_run"]["speed"])
         result["thresholds"].append(entry)
     model.set_skip_threshold(trained_threshold)
     model.freeze_gates(saved_frozen)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        _plot(result, output / "sweep.png")
+        plot_sweep(result, output / "sweep.png")
     return result
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _problem(stat: dict[str, Any] | None) -> str | None:
+    """Why a timed statistic is not a result (eval/cost.py `timing_problem`), or None."""
+    return "not measured" if stat is None else stat.get("problem")
+
+
+def _tokens_per_s(speed: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The timed statistic behind the speed-up `key` ("<batch>_<kind>") in one side's speed results."""
+    name, kind = key.rsplit("_", 1)
+    return (speed.get(name) or {}).get(f"{kind}_tokens_per_s")
+
+
+def _sides(speed: dict[str, Any], teacher_speed: dict[str, Any], key: str) -> dict[str, str]:
+    """side -> problem, for the two measurements behind the speed-up `key`."""
+    problems = {"model": _problem(_tokens_per_s(speed, key)), "teacher": _problem(_tokens_per_s(teacher_speed, key))}
+    return {side: problem for side, problem in problems.items() if problem}
+
+
+def speedups(speed: dict[str, Any], teacher_speed: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Model over teacher tokens/s per "<batch>_<kind>": a ratio of medians only where both
+    measurements are valid; elsewhere None, with the reason under the same key in the second dict."""
+    keys = [f"{name}_{kind}" for name, entry in speed.items() for kind in ("prefill", "decode") if f"{kind}_tokens_per_s" in entry]
+    sides = {key: _sides(speed, teacher_speed, key) for key in keys}
+    ratios = {key: None if sides[key] else _tokens_per_s(speed, key)["median"] / _tokens_per_s(teacher_speed, key)["median"]
+              for key in keys}
+    return ratios, {key: "; ".join(f"{side} {problem}" for side, problem in why.items()) for key, why in sides.items() if why}
+
+
+def _not_a_result(sides: dict[str, str]) -> str:
+    return f"n/a ({why_no_ratio(sides)})"
+
+
+def _speedup_cell(entry: dict[str, Any], teacher_speed: dict[str, Any], key: str) -> str:
+    ratio = entry["speedup"].get(key)
+    return f"{ratio:.2f}" if ratio is not None else _not_a_result(_sides(entry["speed"], teacher_speed, key))
+
+
+def _teacher_cell(teacher_speed: dict[str, Any], key: str) -> str:
+    """The teacher against itself is 1.00 by definition, but only if its own timing is a result."""
+    problem = _problem(_tokens_per_s(teacher_speed, key))
+    return _not_a_result({"teacher": problem}) if problem else "1.00"
+
+
+def sweep_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Column headers and string rows of the table `sparsify skip-sweep` prints: the teacher first,
+    then one row per threshold, perplexity at the last window. A speed-up that is not a result reads
+    "n/a (model unstable)" and the like (the full reason is in sweep.json), never a number."""
+    window = str(result["windows"][-1])
+    teacher_speed = result["teacher_run"]["speed"]
+    speed_keys = list(result["thresholds"][0]["speedup"]) if result["thresholds"] else []
+    frozen = "freeze" in result
+    columns = ["threshold", "skip rate", *(["gates run/skip/decide"] if frozen else []), "perplexity", "vs teacher", "KL",
+               *[k.replace("_", " ") + " x" for k in speed_keys]]
+    teacher_ppl = result["teacher_run"]["quality"][window]["perplexity"]
+    rows = [["teacher", "0%", *(["-"] if frozen else []), f"{teacher_ppl:.3f}", "x1.000", "0",
+             *[_teacher_cell(teacher_speed, k) for k in speed_keys]]]
+    for entry in result["thresholds"]:
+        quality = entry["quality"][window]
+        gates = entry.get("frozen_gates")
+        rows.append([f"{entry['threshold']:g}", f"{quality['skip_rate']:.1%}",
+                     *([f"{gates['always_run']}/{gates['always_skip']}/{gates['per_token']}"] if frozen else []),
+                     f"{quality['perplexity']:.3f}", f"x{quality['perplexity_ratio']:.3f}", f"{quality['kl']:.4f}",
+                     *[_speedup_cell(entry, teacher_speed, k) for k in speed_keys]])
+    return columns, rows
+
+
+def plot_points(result: dict[str, Any]) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, str]]:
+    """What sweep.png draws: per "<batch>_<kind>" the (speed-up, perplexity ratio at the last window,
+    threshold) points whose speed-up is a result; and the points left out with why, e.g.
+    {"threshold 0.5, batch 1 decode": "n/a (model unstable)"}."""
+    window = str(result["windows"][-1])
+    teacher_speed = result["teacher_run"]["speed"]
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    left_out: dict[str, str] = {}
+    for entry in result["thresholds"]:
+        for key, ratio in entry["speedup"].items():
+            if ratio is None:
+                point = f"threshold {entry['threshold']:g}, {key.replace('_', ' ')}"
+                left_out[point] = _not_a_result(_sides(entry["speed"], teacher_speed, key))
+            else:
+                points.setdefault(key, []).append((ratio, entry["quality"][window]["perplexity_ratio"], entry["threshold"]))
+    return points, left_out
+
+
+def _left_out_note(left_out: dict[str, str]) -> str:
+    """e.g. "left out 3 points, speed not a result: 2x n/a (model too few repeats), 1x n/a (teacher unstable)"."""
+    reasons = Counter(left_out.values())
+    return f"left out {len(left_out)} point{'s' * (len(left_out) != 1)}, speed not a result: " + \
+        ", ".join(f"{count}x {reason}" for reason, count in reasons.items())
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> str | None:
+    """Write the trade-off curve to `path` (if matplotlib is there). Points whose speed-up is not a
+    result are not drawn; the figure's title says how many and why, and so does the returned note
+    (None when every point was drawn)."""
+    points, left_out = plot_points(result)
+    note = _left_out_note(left_out) if left_out else None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return note
     window = str(result["windows"][-1])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, kind in zip(axes, ("decode", "prefill"), strict=True):
         for batch in result["teacher_run"]["speed"]:
-            key = f"{batch}_{kind}"
-            points = [(e["speedup"][key], e["quality"][window]["perplexity_ratio"], e["threshold"]) for e in result["thresholds"] if key in e["speedup"]]
-            if not points:
+            series = points.get(f"{batch}_{kind}")
+            if not series:
                 continue
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=batch.replace("_", " "))
-            for x, y, threshold in points:
+            axis.plot([p[0] for p in series], [p[1] for p in series], marker="o", label=batch.replace("_", " "))
+            for x, y, threshold in series:
                 axis.annotate(f"{threshold:g}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        if not any(points.get(f"{batch}_{kind}") for batch in result["teacher_run"]["speed"]):
+            axis.text(0.5, 0.5, f"no {kind} speed-up is a result", ha="center", transform=axis.transAxes)
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xlabel(f"{kind} speed vs teacher")
         axis.set_ylabel(f"perplexity vs teacher (window {window}, log)")
         axis.set_yscale("log")
-        axis.legend(fontsize=8)
-    figure.suptitle("skip threshold trade-off (labels: threshold)", fontsize=10)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    title = "skip threshold trade-off (labels: threshold)"
+    figure.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return note

@@ -218,7 +218,7 @@ def _run_training(model: Path, options, output, run_dir, resume: bool, restart: 
         TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.fields[steps]}"),
         TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not main_process,
     )
-    task = progress.add_task("train", total=None, steps="?", status="starting")
+    task = progress.add_task("train", total=None, steps="?", status="importing torch and transformers")
 
     def on_plan(total_steps: int, start_step: int) -> None:
         progress.update(task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")

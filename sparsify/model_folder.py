@@ -11,11 +11,40 @@ from typing import Any
 from sparsify.atomic_output import atomic_folder
 from sparsify.info import count_params
 from sparsify.model_card import render_card
-from sparsify.provenance import write_record
-from sparsify.skip import MODELING_FILE, SkipConfig, modeling_source
+from sparsify.provenance import fingerprint_weights, write_record
+
+
+def write_record_and_card(folder: Path, record: dict[str, Any], config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The last files of every folder sparsify writes, once the weights are final: sparsify.json
+    with the weights' fingerprint, and README.md. Returns the record as written and the counts."""
+    record = {**record, "weights": fingerprint_weights(folder)}
+    params = count_params(folder, config)
+    write_record(folder, record)
+    (folder / "README.md").write_text(render_card(record, params, config))
+    return record, params
+
+
+def apply_umask(folder: Path) -> None:
+    """Give every file the mode a plain open() gives under the user's umask (0644 under 022).
+
+    safetensors writes its files 0600 (a private temporary file renamed into place), so folders
+    saved through save_pretrained would differ from converted ones, and a shared model folder
+    would be unreadable to its group. The mode is read off a probe file, not by setting the
+    process umask, which would race with other threads creating files."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
 
 
 def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: dict[str, Any] | None, *, overwrite: bool = False) -> None:
+    # Imported here: sparsify.skip imports transformers, and when it is the first to do so the Auto
+    # classes registration of `import sparsify` misses it (sparsify.upcycle imports this module).
+    from sparsify.skip import MODELING_FILE, SkipConfig, modeling_source
+
     with atomic_folder(output, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -28,5 +57,5 @@ def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: 
         if config.get("model_type") == SkipConfig.model_type:  # the code that reads frozen_gates etc., not the source's older copy
             (staging / MODELING_FILE).write_bytes(modeling_source())
         if record and record.get("variant"):
-            write_record(staging, record)
-            (staging / "README.md").write_text(render_card(record, count_params(staging, config)))
+            write_record_and_card(staging, record, config)
+        apply_umask(staging)

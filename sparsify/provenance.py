@@ -1,17 +1,26 @@
-"""`sparsify.json`: what a converted folder is and how it was made, so it can be reproduced."""
+"""`sparsify.json`: what a converted folder is and how it was made, so it can be reproduced.
+
+Besides the conversion's settings the record keeps a fingerprint of the weight files sparsify
+wrote (size and sha256 per file): a claim that the model reproduces its teacher is only as good as
+the knowledge that nobody changed the weights since, and `sparsify info` checks it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import struct
+from collections import Counter
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FORMAT = "sparsify/1"
 FILENAME = "sparsify.json"
+WEIGHT_FILES = "*.safetensors"
 _TRACKED = ("sparsify-lm", "torch", "transformers", "safetensors", "huggingface_hub", "gguf", "peft")
 
 
@@ -48,3 +57,113 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
 def read_record(folder: Path) -> dict[str, Any] | None:
     path = folder / FILENAME
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- weight fingerprints ----------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_weights(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every weight file: taken when sparsify writes a folder, checked by `info`."""
+    return {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)} for file in sorted(folder.glob(WEIGHT_FILES))}
+
+
+def changed_weight_files(folder: Path, fingerprint: dict[str, dict[str, Any]]) -> list[str]:
+    """Weight files added, removed or rewritten since `fingerprint` was taken. Sizes are compared
+    first, so only files of unchanged size are hashed."""
+    present = {file.name: file for file in folder.glob(WEIGHT_FILES)}
+    changed = sorted(set(present) ^ set(fingerprint))
+    same_size = [name for name in sorted(set(present) & set(fingerprint)) if present[name].stat().st_size == fingerprint[name]["bytes"]]
+    changed += sorted((set(present) & set(fingerprint)) - set(same_size))
+    changed += [name for name in same_size if _sha256(present[name]) != fingerprint[name]["sha256"]]
+    return sorted(changed)
+
+
+# --- GGUF sources -----------------------------------------------------------------------------
+
+# GGUF metadata value types (gguf.GGUFValueType) of fixed size, as struct formats; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_value(handle: BinaryIO, kind: int, endian: str) -> Any:
+    """Read one metadata value; arrays are skipped (returned as None) since only scalars are wanted."""
+    def unpack(fmt: str) -> Any:
+        return struct.unpack(endian + fmt, handle.read(struct.calcsize(fmt)))[0]
+
+    if kind == 8:
+        return handle.read(unpack("Q")).decode("utf-8", errors="replace")
+    if kind == 9:
+        item, count = unpack("I"), unpack("Q")
+        if item in _GGUF_SCALARS:
+            handle.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+        else:
+            for _ in range(count):
+                _gguf_value(handle, item, endian)
+        return None
+    return unpack(_GGUF_SCALARS[kind])
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
+    """Scalar metadata and (name, shape, ggml type) per tensor, from the file header alone.
+
+    gguf.GGUFReader would also do, but it materialises every array field (the tokenizer's 49k
+    tokens and merges) as numpy objects: 5 s for SmolLM2-135M, against milliseconds here."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = handle.read(4)
+        endian = "<" if struct.unpack("<I", version)[0] < 0x10000 else ">"  # v3 allows big-endian files
+        tensors, entries = struct.unpack(endian + "QQ", handle.read(16))
+        fields: dict[str, Any] = {}
+        for _ in range(entries):
+            key = _gguf_value(handle, 8, endian)
+            kind = struct.unpack(endian + "I", handle.read(4))[0]
+            fields[key] = _gguf_value(handle, kind, endian)
+        infos = []
+        for _ in range(tensors):
+            name = _gguf_value(handle, 8, endian)
+            dims = struct.unpack(endian + "I", handle.read(4))[0]
+            shape = struct.unpack(endian + "Q" * dims, handle.read(8 * dims))
+            ggml_type, _offset = struct.unpack(endian + "IQ", handle.read(12))
+            infos.append((name, shape, ggml_type))
+    return {k: v for k, v in fields.items() if v is not None}, infos
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:  # a type newer than the installed gguf package
+        return str(value)
+
+
+def describe_gguf(path: Path, package: str | None = None) -> dict[str, Any]:
+    """What a GGUF source file is: name, size, sha256 and how its weights are stored (e.g. Q4_1),
+    plus the installed distribution that shipped it when it came from an alias."""
+    import gguf
+
+    fields, tensors = read_gguf_header(path)
+    # The storage of the 2-D weights, which hold almost all parameters; llama.cpp keeps norms in F32
+    # and often one tensor (the embedding) at higher precision, so take the most common type.
+    matrix_types = Counter(_enum_name(gguf.GGMLQuantizationType, t) for _, shape, t in tensors if len(shape) == 2)
+    file_type = fields.get("general.file_type")
+    described = {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "quantization": matrix_types.most_common(1)[0][0] if matrix_types else None,
+        "file_type": _enum_name(gguf.LlamaFileType, file_type) if file_type is not None else None,
+        "tensor_types": dict(matrix_types.most_common()),
+    }
+    if package:
+        try:
+            described["package"] = {"name": package, "version": metadata.version(package)}
+        except metadata.PackageNotFoundError:
+            described["package"] = {"name": package, "version": None}
+    return described

@@ -14,9 +14,8 @@ from sparsify.atomic_output import atomic_folder, check_disk_space, check_output
 from sparsify.checkpoint_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from sparsify.convert import ConversionPlan, build_options, get_converter
 from sparsify.errors import SparsifyError
-from sparsify.info import count_params
-from sparsify.model_card import render_card
-from sparsify.provenance import build_record, write_record
+from sparsify.model_folder import apply_umask, write_record_and_card
+from sparsify.provenance import build_record
 from sparsify.sources import ModelSource, open_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +80,6 @@ def upcycle(
         source.write_sidecars(staging)
         for name, content in plan.files.items():
             (staging / name).write_bytes(content)
-        params = count_params(staging, plan.config)
-        write_record(staging, record)
-        (staging / "README.md").write_text(render_card(record, params))
+        record, params = write_record_and_card(staging, record, plan.config)
+        apply_umask(staging)
     return UpcycleResult(output, plan, record, params, time.perf_counter() - started)

@@ -34,7 +34,8 @@ class FrozenCopy:
 
 
 def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, calibration_data: str, *, threshold: float | None = None,
-                      tokens: str = "64k", window: int = 512, batch_size: int = 4, overwrite: bool = False) -> FrozenCopy:
+                      tokens: str = "64k", window: int = 512, batch_size: int = 4, overwrite: bool = False,
+                      command: str | None = None) -> FrozenCopy:
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.routing import measure_routing
     from sparsify.eval.run import eval_text
@@ -63,7 +64,9 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     counts = {"always_run": sum(frozen.values()), "always_skip": sum(not v for v in frozen.values()), "per_token": len(gates) - len(frozen)}
     record["serving"] = {"threshold": model.config.skip_threshold, "freeze": {"open_below": rule.open_below, "closed_above": rule.closed_above},
                          "calibration": {"data": calibration_data, "tokens": skip["tokens"], "skip_rate": skip["skip_rate"]},
-                         "frozen": counts}
+                         "frozen": counts, "command": command,
+                         # the card lists the commands in order; training runs are a list, this is not
+                         "after_training_runs": len(record.get("training", []))}
     if record.get("layout"):  # what `sparsify info` and the model card show
         record["layout"] = {**record["layout"], "threshold": model.config.skip_threshold, "frozen_gates": counts}
     dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
