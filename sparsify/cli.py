@@ -137,7 +137,7 @@ def upcycle(
 ) -> None:
     """Convert a dense checkpoint into a sparse one: a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) for
     --to moe / fine-moe, or the layer-skip architecture (remote code) for --to skip."""
-    from sparsify.info import layout_rows
+    from sparsify.info import layout_rows, teacher_verdict
     from sparsify.upcycle import upcycle as run_upcycle
 
     variant_names = {f.name for c in CONVERTERS.values() for f in fields(c.options)}
@@ -166,14 +166,15 @@ def upcycle(
             on_bytes=lambda n: progress.advance(task, n),
             **chosen,
         )
-    exact = result.plan.exactness
+    verdict = teacher_verdict(result.record)
+    colour = {"yes": "green", "no": "yellow", "unknown": "yellow"}[verdict.state]
     table = Table(title=f"{to} from {model}", show_header=False)
     for key, value in [
         ("output", str(result.output)),
         ("architecture", result.plan.layout["architecture"]),
         *layout_rows(result.plan.layout),
         ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
-        ("reproduces teacher", ("[green]yes[/green]: " if exact.exact else "[yellow]no[/yellow]: ") + exact.reason),
+        ("reproduces teacher", f"[{colour}]{verdict.state}[/{colour}]: {verdict.reason}"),
         ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
     ]:
         table.add_row(key, value)
@@ -366,6 +367,7 @@ def skip_sweep(
     """Quality (several context lengths), skip rate and measured speed at several thresholds, vs the teacher."""
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.sweep import skip_sweep as run_sweep
+    from sparsify.eval.sweep import sweep_table
     from sparsify.skip.freezing import FreezeRule
 
     from sparsify.train.options import parse_numbers
@@ -379,23 +381,12 @@ def skip_sweep(
         result = run_sweep(model, threshold_values, window_values, settings,
                            output=output, freeze=freeze, calibration_data=calibration_data,
                            on_status=lambda text: status.update(f"sweeping: {text}"))
-    window = str(result["windows"][-1])
-    table = Table(title=f"{model}: skip threshold sweep (perplexity at window {window})")
-    speed_keys = list(result["thresholds"][0]["speedup"]) if result["thresholds"] else []
-    frozen = "freeze" in result
-    columns = ("threshold", "skip rate", *(["gates run/skip/decide"] if frozen else []), "perplexity", "vs teacher", "KL",
-               *[k.replace("_", " ") + " x" for k in speed_keys])
+    columns, rows = sweep_table(result)
+    table = Table(title=f"{model}: skip threshold sweep (perplexity at window {result['windows'][-1]})")
     for column in columns:
         table.add_column(column, justify="right")
-    teacher_ppl = result["teacher_run"]["quality"][window]["perplexity"]
-    table.add_row("teacher", "0%", *(["-"] if frozen else []), f"{teacher_ppl:.3f}", "x1.000", "0", *["1.00"] * len(speed_keys))
-    for entry in result["thresholds"]:
-        quality = entry["quality"][window]
-        gates = entry.get("frozen_gates")
-        table.add_row(f"{entry['threshold']:g}", f"{quality['skip_rate']:.1%}",
-                      *([f"{gates['always_run']}/{gates['always_skip']}/{gates['per_token']}"] if frozen else []),
-                      f"{quality['perplexity']:.3f}", f"x{quality['perplexity_ratio']:.3f}", f"{quality['kl']:.4f}",
-                      *[f"{entry['speedup'][k]:.2f}" for k in speed_keys])
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
     if output:
         out.print(f"sweep: {Path(output) / 'sweep.json'} and sweep.png")
@@ -427,7 +418,7 @@ def skip_freeze(
 
     with err.status("measuring gate skip rates"):
         result = write_frozen_copy(model, output, FreezeRule(freeze_below, freeze_above), data, threshold=threshold, tokens=tokens,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, command=shlex.join(["sparsify", *sys.argv[1:]]))
     table = Table(title=f"{output}: threshold {result.threshold:g}, {result.calibration_tokens:,} calibration tokens, "
                         f"{result.skip_rate:.1%} skipped before freezing")
     for column in ("sublayer", "always run", "always skip", "per token", "skip rate of per-token gates"):
@@ -448,8 +439,10 @@ def skip_freeze(
 
 @app.command()
 def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted by sparsify or not).")]) -> None:
-    """Variant, experts, granularity, total vs active parameters, and whether it is exact."""
-    from sparsify.info import describe, layout_rows
+    """Variant, experts, granularity, total vs active parameters, and whether it reproduces its teacher now."""
+    from rich.markup import escape
+
+    from sparsify.info import describe, layout_rows, source_line
 
     described = describe(folder)
     table = Table(title=str(folder), show_header=False)
@@ -460,11 +453,12 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
         ("active parameters", f"{described.active_params:,} ({described.active_params / described.total_params:.1%})"),
     ]
     rows += layout_rows(described.layout)
-    if described.exact is not None:
-        verdict = "[green]yes[/green]" if described.exact["expected"] else "[yellow]no[/yellow]"
-        rows.append(("reproduces teacher", f"{verdict}: {described.exact['reason']}"))
+    verdict = described.reproduces_teacher
+    if verdict is not None:
+        colour = {"yes": "green", "no": "yellow", "unknown": "yellow"}[verdict.state]
+        rows.append(("reproduces teacher", f"[{colour}]{verdict.state}[/{colour}]: {escape(verdict.reason)}"))
     if described.source:
-        rows.append(("source", f"{described.source['ref']} ({described.source['kind']})"))
+        rows.append(("source", escape(source_line(described.source))))
     for run in described.training:
         after = run["after"]
         rows.append((

@@ -40,26 +40,34 @@ def source_name(source: dict[str, Any]) -> str:
     return source.get("hub_id") or source["ref"]
 
 
-def _source_text(source: dict[str, Any]) -> str:
-    name, hub_id = source_name(source), source.get("hub_id")
-    if source.get("kind") != "gguf":
-        if hub_id:
-            revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
-            return f"Converted from [`{hub_id}`](https://huggingface.co/{hub_id}){revision}."
+def _hub_link(hub_id: str) -> str:
+    return f"[`{hub_id}`](https://huggingface.co/{hub_id})"
+
+
+def _folder_source_text(source: dict[str, Any]) -> str:
+    if not source.get("hub_id"):
         return f"Converted from the local folder `{source['ref']}`."
-    gguf = source.get("gguf") or {}
-    quantisation = _quantisation(source)
+    revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
+    return f"Converted from {_hub_link(source['hub_id'])}{revision}."
+
+
+def _gguf_source_text(source: dict[str, Any]) -> str:
+    gguf, quantisation = source.get("gguf") or {}, _quantisation(source)
     storage = f"{quantisation} weights dequantised to float32" if quantisation else f"{gguf.get('quantization') or 'its'} weights"
     package = gguf.get("package")
     shipped = (f", the file behind the alias `{source['ref']}`, from the Python package `{package['name']}` {package['version'] or ''}".rstrip()
                if package else "")
     digest = f" (sha256 `{gguf['sha256'][:16]}…`)" if gguf.get("sha256") else ""
-    text = f"Converted from the GGUF file `{name}` ({storage}){shipped}{digest}."
-    if hub_id:
-        made = f"a {quantisation} quantisation" if quantisation else "a GGUF export"
-        text += f" That file is {made} of [`{hub_id}`](https://huggingface.co/{hub_id})"
-        text += ": this model starts from its quantised weights, not from the Hub model's." if quantisation else "."
-    return text
+    text = f"Converted from the GGUF file `{source_name(source)}` ({storage}){shipped}{digest}."
+    if not source.get("hub_id"):
+        return text
+    if not quantisation:
+        return f"{text} That file is a GGUF export of {_hub_link(source['hub_id'])}."
+    return (f"{text} That file is a {quantisation} quantisation of {_hub_link(source['hub_id'])}: this model starts from its "
+            "quantised weights, not from the Hub model's.")
+
+
+SOURCE_TEXTS = {"gguf": _gguf_source_text, "folder": _folder_source_text, "hub": _folder_source_text}
 
 
 def _remote_code_files(config: dict[str, Any]) -> list[str]:
@@ -127,7 +135,7 @@ def render_card(record: dict[str, Any], params: dict[str, int], config: dict[str
 
 # {record['variant']} upcycle of {name}
 
-{_source_text(source)} Made by [sparsify](https://pypi.org/project/sparsify-lm/) (`{record['variant']}`).
+{SOURCE_TEXTS[source['kind']](source)} Made by [sparsify](https://pypi.org/project/sparsify-lm/) (`{record['variant']}`).
 
 {table}
 

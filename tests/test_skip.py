@@ -241,7 +241,9 @@ def test_skip_sweep_reports_quality_skip_rate_and_speed_per_threshold(skip_model
     for window in ("64", "128"):
         assert open_["quality"][window]["skip_rate"] == 0.0 and open_["quality"][window]["perplexity_ratio"] == pytest.approx(1.0, rel=1e-5)
         assert closed["quality"][window]["skip_rate"] == 1.0 and closed["quality"][window]["kl"] > 0.01
-    assert set(open_["speedup"]) == {"batch_1_prefill", "batch_1_decode"} and all(v > 0 for v in open_["speedup"].values())
+    # One timed repeat cannot show its spread: no speed-up is claimed, and the reason is recorded.
+    assert open_["speedup"] == {"batch_1_prefill": None, "batch_1_decode": None}
+    assert "model too few repeats: 1" in open_["speedup_problems"]["batch_1_prefill"]
     assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 1000
     # Frozen: fresh gates keep every token at 0.5 and skip every token at 0.999, so none is left deciding.
     frozen = skip_sweep(str(skip_models["llama"]), [0.5, 0.999], [64], settings, freeze=FreezeRule(0.01, 0.99),

@@ -20,4 +20,9 @@ def register() -> None:
     AutoModelForCausalLM.register(SkipConfig, SkipForCausalLM, exist_ok=True)
 
 
+# `import sparsify` registers these classes once transformers has been imported; when this package
+# is what imports transformers, that hook runs while this package is half-initialised and cannot
+# import `register`, so register here as well (idempotent: exist_ok).
+register()
+
 __all__ = ["MODELING_FILE", "SkipConfig", "SkipForCausalLM", "modeling_source", "register"]
