@@ -41,6 +41,14 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         raise SparsifyError("skip-sweep compares against the dense model: pass --teacher")
     if not options.data:
         raise SparsifyError("skip-sweep needs held-out text: pass --data")
+    from sparsify.data import check_sources
+    from sparsify.sources import check_model_ref
+
+    options.validate()  # options, data files and both models are refused before either model loads
+    if calibration_data:
+        check_sources([part.strip() for part in calibration_data.split(",") if part.strip()], "--calibration-data")
+    check_model_ref(model_ref)
+    check_model_ref(options.teacher, "--teacher")
     device = resolve_device(options.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = load_for_eval(model_ref, dtype, device)

@@ -230,3 +230,20 @@ def test_the_real_model_converts_to_skip_quietly_with_its_tied_embedding_stored_
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     weights = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     assert 537e6 < weights < 539e6  # 651 MB when lm_head was written as a copy
+
+
+def test_skip_freeze_checks_its_calibration_text_and_count_before_loading(tmp_path):
+    from sparsify.skip.freezing import FreezeRule
+    from sparsify.skip.frozen_copy import write_frozen_copy
+    from sparsify.upcycle import upcycle
+
+    from conftest import build_dense
+
+    dense = tmp_path / "dense"
+    build_dense("llama").save_pretrained(dense)
+    skip = upcycle(str(dense), "skip", tmp_path / "skip").output
+    with pytest.raises(SparsifyError, match="--data: no files match"):
+        write_frozen_copy(skip, tmp_path / "out", FreezeRule(0.05), str(tmp_path / "missing.jsonl"))
+    with pytest.raises(SparsifyError, match="--tokens 0: calibrate on at least one token"):
+        write_frozen_copy(skip, tmp_path / "out", FreezeRule(0.05), str(tmp_path / "missing.jsonl"), tokens="0")
+    assert not (tmp_path / "out").exists()

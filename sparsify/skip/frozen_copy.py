@@ -40,6 +40,7 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     from sparsify.eval.routing import measure_routing
     from sparsify.eval.run import eval_text
     from sparsify.sources import load_model, load_tokenizer
+    from sparsify.data import check_sources
     from sparsify.train.options import parse_count
 
     model_dir = Path(model_dir)
@@ -50,6 +51,9 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
         raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SparsifyError(f"--threshold must be between 0 and 1 (got {threshold})")
+    if parse_count(tokens) < 1:
+        raise SparsifyError(f"--tokens {tokens}: calibrate on at least one token (e.g. --tokens 64k)")
+    check_sources([part.strip() for part in calibration_data.split(",") if part.strip()], "--data")
     check_output_free(output, overwrite)  # fail before the slow part
     model, tokenizer = load_model(str(model_dir), dtype=torch.float32), load_tokenizer(str(model_dir))
     if threshold is not None:
