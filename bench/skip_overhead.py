@@ -4,8 +4,8 @@ of its skip conversion at fixed skip rates, under both decode engines, against t
     python bench/skip_overhead.py --shape smollm2 --engines hf,graph --rates 0,0.25,0.5,0.75,1
 
 Engines: "hf" is transformers' generate (eager, one host round trip per gated sublayer to decide);
-"graph" is eval/graph_decode.py (static KV cache, each step one CUDA graph, gated sublayers as
-conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so that a
+"graph" is sparsify/engine/graph_decode.py (static KV cache, each step one CUDA graph, gated
+sublayers as conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so that a
 fraction r of a calibration prompt's tokens falls below the threshold (random gate directions, so
 decisions differ per token); the skip rate actually taken during decode is measured and reported.
 Rate 0 = every token kept but every gate evaluated (the pure cost of gating), rate 1 = every
@@ -59,13 +59,13 @@ def _calibrate(model, prompt: torch.Tensor, rate: float) -> None:
         logits = inputs[i] @ gate.weight.float()
         # rate 0: every token kept, but the gates are evaluated (the pure cost of gating)
         level = float(logits.min()) - 1.0 if rate <= 0 else float(torch.quantile(logits, rate))
-        gate.bias.data.fill_(-level + gate._logit_threshold)
+        gate.bias.data.fill_(-level + gate.logit_threshold)
 
 
 @torch.no_grad()
 def _decode_skip_rate(model, ids: torch.Tensor, steps: int) -> float:
     """Share of gated sublayer decisions that skip during greedy decode (eager engine, batch 1)."""
-    from sparsify.eval.graph_decode import GraphDecoder
+    from sparsify.engine.graph_decode import GraphDecoder
 
     if {gate.forced for _, _, gate in model.skip_gates()} == {False}:  # the ceiling: nothing evaluated
         return 1.0
@@ -79,7 +79,7 @@ def _decode_skip_rate(model, ids: torch.Tensor, steps: int) -> float:
 
 def _graph_matches_eager(model, ids: torch.Tensor, steps: int) -> float:
     """Share of greedy tokens on which the graph replay and the eager step agree (1.0: all)."""
-    from sparsify.eval.graph_decode import GraphDecoder
+    from sparsify.engine.graph_decode import GraphDecoder
 
     runs = [GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=g).generate(ids, steps) for g in (False, True)]
     return (runs[0] == runs[1]).float().mean().item()
@@ -99,7 +99,7 @@ def main() -> None:
 
     import sparsify  # noqa: F401 - registers SkipForCausalLM
     from sparsify.eval.cost import measure_speed
-    from sparsify.eval.graph_decode import graphs_supported
+    from sparsify.engine.graph_decode import graphs_supported
     from sparsify.upcycle import upcycle
 
     shutil.rmtree(args.work, ignore_errors=True)

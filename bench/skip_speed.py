@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
     parser.add_argument("--windows", default="512,2048")
     parser.add_argument("--eval-tokens", default="64k")
-    parser.add_argument("--decode-engine", default="graph", help="hf or graph (eval/graph_decode.py)")
+    parser.add_argument("--decode-engine", default="graph", help="hf or graph (sparsify/engine/graph_decode.py)")
     parser.add_argument("--reuse-trained", action="store_true", help="Sweep the model a previous run left in --work.")
     parser.add_argument("--freeze-below", type=float, default=None, help="Freeze gates skipping less than this (calibrated on --data).")
     parser.add_argument("--freeze-above", type=float, default=None, help="Freeze gates skipping more than this.")

@@ -149,7 +149,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                   warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf") -> dict[str, Any]:
     """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text).
     Decode runs through `generate` ("hf") or the static-cache CUDA-graph engine ("graph",
-    eval/graph_decode.py); prefill is always the model's own forward pass."""
+    sparsify/engine/graph_decode.py); prefill is always the model's own forward pass."""
     device = next(model.parameters()).device
     results = {}
     for batch in batch_sizes:
@@ -162,7 +162,7 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
         entry["prefill_tokens_per_s"] = timing_stats(prefill, lambda t: needed / t)
         entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
         if decode_tokens > 1 and decode_engine == "graph":
-            from sparsify.eval.graph_decode import time_decode_steps
+            from sparsify.engine.graph_decode import time_decode_steps
 
             baseline = _start_peak(device)
             per_token, graphed = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)

@@ -14,7 +14,7 @@ import sys
 
 from sparsify.errors import SparsifyError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 
 def upcycle(*args, **kwargs):

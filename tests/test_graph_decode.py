@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import IDS, randomise_gates
 
 from sparsify.errors import SparsifyError
-from sparsify.eval.graph_decode import GraphDecoder, graphs_supported
+from sparsify.engine.graph_decode import GraphDecoder, graphs_supported
 from sparsify.upcycle import upcycle
 
 
@@ -162,7 +162,7 @@ def test_dense_graph_replay_equals_the_models_cached_forward_on_gpu(dense_weight
 @pytest.mark.skipif(not graphs_supported(), reason="needs a GPU and nvcc for the decode kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_and_gate_kernel_match_the_modules_on_gpu(dtype, skip_models):
-    from sparsify.eval.decode_kernels import DecodeKernels, fusable_norm
+    from sparsify.engine.decode_kernels import DecodeKernels, fusable_norm
 
     model = AutoModelForCausalLM.from_pretrained(skip_models["llama"], dtype=dtype).eval()
     randomise_gates(model, seed=6)

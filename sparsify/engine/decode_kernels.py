@@ -1,7 +1,8 @@
-"""CUDA kernels and graph conditional (IF) nodes for the decode engine (eval/graph_decode.py).
+"""CUDA kernels and graph conditional (IF) nodes for the decode engine
+(sparsify/engine/graph_decode.py).
 
-Two jobs, both in eval/cuda/decode_kernels.cu, compiled with the local nvcc on first use and cached
-under ~/.cache/sparsify/cuda (written atomically):
+Two jobs, both in sparsify/engine/cuda/decode_kernels.cu, compiled with the local nvcc on first use
+and cached under ~/.cache/sparsify/cuda (written atomically):
 
 - `rms_norm`: transformers' RMSNorm in one kernel instead of eight. Decode of a small model is
   launch-latency bound, so this shortens every layer of a dense teacher and of a skip model alike.
@@ -145,7 +146,7 @@ class DecodeKernels:
         out = torch.empty_like(x)
         rows, width = x.numel() // x.shape[-1], x.shape[-1]
         common = (self._stream(), DTYPE_CODES[x.dtype], x.data_ptr(), norm.weight.data_ptr(), norm.variance_epsilon,
-                  out.data_ptr(), rows, width, gate.weight.data_ptr(), gate.bias.data_ptr(), gate._logit_threshold,
+                  out.data_ptr(), rows, width, gate.weight.data_ptr(), gate.bias.data_ptr(), gate.logit_threshold,
                   mask.data_ptr() if mask is not None else None)
         if scratch is None:
             _check(self.library.sparsify_rmsnorm_gate_mask(*common), "RMSNorm + gate kernel")

@@ -1,5 +1,5 @@
-// Kernels for the CUDA-graph decode engine (eval/graph_decode.py), built on first use by
-// eval/decode_kernels.py with the local nvcc.
+// Kernels for the CUDA-graph decode engine (sparsify/engine/graph_decode.py), built on first use
+// by sparsify/engine/decode_kernels.py with the local nvcc.
 //
 // 1. RMSNorm in one kernel. transformers' RMSNorm is eight small kernels (cast, square, mean,
 //    add, rsqrt, multiply, cast, scale); at decode those are launch-latency bound, so one kernel

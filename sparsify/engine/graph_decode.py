@@ -9,7 +9,8 @@ graph conditional node: the gate's decision is read on the GPU, and a skipped su
 never run, with no host synchronisation at all. Dense models go through the same engine, so a
 skip model and its teacher are timed under one harness. Each RMSNorm is one kernel (eight in
 transformers), and a gated sublayer's norm kernel also evaluates the gate and sets the IF node's
-condition (eval/decode_kernels.py), so a gate adds one conditional node and no kernel.
+condition (decode_kernels.py, beside this file), so a gate adds one conditional node and no
+kernel.
 
 Decisions are the skip model's own (same gate, same threshold, same KV rule: a skipped
 attention sublayer still writes the token's keys and values). At batch > 1 a sublayer runs when
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.eval import decode_kernels
+from sparsify.engine import decode_kernels
 from sparsify.skip.modeling_skip import rotate_heads
 
 
@@ -56,7 +57,7 @@ class _Decision:
 
 
 def graphs_supported() -> bool:
-    """A GPU and the engine's CUDA kernels (eval/decode_kernels.py), conditional nodes included."""
+    """A GPU and the engine's CUDA kernels (decode_kernels.py), conditional nodes included."""
     return decode_kernels.available()
 
 
