@@ -5,12 +5,12 @@ of its skip conversion at fixed skip rates, under both decode engines, against t
 
 Engines: "hf" is transformers' generate (eager, one host round trip per gated sublayer to decide);
 "graph" is sparsify/engine/graph_decode.py (static KV cache, each step one CUDA graph, gated
-sublayers as conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so that a
-fraction r of a calibration prompt's tokens falls below the threshold (random gate directions, so
-decisions differ per token); the skip rate actually taken during decode is measured and reported.
-Rate 0 = every token kept but every gate evaluated (the pure cost of gating), rate 1 = every
-gated sublayer skipped and no gate evaluated (the ceiling). Before timing, the graph engine's greedy tokens are checked against the
-eager engine's at batch 1.
+sublayers as conditional nodes, decisions never leave the GPU). A rate r sets every gate's bias so
+that a fraction r of a calibration prompt's tokens falls below the threshold (random gate
+directions, so decisions differ per token); the skip rate actually taken during decode is measured
+and reported. Rate 0 = every token kept but every gate evaluated (the pure cost of gating), rate 1
+= every gated sublayer skipped and no gate evaluated (the ceiling). Before timing, the graph
+engine's greedy tokens are checked against the eager engine's at batch 1.
 
 Prints JSON. Weights are random: only speed is measured (quality needs bench/skip_speed.py).
 """

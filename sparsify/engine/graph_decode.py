@@ -9,8 +9,7 @@ graph conditional node: the gate's decision is read on the GPU, and a skipped su
 never run, with no host synchronisation at all. Dense models go through the same engine, so a
 skip model and its teacher are timed under one harness. Each RMSNorm is one kernel (eight in
 transformers), and a gated sublayer's norm kernel also evaluates the gate and sets the IF node's
-condition (decode_kernels.py, beside this file), so a gate adds one conditional node and no
-kernel.
+condition (sparsify/engine/decode_kernels.py), so a gate adds one conditional node and no kernel.
 
 Decisions are the skip model's own (same gate, same threshold, same KV rule: a skipped
 attention sublayer still writes the token's keys and values). At batch > 1 a sublayer runs when
@@ -57,7 +56,8 @@ class _Decision:
 
 
 def graphs_supported() -> bool:
-    """A GPU and the engine's CUDA kernels (decode_kernels.py), conditional nodes included."""
+    """A GPU and the engine's CUDA kernels (sparsify/engine/decode_kernels.py), conditional nodes
+    included."""
     return decode_kernels.available()
 
 
@@ -73,6 +73,13 @@ def _check_supported(model: nn.Module) -> None:
     attention = layers[0].self_attn
     if not all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
         raise SparsifyError(f"{type(attention).__name__} does not have the q/k/v/o projections the decode engine needs")
+
+
+def _skip_gates(model: nn.Module) -> dict[tuple[int, str], nn.Module]:
+    """(layer, "attention" | "ffn") -> gate, through the skip model's public `skip_gates()`; empty
+    for a dense model."""
+    listed = model.skip_gates() if hasattr(model, "skip_gates") else []
+    return {(layer, sublayer): gate for layer, sublayer, gate in listed}
 
 
 def _add_output(hidden: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -100,9 +107,9 @@ class GraphDecoder:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         decoder = model.model
-        gates = [getattr(block, "sparsify_gates", (None, None)) for block in decoder.layers]
-        self.layers = [_Layer(i, block, *gates[i]) for i, block in enumerate(decoder.layers)]
-        evaluated = [g for pair in gates for g in pair if g is not None and g.forced is None]
+        gates = _skip_gates(model)
+        self.layers = [_Layer(i, block, gates.get((i, "attention")), gates.get((i, "ffn"))) for i, block in enumerate(decoder.layers)]
+        evaluated = [g for layer in self.layers for g in (layer.attention_gate, layer.ffn_gate) if g is not None and g.forced is None]
         self.gated = bool(evaluated)
         self.capture_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.

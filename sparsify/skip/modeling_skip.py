@@ -93,6 +93,12 @@ class SkipGate(nn.Module):
         self._threshold = float(value)
         self._logit_threshold = math.log(value / (1.0 - value))
 
+    @property
+    def logit_threshold(self) -> float:
+        """The threshold on the logit w . x + b, log(t / (1 - t)): what the decision compares with
+        (kernels that evaluate the gate themselves read it here)."""
+        return self._logit_threshold
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         differentiable = self.training or torch.is_grad_enabled()
         if self.forced is not None:
