@@ -41,6 +41,16 @@ class Family:
             "down": "mlp.experts.{expert}.down_proj.weight",
         }
     )
+    # Regexes, relative to a layer's prefix, of the routed experts' tensors in each layout transformers 5
+    # loads: one matrix per expert (the classic layout: ours, and what save_pretrained writes), or one
+    # 3-D tensor per projection whose first dimension is the expert (what transformers 5 modules hold,
+    # so what tools saving a state_dict write). `sparsify info` counts active parameters from these.
+    moe_expert_layouts: dict[str, str] = field(
+        default_factory=lambda: {
+            "per-expert": r"mlp\.experts\.(?P<expert>\d+)\.(gate|up|down)_proj\.weight",
+            "fused": r"mlp\.experts\.(gate_up|down)_proj",
+        }
+    )
     # Config keys of the MoE target for: number of experts, active experts, per-expert d_ff.
     # Several keys for one value are all written, so older and newer readers both find it.
     moe_config_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -68,6 +78,11 @@ FAMILIES: tuple[Family, ...] = (
             "gate": "block_sparse_moe.experts.{expert}.w1.weight",
             "up": "block_sparse_moe.experts.{expert}.w3.weight",
             "down": "block_sparse_moe.experts.{expert}.w2.weight",
+        },
+        # transformers 5 renames Mixtral's block_sparse_moe to mlp on load, so either prefix is read.
+        moe_expert_layouts={
+            "per-expert": r"(block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.w[123]\.weight",
+            "fused": r"(block_sparse_moe|mlp)\.experts\.(gate_up|down)_proj",
         },
         moe_config_keys={
             "experts": ("num_local_experts",),

@@ -11,7 +11,7 @@ from typing import Any
 
 from sparsify.checkpoint_reader import read_safetensors_header
 from sparsify.errors import SparsifyError
-from sparsify.families import FAMILIES, FFN_ROLES, Family
+from sparsify.families import FAMILIES, Family
 from sparsify.provenance import changed_weight_files, read_record
 
 
@@ -42,8 +42,53 @@ def _moe_family(model_type: str) -> Family | None:
     return next((f for f in FAMILIES if f.moe_model_type == model_type), None)
 
 
+def _config_int(config: dict[str, Any], keys: tuple[str, ...], folder: Path) -> int:
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    raise SparsifyError(f"{folder}/config.json has none of {', '.join(keys)}: add the value the model was built with")
+
+
+def _mismatch(match: re.Match, shape: tuple[int, ...], experts: int) -> str | None:
+    """Why a tensor named like a routed expert cannot be one of `experts`, or None."""
+    if "expert" in match.groupdict():  # one matrix per expert, named by its index
+        return None if int(match["expert"]) < experts else f"expert index {match['expert']}"
+    return None if shape and shape[0] == experts else f"first dimension {shape[0] if shape else 'none'}"  # fused: stacked on dim 0
+
+
+def _readable(pattern: str) -> str:
+    """A layout regex as a user reads a tensor name: mlp.experts.E.(gate|up|down)_proj.weight."""
+    return pattern.replace(r"(?P<expert>\d+)", "E").replace("\\", "")
+
+
+def _routed_expert_params(shapes: dict[str, tuple[int, ...]], family: Family, experts: int, folder: Path) -> int:
+    """Parameters of all routed experts of all layers, in any of the family's expert layouts."""
+    layer = re.escape(family.layer_prefix).replace(r"\{layer\}", r"\d+")
+    layouts = [re.compile(layer + pattern) for pattern in family.moe_expert_layouts.values()]
+    routed = 0
+    for name, shape in shapes.items():
+        match = next((m for layout in layouts if (m := layout.fullmatch(name))), None)
+        if match is None:  # attention, norms, routers, shared experts, dense layers: always active
+            continue
+        wrong = _mismatch(match, shape, experts)
+        if wrong:
+            raise SparsifyError(f"{folder}: {name} has {wrong}, but config.json says {experts} experts; "
+                                f"the weights do not belong to this config")
+        routed += prod(shape)
+    if not routed:
+        # Counting every expert as active would report a top-k model at dense cost. The layouts listed are
+        # the ones transformers 5 loads for this family, so a folder failing here would not load for eval
+        # or train either: an error that names what was expected beats a plausible wrong number.
+        expected = " or ".join(family.layer_prefix.format(layer="N") + _readable(p) for p in family.moe_expert_layouts.values())
+        raise SparsifyError(f"{folder}: config.json describes a {family.moe_model_type} MoE with {experts} experts, but no tensor "
+                            f"in its .safetensors files is a routed expert (expected names matching {expected}); "
+                            f"re-save the model with transformers' save_pretrained, or check the weights belong to this config")
+    return routed
+
+
 def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
-    """Total parameters from the shard headers; active = total minus unselected experts."""
+    """Total parameters from the shard headers; active = total minus the experts a token does not
+    use: (E - k) / E of every layer's routed experts, E and k read from the config."""
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
         shapes.update({name: entry.shape for name, entry in read_safetensors_header(file).items()})
@@ -56,15 +101,10 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
     family = _moe_family(config.get("model_type", ""))
     if family is None:
         return {"total": total, "active": total}
-    top_k = int(config[family.moe_config_keys["top_k"][0]])
-    router = re.compile(re.escape(family.layer_prefix).replace(r"\{layer\}", r"(\d+)") + re.escape(family.moe_router) + "$")
-    inactive = 0
-    for name, shape in shapes.items():
-        match = router.match(name)
-        if match:
-            layer = int(match.group(1))
-            per_expert = sum(prod(shapes[family.layer_name(layer, family.moe_experts[r], expert=0)]) for r in FFN_ROLES)
-            inactive += (shape[0] - top_k) * per_expert
+    experts = _config_int(config, family.moe_config_keys["experts"], folder)
+    top_k = _config_int(config, family.moe_config_keys["top_k"], folder)
+    # Summed over layers before dividing: each MoE layer holds all E experts, so the sum is a multiple of E.
+    inactive = _routed_expert_params(shapes, family, experts, folder) * (experts - top_k) // experts
     return {"total": total, "active": total - inactive}
 
 
