@@ -71,7 +71,9 @@ def build_options(converter: Converter, values: dict[str, Any]) -> Any:
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise SparsifyError(f"{flags} do{'es' if len(foreign) == 1 else ''} not apply to --to {converter.name}")
-    return converter.options(**values)
+    options = converter.options(**values)
+    options.validate()  # before the (possibly slow) source is opened
+    return options
 
 
 __all__ = ["CONVERTERS", "ConversionPlan", "Converter", "build_options", "get_converter"]

@@ -25,11 +25,9 @@ from typing import Callable
 
 import torch
 
-from sparsify.convert.options import ExpertInitOptions  # noqa: F401 - shared by moe and fine-moe
+from sparsify.convert.options import ROUTER_INITS, SPLITS, ExpertInitOptions  # noqa: F401 - ExpertInitOptions: shared by moe and fine-moe
 from sparsify.errors import SparsifyError
 
-SPLITS = ("contiguous", "random")
-ROUTER_INITS = ("virtual-group", "random", "gate-mean")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,19 @@ the CLI can build its flags and answer `--help` in well under a second.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from sparsify.errors import SparsifyError
+
+SPLITS = ("contiguous", "random")
+ROUTER_INITS = ("virtual-group", "random", "gate-mean")
+GATE_CHOICES = {"both": ("attention", "ffn"), "attention": ("attention",), "ffn": ("ffn",)}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SparsifyError(message)
 
 
 @dataclass
@@ -20,11 +32,21 @@ class ExpertInitOptions:
     router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
     seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
 
+    def validate(self) -> None:
+        """What can be checked without the model (called before it is opened); the plan checks the rest."""
+        _require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
+        _require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
+
 
 @dataclass
 class MoeOptions(ExpertInitOptions):
     experts: int = field(default=8, metadata={"help": "Number of experts; each starts as a copy of the FFN."})
     top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.experts >= 1, f"--experts must be at least 1, got {self.experts}")
+        _require(1 <= self.top_k <= self.experts, f"top-k {self.top_k} must be between 1 and the number of experts, {self.experts}")
 
     def layout(self):
         from sparsify.convert.experts import ExpertLayout
@@ -57,6 +79,17 @@ class FineMoeOptions(ExpertInitOptions):
         },
     )
 
+    def validate(self) -> None:
+        super().validate()
+        _require(self.granularity >= 1 and self.experts >= 1,
+                 f"--granularity and --experts must be at least 1, got {self.granularity} and {self.experts}")
+        experts = self.granularity * self.experts
+        _require(self.top_k is None or 1 <= self.top_k <= experts,
+                 f"top-k {self.top_k} must be between 1 and the number of experts, {experts} ({self.experts} copies x granularity {self.granularity})")
+        _require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        _require(self.router_init is None or self.router_init in ROUTER_INITS,
+                 f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
+
     def layout(self):
         from sparsify.convert.experts import ExpertLayout
 
@@ -81,3 +114,11 @@ class SkipOptions:
     exclude_last: int = field(default=0, metadata={"help": "Leave the last N layers ungated (always run)."})
     threshold: float = field(default=0.5, metadata={"help": "Inference threshold: a sublayer runs for a token when its gate's probability exceeds it (adjustable after training)."})
     gate_bias_init: float = field(default=6.0, metadata={"help": "Initial gate bias: sigmoid(6) = 0.998, every gate open, the model exact."})
+
+    def validate(self) -> None:
+        _require(self.gates in GATE_CHOICES, f"--gates must be one of {', '.join(GATE_CHOICES)}, got '{self.gates}'")
+        _require(self.exclude_first >= 0 and self.exclude_last >= 0, "--exclude-first and --exclude-last must be 0 or more")
+        _require(0.0 < self.threshold < 1.0, f"--threshold must be between 0 and 1, got {self.threshold}")
+        open_probability = 1 / (1 + math.exp(-self.gate_bias_init))
+        _require(open_probability > self.threshold,
+                 f"--gate-bias-init {self.gate_bias_init} starts the gates closed (sigmoid {open_probability:.3f} <= threshold)")

@@ -17,14 +17,13 @@ import torch
 from sparsify.checkpoint_writer import PlannedTensor
 from sparsify.convert.experts import Exactness
 from sparsify.convert.native_moe import DROPPED_CONFIG_KEYS, SKIPPED, _passthrough
-from sparsify.convert.options import SkipOptions
+from sparsify.convert.options import GATE_CHOICES, SkipOptions
 from sparsify.convert.plan import ConversionPlan
 from sparsify.errors import SparsifyError
 from sparsify.skip import MODELING_FILE, modeling_source
 
 # Families whose decoder layer the skip modeling code wraps (same sublayer structure).
 SKIP_BASES = ("llama", "mistral", "qwen2", "qwen3")
-GATE_CHOICES = {"both": ("attention", "ffn"), "attention": ("attention",), "ffn": ("ffn",)}
 
 
 def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPlan:

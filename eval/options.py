@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsify.errors import SparsifyError
-from sparsify.train.options import parse_count
+from sparsify.train.options import check_rules, parse_count
 
 SUITES = ("quality", "cost", "routing", "tasks")
 DECODE_ENGINES = ("hf", "graph")
@@ -72,9 +72,7 @@ class EvalOptions:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
         if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
             raise SparsifyError("--speed-batch, --prompt-len and --repeats must be positive")
-        for name, ok, rule in _RULES:
-            if not ok(getattr(self, name)):
-                raise SparsifyError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+        check_rules(self, _RULES)
         if not 0 < self.stride < self.window:
             raise SparsifyError(f"--stride must be at least 1 and below --window ({self.window}), not {self.stride}")
         if parse_count(self.tokens) < 2:
@@ -82,7 +80,7 @@ class EvalOptions:
         if parse_count(self.routing_tokens) < 1:
             raise SparsifyError(f"--routing-tokens {self.routing_tokens}: watch at least 1 token (e.g. --routing-tokens 32k)")
         if self.data:
-            from sparsify.data import check_sources
+            from sparsify.text_files import check_sources
 
             check_sources(_list(self.data), "--data")
 

@@ -139,6 +139,8 @@ def render_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:
     lines.append(f"sparsify {report['versions'].get('sparsify-lm', '?')}, schema {SCHEMA} v{SCHEMA_VERSION}, {report['created']}.")
     lines.append("")
     lines += table_markdown(metric_rows(report), teacher is not None)
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {note}" for note in report["notes"])]
     for plot in plots:
         lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
     moe = _at(report, "routing", "moe")

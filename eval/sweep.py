@@ -41,7 +41,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         raise SparsifyError("skip-sweep compares against the dense model: pass --teacher")
     if not options.data:
         raise SparsifyError("skip-sweep needs held-out text: pass --data")
-    from sparsify.data import check_sources
+    from sparsify.text_files import check_sources
     from sparsify.sources import check_model_ref
 
     options.validate()  # options, data files and both models are refused before either model loads
@@ -49,6 +49,9 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
         check_sources([part.strip() for part in calibration_data.split(",") if part.strip()], "--calibration-data")
     check_model_ref(model_ref)
     check_model_ref(options.teacher, "--teacher")
+    config = Path(model_ref) / "config.json"
+    if not config.exists() or json.loads(config.read_text()).get("model_type") != "sparsify_skip":
+        raise SparsifyError(f"{model_ref} is not a layer-skip model folder (make one with `sparsify upcycle ... --to skip`)")
     device = resolve_device(options.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = load_for_eval(model_ref, dtype, device)
@@ -105,7 +108,10 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_sweep(result, output / "sweep.png")
+        note = plot_sweep(result, output / "sweep.png")
+        if note:
+            result["notes"] = [*result.get("notes", []), note]
+            (output / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

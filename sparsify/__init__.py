@@ -28,40 +28,62 @@ def register_architectures() -> None:
     """Make the layer-skip architecture loadable by AutoConfig / AutoModelForCausalLM."""
     try:
         from sparsify.skip import register
-    except ImportError:  # transformers or torch missing: nothing to register with
+    except ModuleNotFoundError as error:
+        if error.name not in ("torch", "transformers"):  # else: nothing to register with
+            _warn_unregistered(error)
+        return
+    except ImportError as error:
+        # `sparsify.skip` is itself importing transformers (this ran from the hook below, midway):
+        # it registers itself once its import completes.
+        if "partially initialized" in str(error):
+            return
+        _warn_unregistered(error)
         return
     try:
         register()
     except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
-        import warnings
+        _warn_unregistered(error)
 
-        warnings.warn(f"sparsify could not register its layer-skip architecture with transformers: {error}", stacklevel=2)
+
+def _warn_unregistered(error: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"sparsify could not register its layer-skip architecture with transformers: {error}", stacklevel=3)
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `transformers` is about to be imported, wraps the real loader so
-    that the registration runs once the module has fully executed, then removes itself."""
+    """Finds nothing itself: when `transformers` is imported, wraps the real loader so that the
+    registration runs once the module has fully executed, then steps aside. A mere look-up
+    (`importlib.util.find_spec("transformers")`, as accelerate and lm_eval do) executes nothing,
+    so the finder stays until a real import has run."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or getattr(self, "_looking", False):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
+        self._looking = True  # find_spec below walks sys.meta_path again, this finder included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         execute = spec.loader.exec_module
+        finder = self
 
         def exec_module(module):
             execute(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             register_architectures()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+# One hook per interpreter, even if this module is reloaded (a reload makes a new class).
 if "transformers" in sys.modules:
     register_architectures()
-elif not any(isinstance(finder, _RegisterAfterTransformers) for finder in sys.meta_path):
+elif not any(type(finder).__name__ == "_RegisterAfterTransformers" for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterTransformers())
 
 __all__ = ["SparsifyError", "__version__", "register_architectures", "upcycle"]

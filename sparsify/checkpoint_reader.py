@@ -53,16 +53,21 @@ class _Entry:
     nbytes: int
 
 
-def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+def _raw_header(path: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, any dtypes; a malformed one is refused in one line."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         try:
             if not 0 < size <= file_size - 8:
                 raise ValueError(f"header length {size} does not fit in {file_size} bytes")
-            header = json.loads(handle.read(size))
+            return size, json.loads(handle.read(size))
         except (ValueError, UnicodeDecodeError) as error:
             raise SparsifyError(f"{path} is not a readable safetensors file ({error}); re-download or re-export it") from error
+
+
+def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+    size, header = _raw_header(path)
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -79,8 +84,11 @@ def check_weight_files(folder: Path) -> None:
     the header says. Reads headers only, so a broken download is refused in milliseconds rather
     than with a loader's traceback after the model has half loaded."""
     for path in sorted(Path(folder).glob("*.safetensors")):
-        entries = read_safetensors_header(path)
-        needed = max((entry.start + entry.nbytes for entry in entries.values()), default=0)
+        # Offsets only: a dtype sparsify cannot convert (FP8, say) is still a whole file that
+        # transformers may load; it is refused only where sparsify has to read the tensor.
+        size, header = _raw_header(path)
+        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+        needed = 8 + size + max(ends, default=0)
         have = os.path.getsize(path)
         if have < needed:
             raise SparsifyError(

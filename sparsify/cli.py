@@ -166,15 +166,13 @@ def upcycle(
             on_bytes=lambda n: progress.advance(task, n),
             **chosen,
         )
-    verdict = teacher_verdict(result.record)
-    colour = {"yes": "green", "no": "yellow", "unknown": "yellow"}[verdict.state]
     table = Table(title=f"{to} from {model}", show_header=False)
     for key, value in [
         ("output", str(result.output)),
         ("architecture", result.plan.layout["architecture"]),
         *layout_rows(result.plan.layout),
         ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
-        ("reproduces teacher", f"[{colour}]{verdict.state}[/{colour}]: {verdict.reason}"),
+        ("reproduces teacher", _verdict_cell(teacher_verdict(result.record))),
         ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
     ]:
         table.add_row(key, value)
@@ -388,6 +386,8 @@ def skip_sweep(
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    for note in result.get("notes", []):
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if output:
         out.print(f"sweep: {Path(output) / 'sweep.json'} and sweep.png")
 
@@ -453,10 +453,8 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
         ("active parameters", f"{described.active_params:,} ({described.active_params / described.total_params:.1%})"),
     ]
     rows += layout_rows(described.layout)
-    verdict = described.reproduces_teacher
-    if verdict is not None:
-        colour = {"yes": "green", "no": "yellow", "unknown": "yellow"}[verdict.state]
-        rows.append(("reproduces teacher", f"[{colour}]{verdict.state}[/{colour}]: {escape(verdict.reason)}"))
+    if described.reproduces_teacher is not None:
+        rows.append(("reproduces teacher", _verdict_cell(described.reproduces_teacher)))
     if described.source:
         rows.append(("source", escape(source_line(described.source))))
     for run in described.training:
@@ -470,6 +468,13 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _verdict_cell(verdict) -> str:
+    from rich.markup import escape
+
+    colour = "green" if verdict.state == "yes" else "yellow"
+    return f"[{colour}]{verdict.state}[/{colour}]: {escape(verdict.reason)}"
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ Held-out text: `eval_sources` when given, otherwise the documents whose stable h
 from __future__ import annotations
 
 import functools
-import glob
 import gzip
 import hashlib
 import json
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.text_files import check_sources, loader_for, local_files
 
-LOADERS = {".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass(frozen=True)
@@ -36,38 +35,9 @@ class DataSpec:
     heldout_fraction: float = 0.01
 
 
-def _local_files(source: str) -> list[str] | None:
-    matches = sorted(glob.glob(source)) if any(c in source for c in "*?[") else ([source] if Path(source).exists() else [])
-    if Path(source).is_dir():
-        matches = sorted(str(p) for p in Path(source).rglob("*") if p.is_file())
-    return matches or None
-
-
-def _loader_for(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
-    suffix = Path(name).suffix
-    if suffix not in LOADERS:
-        raise SparsifyError(f"cannot read {path}: use .txt, .jsonl or .parquet files (optionally .gz)")
-    return LOADERS[suffix]
-
-
-def check_sources(sources: Iterable[str], flag: str = "--data") -> None:
-    """Refuse, in a blink and before any model is loaded, a source that names no readable local
-    files and cannot be a Hub dataset id. (A Hub id is checked when it is opened.)"""
-    for source in sources:
-        files = _local_files(source)
-        if files is None:
-            looks_local = any(c in source for c in "*?[") or source.startswith((".", "/", "~")) or Path(source).suffix in (".gz", ".jsonl", ".txt", ".parquet")
-            if looks_local or "/" not in source:
-                raise SparsifyError(f"{flag}: no files match '{source}', and it is not a Hub dataset id (owner/name)")
-            continue
-        for path in files:
-            _loader_for(path)
-
-
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Documents of one source, in a fixed order (files sorted; a .txt file is one document)."""
-    files = _local_files(source)
+    files = local_files(source)
     if files is None:
         from datasets import load_dataset
 
@@ -80,7 +50,7 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
             yield _text_of(row, text_field, source)
         return
     for path in files:
-        loader = _loader_for(path)
+        loader = loader_for(path)
         opener = gzip.open if path.endswith(".gz") else open
         if loader == "text":
             with opener(path, "rt", encoding="utf-8") as handle:

@@ -41,8 +41,8 @@ def apply_umask(folder: Path) -> None:
 
 
 def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: dict[str, Any] | None, *, overwrite: bool = False) -> None:
-    # Imported here: sparsify.skip imports transformers, and when it is the first to do so the Auto
-    # classes registration of `import sparsify` misses it (sparsify.upcycle imports this module).
+    # Imported here: sparsify.skip imports transformers and torch, which `sparsify.upcycle` (which
+    # imports this module) should not pay for before it needs them.
     from sparsify.skip import MODELING_FILE, SkipConfig, modeling_source
 
     with atomic_folder(output, overwrite=overwrite) as staging:

@@ -20,7 +20,9 @@ from typing import Any, BinaryIO
 
 FORMAT = "sparsify/1"
 FILENAME = "sparsify.json"
-WEIGHT_FILES = "*.safetensors"
+# The files whose content decides the logits: weights, the config (top-k, threshold, frozen gates)
+# and remote modeling code. Fingerprinted when sparsify writes a folder, checked by `info`.
+FINGERPRINTED = ("*.safetensors", "config.json", "*.py")
 _TRACKED = ("sparsify-lm", "torch", "transformers", "safetensors", "huggingface_hub", "gguf", "peft")
 
 
@@ -70,19 +72,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fingerprinted(folder: Path) -> dict[str, Path]:
+    return {file.name: file for pattern in FINGERPRINTED for file in sorted(folder.glob(pattern)) if file.is_file()}
+
+
 def fingerprint_weights(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every weight file: taken when sparsify writes a folder, checked by `info`."""
-    return {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)} for file in sorted(folder.glob(WEIGHT_FILES))}
+    """Size, modification time and sha256 of every file that decides the logits (FINGERPRINTED)."""
+    return {name: {"bytes": file.stat().st_size, "mtime_ns": file.stat().st_mtime_ns, "sha256": _sha256(file)}
+            for name, file in _fingerprinted(folder).items()}
 
 
 def changed_weight_files(folder: Path, fingerprint: dict[str, dict[str, Any]]) -> list[str]:
-    """Weight files added, removed or rewritten since `fingerprint` was taken. Sizes are compared
-    first, so only files of unchanged size are hashed."""
-    present = {file.name: file for file in folder.glob(WEIGHT_FILES)}
-    changed = sorted(set(present) ^ set(fingerprint))
-    same_size = [name for name in sorted(set(present) & set(fingerprint)) if present[name].stat().st_size == fingerprint[name]["bytes"]]
-    changed += sorted((set(present) & set(fingerprint)) - set(same_size))
-    changed += [name for name in same_size if _sha256(present[name]) != fingerprint[name]["sha256"]]
+    """Files added, removed or rewritten since `fingerprint` was taken. A file of the same size and
+    modification time is taken as unchanged, so an untouched multi-GB folder is not re-read; any
+    other file of the same size is re-hashed (a copied folder has new times but the same bytes)."""
+    present = _fingerprinted(folder)
+    changed = set(present) ^ set(fingerprint)
+    for name in set(present) & set(fingerprint):
+        stat, recorded = present[name].stat(), fingerprint[name]
+        if stat.st_size != recorded["bytes"]:
+            changed.add(name)
+        elif stat.st_mtime_ns != recorded.get("mtime_ns") and _sha256(present[name]) != recorded["sha256"]:
+            changed.add(name)
     return sorted(changed)
 
 

@@ -8,6 +8,7 @@ files and trusted pickle checkpoints, whose formats need it.
 from __future__ import annotations
 
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +66,11 @@ class ModelSource:
         }
         if self.kind == "gguf":  # the weights are this file's (quantised) ones, not the Hub model's
             alias = ALIASES.get(self.ref)
-            found["gguf"] = describe_gguf(self.path, alias.distribution.split("==")[0] if alias else None)
+            try:
+                found["gguf"] = describe_gguf(self.path, alias.distribution.split("==")[0] if alias else None)
+            except (ValueError, KeyError, OSError, struct.error, ImportError):
+                # A header this reader does not know: the record says less, the conversion goes on.
+                found["gguf"] = {"file": self.path.name, "quantization": None}
         return found
 
 
@@ -202,6 +207,10 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
 def load_model(ref: str, dtype: torch.dtype = torch.float32, **source_options: Any):
     """A transformers model for any reference `open_source` accepts (used for separate teachers)."""
     from transformers import AutoModelForCausalLM
+
+    from sparsify import register_architectures
+
+    register_architectures()  # layer-skip folders load through the Auto classes, whatever imported transformers
 
     source = open_source(ref, **source_options)
     if source.kind == "gguf":

@@ -61,6 +61,8 @@ def upcycle(
     opts = build_options(converter, options)
     output = Path(output)
     check_output_free(output, overwrite)  # fail before the (possibly slow) model load
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SparsifyError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got '{dtype}'")
     source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
     out_dtype = resolve_dtype(dtype, source)
     plan = converter.plan(source, opts, out_dtype)

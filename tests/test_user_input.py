@@ -199,7 +199,7 @@ def test_interrupt_before_a_checkpoint_says_there_is_nothing_to_resume(students,
     def stop(entry):
         raise KeyboardInterrupt
 
-    with pytest.raises(TrainingInterrupted, match="nothing to resume"):
+    with pytest.raises(TrainingInterrupted, match="--checkpoint-every 0 writes no checkpoints, so there is nothing to resume"):
         train(students["half"], tiny_options(corpus), output=tmp_path / "out", on_step=stop)
     assert not (tmp_path / "out.run").exists()
 
@@ -210,7 +210,7 @@ def test_interrupt_after_a_checkpoint_says_how_to_resume_and_the_resume_reports_
             raise KeyboardInterrupt
 
     options = tiny_options(corpus, checkpoint_every=2)
-    with pytest.raises(TrainingInterrupted, match=r"last checkpoint is in .*out\.run; continue with the same command plus --resume"):
+    with pytest.raises(TrainingInterrupted, match=r"last checkpoint is in .*out\.run; continue with `sparsify train .*half -o .*out --resume`"):
         train(students["half"], options, output=tmp_path / "out", on_step=stop_at_step_3)
     resumed = train(students["half"], options, output=tmp_path / "out", resume=True)
     assert resumed.start_step == 2 and resumed.steps == 12
@@ -247,3 +247,46 @@ def test_skip_freeze_checks_its_calibration_text_and_count_before_loading(tmp_pa
     with pytest.raises(SparsifyError, match="--tokens 0: calibrate on at least one token"):
         write_frozen_copy(skip, tmp_path / "out", FreezeRule(0.05), str(tmp_path / "missing.jsonl"), tokens="0")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lookup_of_transformers_before_its_import_does_not_disarm_the_registration():
+    probe = ("import importlib.util, sparsify; importlib.util.find_spec('transformers'); import transformers; "
+             "from transformers import AutoConfig; print(type(AutoConfig.for_model('sparsify_skip')).__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SkipConfig"
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--to", "fine-moe", "--granularity", "0"], "--granularity and --experts must be at least 1"),
+    (["--to", "moe", "--experts", "0"], "--experts must be at least 1"),
+    (["--to", "skip", "--threshold", "1.5"], "--threshold must be between 0 and 1"),
+    (["--to", "skip", "--gates", "mlp"], "--gates must be one of both, attention, ffn"),
+    (["--to", "fine-moe", "--split", "odd"], "--split must be one of contiguous, random"),
+    (["--to", "moe", "--dtype", "int8"], "--dtype must be auto or one of"),
+])
+def test_upcycle_refuses_bad_variant_options_before_opening_the_model(tmp_path, args, words):
+    # The model does not even exist: the options are refused before anyone looks for it.
+    output = tmp_path / "x"
+    line = one_error_line(run_cli("upcycle", str(tmp_path / "no-model-here"), *args, "-o", str(output)))
+    assert words in line and not output.exists()
+
+
+def test_upcycle_with_train_refuses_a_missing_teacher_before_converting(dense_models, corpus, tmp_path):
+    output = tmp_path / "x"
+    done = run_cli("upcycle", str(dense_models["llama"]), "--to", "moe", "--experts", "2", "-o", str(output), "--train",
+                   "--data", str(corpus["train"]), "--teacher", str(tmp_path / "no-teacher"))
+    assert "--teacher" in one_error_line(done) and not output.exists()
+
+
+def test_a_whole_file_of_a_dtype_sparsify_does_not_convert_passes_the_truncation_check(tmp_path):
+    import struct
+
+    from sparsify.checkpoint_reader import check_weight_files
+
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [4, 4], "data_offsets": [0, 16]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    check_weight_files(tmp_path)  # whole: accepted, whatever the dtype
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(SparsifyError, match="is truncated"):
+        check_weight_files(tmp_path)

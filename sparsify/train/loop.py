@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -39,8 +40,9 @@ class TrainingDiverged(SparsifyError):
     pass
 
 
-class TrainingInterrupted(SparsifyError):
-    """Ctrl-C: the message says whether a checkpoint exists and how to resume."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message saying whether a checkpoint exists and how to resume. Still a
+    KeyboardInterrupt, so code that catches SparsifyError (say, to try the next setting) stops."""
 
 
 @dataclass
@@ -62,10 +64,12 @@ class TrainResult:
         return self.tokens * (self.steps - self.start_step) // self.steps if self.steps else 0
 
 
-# Measured: router training of SmolLM2-135M fine-moe ran at ~2-10 tokens/s on a 2-core CPU and at
-# ~30-45k tokens/s on one H100 (CHANGELOG). Used to warn before a CPU run that would take hours.
+# Router training of SmolLM2-135M fine-moe on a 2-core CPU: ~2-10 tokens/s (measured by a user on a
+# busy machine, issue "Everything the CLI tells a user must be true"); a tiny 3M-parameter student
+# ran at 107 tokens/s here, which the linear scaling below puts at 2.4 tokens/s for 135M. On one
+# H100: 28-45k tokens/s (docs/results.md). Used to warn before a CPU run that would take hours.
 CPU_TOKENS_PER_S_135M = (2, 10)
-GPU_TOKENS_PER_S_135M = "30-45k tokens/s on one H100"
+GPU_RATE_NOTE = "30-45k tokens/s on one H100"
 
 
 def default_run_dir(output: Path) -> Path:
@@ -91,18 +95,28 @@ def train(model_dir: str | Path, options: TrainOptions, **kwargs: Any) -> TrainR
         ) from error
     except KeyboardInterrupt:
         checkpoint = _discard_unstarted_run(run_dir, existed)
-        kept = (f"the last checkpoint is in {run_dir}; continue with the same command plus --resume" if checkpoint
-                else "no checkpoint had been written yet (the first comes after --checkpoint-every steps), so there is nothing to resume")
+        resume = f"sparsify train {model_dir}" + (f" -o {output}" if output != Path(model_dir) else "") + " --resume"
+        if checkpoint:
+            kept = f"the last checkpoint is in {run_dir}; continue with `{resume}` and the same training flags"
+        elif options.checkpoint_every:
+            kept = f"no checkpoint had been written yet (the first comes at step {options.checkpoint_every}), so there is nothing to resume"
+        else:
+            kept = "--checkpoint-every 0 writes no checkpoints, so there is nothing to resume"
         raise TrainingInterrupted(f"training interrupted; {kept}") from None
+    except TrainingDiverged:
+        raise  # its log is the evidence of what went wrong: kept, whatever else the folder holds
     except BaseException:
         _discard_unstarted_run(run_dir, existed)
         raise
 
 
 def _discard_unstarted_run(run_dir: Path, existed: bool) -> Path | None:
-    """Remove a run folder this call created if it holds no checkpoint; returns the checkpoint."""
+    """Remove a run folder this call created if it holds no checkpoint; returns the checkpoint.
+    Only the main process removes anything: under `accelerate launch` another rank may fail first
+    while rank 0 is still writing."""
     checkpoint = find_checkpoint(run_dir) if run_dir.exists() else None
-    if not existed and checkpoint is None:
+    main_process = os.environ.get("RANK", "0") == "0"
+    if not existed and checkpoint is None and main_process:
         shutil.rmtree(run_dir, ignore_errors=True)
     return checkpoint
 
@@ -286,7 +300,6 @@ def check_trainable(model_dir: Path, options: TrainOptions) -> None:
     from sparsify.checkpoint_reader import check_weight_files
     from sparsify.families import FAMILIES
     from sparsify.skip import SkipConfig
-    from sparsify.sources import check_model_ref
 
     if not (model_dir / "config.json").exists():
         raise SparsifyError(f"{model_dir} is not a model folder (no config.json); sparsify train takes a folder made by `sparsify upcycle`")
@@ -299,8 +312,6 @@ def check_trainable(model_dir: Path, options: TrainOptions) -> None:
             f"nothing. Convert it first (`sparsify upcycle {model_dir} --to fine-moe -o OUT`, then `sparsify train OUT`), or "
             "pass --teacher MODEL to fine-tune it with LoRA against another model"
         )
-    if options.teacher != "self":
-        check_model_ref(options.teacher, "--teacher")
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int:
@@ -313,7 +324,10 @@ def cpu_notice(model_dir: Path, tokens: int) -> str | None:
     from sparsify.info import count_params
 
     config = json.loads((model_dir / "config.json").read_text())
-    active = count_params(model_dir, config)["active"]
+    try:
+        active = count_params(model_dir, config)["active"]
+    except SparsifyError:  # a layout info cannot read: no estimate, but no reason to refuse the run
+        return None
     scale = 135e6 / max(active, 1)
     slow, fast = (rate * scale for rate in CPU_TOKENS_PER_S_135M)
     if tokens / slow < 600:
@@ -322,7 +336,7 @@ def cpu_notice(model_dir: Path, tokens: int) -> str | None:
         f"no GPU: training runs on the CPU, at roughly {slow:,.0f}-{fast:,.0f} tokens/s for this model "
         f"({active / 1e6:,.0f}M active parameters; measured 2-10 tokens/s for a 135M model on 2 cores), so {tokens:,} "
         f"tokens would take about {_duration(tokens / fast)} to {_duration(tokens / slow)}, plus the held-out evaluations. "
-        f"A GPU does {GPU_TOKENS_PER_S_135M} for a 135M model; on the CPU, try a few thousand --tokens first."
+        f"A GPU does {GPU_RATE_NOTE} for a 135M model; on the CPU, try a few thousand --tokens first."
     )
 
 

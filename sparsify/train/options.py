@@ -20,6 +20,13 @@ def parse_count(text: str | int) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
 
 
+def check_rules(options, rules) -> None:
+    """Refuse the first field of `options` that breaks its rule; `rules` is (field, accepts, rule text)."""
+    for name, ok, rule in rules:
+        if not ok(getattr(options, name)):
+            raise SparsifyError(f"--{name.replace('_', '-')} {getattr(options, name)}: {rule}")
+
+
 def parse_numbers(text: str, kind: type, flag: str, accepts=lambda value: True, rule: str = "") -> list:
     """'0.3, 0.5' -> [0.3, 0.5] for a comma-separated flag, with one clear error for a bad item."""
     try:
@@ -76,13 +83,11 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Refuse bad options before any model or data is loaded (nothing is read but file names)."""
-        from sparsify.data import check_sources
+        from sparsify.text_files import check_sources
 
         if not self.sources(self.data):
             raise SparsifyError("--data is required: a Hub dataset id or local text files")
-        for name, ok, rule in _RULES:
-            if not ok(getattr(self, name)):
-                raise SparsifyError(f"--{name.replace('_', '-')} {getattr(self, name)}: {rule}")
+        check_rules(self, _RULES)
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
         unknown = set(self.sources(self.lora_targets)) - set(LORA_TARGETS)
@@ -97,6 +102,10 @@ class TrainOptions:
             )
         check_sources(self.sources(self.data), "--data")
         check_sources(self.sources(self.eval_data), "--eval-data")
+        if self.teacher != "self":
+            from sparsify.sources import check_model_ref
+
+            check_model_ref(self.teacher, "--teacher")  # before `upcycle --train` converts, too
 
 
 LORA_TARGETS = ("attention", "experts")
