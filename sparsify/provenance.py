@@ -87,7 +87,9 @@ def changed_weight_files(folder: Path, fingerprint: dict[str, dict[str, Any]]) -
     modification time is taken as unchanged, so an untouched multi-GB folder is not re-read; any
     other file of the same size is re-hashed (a copied folder has new times but the same bytes)."""
     present = _fingerprinted(folder)
-    changed = set(present) ^ set(fingerprint)
+    # Removed files, and added weight shards; a config or code file the record does not list was
+    # not fingerprinted (records from before they were), so it is not evidence of a change.
+    changed = (set(fingerprint) - set(present)) | {name for name in set(present) - set(fingerprint) if name.endswith(".safetensors")}
     for name in set(present) & set(fingerprint):
         stat, recorded = present[name].stat(), fingerprint[name]
         if stat.st_size != recorded["bytes"]:

@@ -290,3 +290,16 @@ def test_a_whole_file_of_a_dtype_sparsify_does_not_convert_passes_the_truncation
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
     with pytest.raises(SparsifyError, match="is truncated"):
         check_weight_files(tmp_path)
+
+
+def test_editing_the_config_after_conversion_withdraws_the_yes(dense_models, tmp_path):
+    from sparsify.info import describe
+    from sparsify.upcycle import upcycle
+
+    folder = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "fmoe", granularity=4).output
+    assert describe(folder).reproduces_teacher.state == "yes"
+    config = json.loads((folder / "config.json").read_text())
+    config["num_experts_per_tok"] = 2  # top-2 of 4 partitions: no longer the dense FFN
+    (folder / "config.json").write_text(json.dumps(config))
+    verdict = describe(folder).reproduces_teacher
+    assert verdict.state == "unknown" and "config.json changed" in verdict.reason
