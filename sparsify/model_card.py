@@ -157,5 +157,5 @@ tokenizer = AutoTokenizer.from_pretrained("path/or/repo")
 ```
 
 `sparsify.json` in this folder records the source, every option, the library versions and a
-fingerprint (size, sha256) of the weight files as sparsify wrote them.
+fingerprint (size, sha256) of the weights, config and modeling code as sparsify wrote them.
 """
