@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsify.errors import SparsifyError
-from sparsify.train.options import check_rules, parse_count
+from sparsify.option_values import DTYPE_NAMES, check_rules, dtype_name, parse_count, parse_list
 
 SUITES = ("quality", "cost", "routing", "tasks")
 DECODE_ENGINES = ("hf", "graph")
-
-
-def _list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @dataclass
@@ -37,26 +33,26 @@ class EvalOptions:
     task_limit: int = field(default=0, metadata={"help": "Examples per task (0: all)."})
     num_fewshot: int = field(default=-1, metadata={"help": "Few-shot examples per task (-1: the task's default)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32 (bfloat16, float16, float32 also read)."})
 
     @property
     def suites(self) -> list[str]:
-        return _list(self.suite)
+        return parse_list(self.suite)
 
     @property
     def speed_batches(self) -> list[int]:
         try:
-            return [int(b) for b in _list(self.speed_batch)]
+            return [int(b) for b in parse_list(self.speed_batch)]
         except ValueError as error:
             raise SparsifyError(f"--speed-batch takes comma-separated batch sizes (e.g. 1,8), not '{self.speed_batch}'") from error
 
     @property
     def task_names(self) -> list[str]:
-        return _list(self.tasks)
+        return parse_list(self.tasks)
 
     @property
     def task_paths(self) -> list[str]:
-        return _list(self.tasks_path)
+        return parse_list(self.tasks_path)
 
     def validate(self) -> None:
         unknown = set(self.suites) - set(SUITES)
@@ -66,8 +62,7 @@ class EvalOptions:
             raise SparsifyError("the quality and routing suites need held-out text: pass --data (e.g. ../shared/data/corpus/valid.jsonl.gz)")
         if "tasks" in self.suites and not self.task_names:
             raise SparsifyError("the tasks suite needs --tasks (e.g. --tasks sparsify_tiny)")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise SparsifyError("--dtype must be auto, bf16, fp16 or fp32")
+        dtype_name(self.dtype, "--dtype", tuple(set(DTYPE_NAMES.values())))
         if self.decode_engine not in DECODE_ENGINES:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
         if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
@@ -82,7 +77,7 @@ class EvalOptions:
         if self.data:
             from sparsify.text_files import check_sources
 
-            check_sources(_list(self.data), "--data")
+            check_sources(parse_list(self.data), "--data")
 
 
 # (field, accepts, what the rule is): numeric options a measurement cannot sensibly take.

@@ -18,10 +18,9 @@ from sparsify.eval.quality import measure_quality
 from sparsify.eval.report import SCHEMA, SCHEMA_VERSION, embed_in_card, write_report
 from sparsify.eval.routing import measure_routing
 from sparsify.eval.text import EvalText, build_eval_text
+from sparsify.option_values import dtype_name, parse_count, parse_list, torch_dtype
 from sparsify.provenance import read_record, versions
-from sparsify.train.options import parse_count
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Used for the speed measurement when no --data is given: real English, not random ids, because
 # routing (and so speed) of a MoE depends on what the tokens are.
 SPEED_TEXT = (
@@ -66,7 +65,7 @@ def eval_text(options: EvalOptions, tokenizer, tokens: str | None = None) -> Eva
     """Held-out text of `tokens` tokens (default --tokens) from --data."""
     from sparsify.data import iter_documents
 
-    sources = [s.strip() for s in options.data.split(",") if s.strip()]
+    sources = parse_list(options.data)
     documents = (doc for source in sources for doc in iter_documents(source, options.text_field))
     return build_eval_text(documents, tokenizer, parse_count(tokens or options.tokens))
 
@@ -124,7 +123,8 @@ def evaluate(
     if options.teacher:
         check_model_ref(options.teacher, "--teacher")
     device = resolve_device(options.device)
-    dtype = DTYPES[options.dtype] if options.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = dtype_name(options.dtype)
+    dtype = torch_dtype(name) if name != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     on_status(f"loading {model_ref}")
     model, tokenizer = load_for_eval(model_ref, dtype, device)
     teacher = teacher_tokenizer = None

@@ -29,7 +29,7 @@ from sparsify.eval.report import why_no_ratio
 from sparsify.eval.routing import measure_routing
 from sparsify.eval.run import eval_text, load_for_eval, measure_model_speed, resolve_device
 from sparsify.skip.freezing import FreezeRule, freeze_gates
-from sparsify.train.options import parse_count
+from sparsify.option_values import parse_count, parse_list
 
 
 def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], options: EvalOptions, *, output: Path | None = None,
@@ -46,7 +46,7 @@ def skip_sweep(model_ref: str, thresholds: list[float], windows: list[int], opti
 
     options.validate()  # options, data files and both models are refused before either model loads
     if calibration_data:
-        check_sources([part.strip() for part in calibration_data.split(",") if part.strip()], "--calibration-data")
+        check_sources(parse_list(calibration_data), "--calibration-data")
     check_model_ref(model_ref)
     check_model_ref(options.teacher, "--teacher")
     config = Path(model_ref) / "config.json"

@@ -126,7 +126,7 @@ def upcycle(
     model: Annotated[str, typer.Argument(help=f"Hub id, local folder, .gguf file, or alias ({', '.join(ALIASES)}).")] = DEFAULT_MODEL,
     to: Annotated[str, typer.Option("--to", help="Target variant. " + " ".join(f"{c.name}: {c.summary}" for c in CONVERTERS.values()))] = "fine-moe",
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")] = Path("out/model"),
-    dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source's), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source's), float32, bfloat16 or float16 (bf16, fp16, fp32 also read).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle .bin weights (read with weights_only=True).")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the source's custom config code to run.")] = False,
@@ -368,7 +368,7 @@ def skip_sweep(
     from sparsify.eval.sweep import sweep_table
     from sparsify.skip.freezing import FreezeRule
 
-    from sparsify.train.options import parse_numbers
+    from sparsify.option_values import parse_numbers
 
     names = {f.name for f in fields(EvalOptions)}
     settings = EvalOptions(**{k: v for k, v in options.items() if k in names and v is not None})
@@ -414,7 +414,7 @@ def skip_freeze(
     from sparsify.eval.run import shortfall_note
     from sparsify.skip.freezing import FreezeRule
     from sparsify.skip.frozen_copy import write_frozen_copy
-    from sparsify.train.options import parse_count
+    from sparsify.option_values import parse_count
 
     with err.status("measuring gate skip rates"):
         result = write_frozen_copy(model, output, FreezeRule(freeze_below, freeze_above), data, threshold=threshold, tokens=tokens,

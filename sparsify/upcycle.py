@@ -13,12 +13,11 @@ import torch
 from sparsify.atomic_output import atomic_folder, check_disk_space, check_output_free
 from sparsify.checkpoint_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
 from sparsify.convert import ConversionPlan, build_options, get_converter
-from sparsify.errors import SparsifyError
 from sparsify.model_folder import apply_umask, write_record_and_card
+from sparsify.option_values import dtype_name, torch_dtype
 from sparsify.provenance import build_record
 from sparsify.sources import ModelSource, open_source
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -31,12 +30,10 @@ class UpcycleResult:
 
 
 def resolve_dtype(name: str, source: ModelSource) -> torch.dtype:
-    if name == "auto":
+    if dtype_name(name) == "auto":
         floating = [source.tensors.dtype(n) for n in source.tensors.names() if source.tensors.dtype(n).is_floating_point]
         return floating[0] if floating else torch.float32
-    if name not in DTYPES:
-        raise SparsifyError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got '{name}'")
-    return DTYPES[name]
+    return torch_dtype(dtype_name(name))
 
 
 def upcycle(
@@ -61,8 +58,7 @@ def upcycle(
     opts = build_options(converter, options)
     output = Path(output)
     check_output_free(output, overwrite)  # fail before the (possibly slow) model load
-    if dtype != "auto" and dtype not in DTYPES:
-        raise SparsifyError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got '{dtype}'")
+    dtype_name(dtype)  # a bad --dtype is refused before the source is opened
     source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
     out_dtype = resolve_dtype(dtype, source)
     plan = converter.plan(source, opts, out_dtype)

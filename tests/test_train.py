@@ -20,7 +20,8 @@ from sparsify.errors import SparsifyError
 from sparsify.train import losses
 from sparsify.train.lora import LoraSettings, add_adapters, merge_adapters
 from sparsify.train.loop import train
-from sparsify.train.options import TrainOptions, parse_count
+from sparsify.option_values import parse_count
+from sparsify.train.options import TrainOptions
 from sparsify.train.routing import dense_path, prepare_routers
 
 

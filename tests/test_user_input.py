@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -303,3 +302,14 @@ def test_editing_the_config_after_conversion_withdraws_the_yes(dense_models, tmp
     (folder / "config.json").write_text(json.dumps(config))
     verdict = describe(folder).reproduces_teacher
     assert verdict.state == "unknown" and "config.json changed" in verdict.reason
+
+
+def test_every_command_reads_the_same_dtype_names_and_lists():
+    from sparsify.option_values import dtype_name, parse_list
+
+    assert [dtype_name(name) for name in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32", "auto")] == [
+        "bfloat16", "bfloat16", "float16", "float16", "float32", "float32", "auto"]
+    EvalOptions(dtype="bfloat16", suite="cost").validate()  # eval used to accept only bf16/fp16/fp32
+    with pytest.raises(SparsifyError, match="--precision must be auto or one of float32, fp32, bfloat16, bf16, got 'fp16'"):
+        TrainOptions(data="x", precision="fp16").validate()
+    assert parse_list(" a, b,,c ") == ["a", "b", "c"]

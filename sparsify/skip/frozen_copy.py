@@ -41,7 +41,7 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     from sparsify.eval.run import eval_text
     from sparsify.sources import check_model_ref, load_model, load_tokenizer
     from sparsify.text_files import check_sources
-    from sparsify.train.options import parse_count
+    from sparsify.option_values import parse_count, parse_list
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -53,7 +53,7 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
         raise SparsifyError(f"--threshold must be between 0 and 1 (got {threshold})")
     if parse_count(tokens) < 1:
         raise SparsifyError(f"--tokens {tokens}: calibrate on at least one token (e.g. --tokens 64k)")
-    check_sources([part.strip() for part in calibration_data.split(",") if part.strip()], "--data")
+    check_sources(parse_list(calibration_data), "--data")
     check_model_ref(str(model_dir))  # truncated weights: one line, before loading
     check_output_free(output, overwrite)  # fail before the slow part
     model, tokenizer = load_model(str(model_dir), dtype=torch.float32), load_tokenizer(str(model_dir))

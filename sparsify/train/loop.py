@@ -25,6 +25,7 @@ from sparsify.model_folder import save_model_folder
 from sparsify.provenance import read_record
 from sparsify.train import losses
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
+from sparsify.option_values import dtype_name
 from sparsify.train.options import TrainOptions
 from sparsify.train.routing import dense_path, prepare_routers
 from sparsify.train.skipping import find_gates, gates_open, recording, sparsity_loss
@@ -157,7 +158,8 @@ def _train(
         checkpoint = None
 
     # --- setup -----------------------------------------------------------------------------
-    use_bf16 = options.precision == "bf16" or (options.precision == "auto" and torch.cuda.is_available())
+    precision = dtype_name(options.precision, "--precision", ("float32", "bfloat16"))
+    use_bf16 = precision == "bfloat16" or (precision == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
     _check_fsdp_version(accelerator)
     torch.manual_seed(options.train_seed)

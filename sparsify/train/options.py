@@ -2,41 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from sparsify.errors import SparsifyError
-
-_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
-
-def parse_count(text: str | int) -> int:
-    """'20M' -> 20_000_000; '512k' -> 512_000; plain integers pass through."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
-    if not match:
-        raise SparsifyError(f"cannot read '{text}' as a count; write e.g. 5M, 512k or 20000000")
-    return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
-
-
-def check_rules(options, rules) -> None:
-    """Refuse the first field of `options` that breaks its rule; `rules` is (field, accepts, rule text)."""
-    for name, ok, rule in rules:
-        if not ok(getattr(options, name)):
-            raise SparsifyError(f"--{name.replace('_', '-')} {getattr(options, name)}: {rule}")
-
-
-def parse_numbers(text: str, kind: type, flag: str, accepts=lambda value: True, rule: str = "") -> list:
-    """'0.3, 0.5' -> [0.3, 0.5] for a comma-separated flag, with one clear error for a bad item."""
-    try:
-        values = [kind(part) for part in (p.strip() for p in text.split(",")) if part]
-    except ValueError:
-        values = []
-    if not values or not all(accepts(v) for v in values):
-        example = "0.3,0.5,0.7" if kind is float else "512,2048"
-        raise SparsifyError(f"{flag} takes comma-separated {kind.__name__} values{' ' + rule if rule else ''} (e.g. {example}), not '{text}'")
-    return values
+from sparsify.option_values import check_rules, dtype_name, parse_count, parse_list, parse_numbers  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -68,7 +37,7 @@ class TrainOptions:
     eval_tokens: str = field(default="128k", metadata={"help": "Held-out tokens used for evaluation."})
     checkpoint_every: int = field(default=200, metadata={"help": "Save a resumable checkpoint every N optimizer steps."})
     train_seed: int = field(default=0, metadata={"help": "Seed for the data order and the adapter initialisation."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (bfloat16, float32 also read)."})
 
     @property
     def train_tokens(self) -> int:
@@ -79,7 +48,7 @@ class TrainOptions:
         return parse_count(self.eval_tokens)
 
     def sources(self, text: str) -> tuple[str, ...]:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
+        return tuple(parse_list(text))
 
     def validate(self) -> None:
         """Refuse bad options before any model or data is loaded (nothing is read but file names)."""
@@ -88,6 +57,7 @@ class TrainOptions:
         if not self.sources(self.data):
             raise SparsifyError("--data is required: a Hub dataset id or local text files")
         check_rules(self, _RULES)
+        dtype_name(self.precision, "--precision", ("float32", "bfloat16"))
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
         unknown = set(self.sources(self.lora_targets)) - set(LORA_TARGETS)
@@ -131,5 +101,4 @@ _RULES = (
     ("lora_alpha", lambda v: v > 0, _POSITIVE),
     ("eval_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: evaluate only before and after)"),
     ("checkpoint_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: no intermediate checkpoints)"),
-    ("precision", lambda v: v in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
 )

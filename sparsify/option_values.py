@@ -1,0 +1,69 @@
+"""How every command reads the values of its options: counts (5M, 512k), comma-separated lists,
+numbers, dtype names, and per-field rules. One vocabulary for all commands; torch-free, so that
+options are checked before anything slow is imported.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sparsify.errors import SparsifyError
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(text: str | int) -> int:
+    """'20M' -> 20_000_000; '512k' -> 512_000; plain integers pass through."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
+    if not match:
+        raise SparsifyError(f"cannot read '{text}' as a count; write e.g. 5M, 512k or 20000000")
+    return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+
+
+def check_rules(options, rules) -> None:
+    """Refuse the first field of `options` that breaks its rule; `rules` is (field, accepts, rule text)."""
+    for name, ok, rule in rules:
+        if not ok(getattr(options, name)):
+            raise SparsifyError(f"--{name.replace('_', '-')} {getattr(options, name)}: {rule}")
+
+
+def parse_numbers(text: str, kind: type, flag: str, accepts=lambda value: True, rule: str = "") -> list:
+    """'0.3, 0.5' -> [0.3, 0.5] for a comma-separated flag, with one clear error for a bad item."""
+    try:
+        values = [kind(part) for part in (p.strip() for p in text.split(",")) if part]
+    except ValueError:
+        values = []
+    if not values or not all(accepts(v) for v in values):
+        example = "0.3,0.5,0.7" if kind is float else "512,2048"
+        raise SparsifyError(f"{flag} takes comma-separated {kind.__name__} values{' ' + rule if rule else ''} (e.g. {example}), not '{text}'")
+    return values
+
+
+def parse_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: every comma-separated flag (data sources, suites, targets)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# One dtype vocabulary: both spellings are accepted wherever a dtype is asked for.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(text: str, flag: str = "--dtype", allowed: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> str:
+    """The canonical name ("float32", "bfloat16", "float16") of a dtype flag value, or "auto"."""
+    if text == "auto":
+        return text
+    canonical = DTYPE_NAMES.get(text)
+    if canonical not in allowed:
+        spellings = ", ".join(name for name, value in DTYPE_NAMES.items() if value in allowed)
+        raise SparsifyError(f"{flag} must be auto or one of {spellings}, got '{text}'")
+    return canonical
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a canonical name (imports torch: call it when the work starts)."""
+    import torch
+
+    return getattr(torch, name)
