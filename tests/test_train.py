@@ -14,23 +14,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import sparsify_command
+from conftest import sparsify_command, tiny_options
 from sparsify.data import DataSpec, TokenFile, block_order, materialise, split_documents
 from sparsify.errors import SparsifyError
 from sparsify.train import losses
 from sparsify.train.lora import LoraSettings, add_adapters, merge_adapters
 from sparsify.train.loop import train
 from sparsify.option_values import parse_count
-from sparsify.train.options import TrainOptions
 from sparsify.train.routing import dense_path, prepare_routers
-
-
-def tiny_options(corpus, **overrides) -> TrainOptions:
-    settings = dict(
-        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
-        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
-    )
-    return TrainOptions(**{**settings, **overrides})
 
 
 def test_parse_count():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import sparsify_command
+from conftest import sparsify_command, tiny_options
 from sparsify.errors import SparsifyError
 from sparsify.eval.options import EvalOptions
 from sparsify.train.loop import TrainingInterrupted, cpu_notice, train
@@ -28,14 +28,6 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("error:")
     return lines[0]
-
-
-def tiny_options(corpus, **overrides) -> TrainOptions:
-    settings = dict(
-        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
-        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
-    )
-    return TrainOptions(**{**settings, **overrides})
 
 
 # --- start-up -----------------------------------------------------------------------------------
