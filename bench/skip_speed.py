@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-bench"))
     args = parser.parse_args()
     from sparsify.eval.options import EvalOptions
-    from sparsify.eval.sweep import skip_sweep
-    from sparsify.skip.freezing import FreezeRule
+    from sparsify.convert.skip.sweep import skip_sweep
+    from sparsify.convert.skip.freezing import FreezeRule
     from sparsify.train.loop import train
     from sparsify.train.options import TrainOptions
     from sparsify.upcycle import upcycle
@@ -53,7 +53,7 @@ def main() -> None:
     else:
         shutil.rmtree(args.work, ignore_errors=True)
         converted = upcycle(args.model, "skip", args.work / "skip").output
-        options = TrainOptions(data=args.data, eval_data=args.eval_data, tokens=args.tokens, batch_size=args.batch_size,
+        options = TrainOptions.of(data=args.data, eval_data=args.eval_data, tokens=args.tokens, batch_size=args.batch_size,
                                target_skip=args.target_skip, skip_weight=args.skip_weight, eval_every=0, checkpoint_every=0,
                                **{k: v for k, v in (("lr", args.lr), ("lora_rank", args.lora_rank)) if v is not None})
         trained = train(converted, options, output=args.work / "skip-trained")

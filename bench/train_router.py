@@ -104,12 +104,12 @@ def main() -> None:
     short_tokens = str(args.short_steps * args.batch_size * args.seq_len)
     phases = args.phases.split(",")
     if "throughput" in phases:
-        options = TrainOptions(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k")
+        options = TrainOptions.of(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k")
         moe = run(paths["fmoe"], options, args.work / "t-moe")
         # The dense LoRA baseline needs a teacher of its own (as its own teacher it would learn
         # nothing, and sparsify refuses that): the same dense model, loaded separately, as a
         # student's dense path costs about one dense forward too.
-        dense = run(paths["dense"], TrainOptions(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k",
+        dense = run(paths["dense"], TrainOptions.of(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k",
                                                  teacher=str(paths["dense"])), args.work / "t-dense")
         report["throughput"] = {
             "moe_tokens_per_s": moe["tokens_per_s"], "dense_lora_tokens_per_s": dense["tokens_per_s"],
@@ -118,16 +118,16 @@ def main() -> None:
         }
         emit()
     if "memory" in phases:
-        options = TrainOptions(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k")
+        options = TrainOptions.of(**common, tokens=short_tokens, eval_every=0, eval_tokens="16k")
         own = run(paths["fmoe"], options, args.work / "m-self")
-        naive = run(paths["fmoe"], TrainOptions(**{**common, "teacher": str(paths["dense"])}, tokens=short_tokens, eval_every=0, eval_tokens="16k"), args.work / "m-naive")
+        naive = run(paths["fmoe"], TrainOptions.of(**{**common, "teacher": str(paths["dense"])}, tokens=short_tokens, eval_every=0, eval_tokens="16k"), args.work / "m-naive")
         report["memory"] = {
             "self_teacher_peak_gib": own["peak_memory_gib"], "separate_teacher_peak_gib": naive["peak_memory_gib"],
             "self_teacher_tokens_per_s": own["tokens_per_s"], "separate_teacher_tokens_per_s": naive["tokens_per_s"],
         }
         emit()
     if "main" in phases:
-        options = TrainOptions(**common, tokens=args.tokens, eval_every=250, eval_tokens="128k")
+        options = TrainOptions.of(**common, tokens=args.tokens, eval_every=250, eval_tokens="128k")
         main_run = run(paths["fmoe"], options, args.work / "main")
         before, after = main_run["before"], main_run["after"]
         report["main"] = {

@@ -1,88 +1,106 @@
-"""Converters, keyed by the `--to` name.
+"""Variants, keyed by the `--to` name: the registry every stage asks.
 
-A converter is a dataclass of options (whose fields become CLI flags) and a `plan` function that
-describes the output model (config, lazily produced tensors, layout facts, exactness). Adding a
-variant is one module here and one `Converter` entry below.
-
-Options live in the torch-free `options` module and each plan is imported on first call, so that
-the CLI can build its flags without importing torch or transformers.
+Each variant is one package under convert/ (moe/ serves `--to moe` and `--to fine-moe`, skip/
+serves `--to skip`) whose `VARIANTS` tuple is added below: adding a variant is one package and one
+line here. `register_variant` adds one at run time (a plugin, or a test's toy variant). The registry
+and every variant's options are importable without torch, so that the command line builds its
+flags and answers `--help` quickly; the implementations are imported when a stage runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import fields
+from types import ModuleType
+from typing import Any
 
-from sparsify.convert.options import FineMoeOptions, MoeOptions, SkipOptions
+from sparsify.convert import moe, skip
+from sparsify.convert.variant import Metric, Variant
 from sparsify.errors import SparsifyError
 
-if TYPE_CHECKING:
-    from sparsify.convert.plan import ConversionPlan
+VARIANTS: dict[str, Variant] = {}
 
 
-@dataclass(frozen=True)
-class Converter:
-    name: str
-    summary: str
-    options: type
-    plan: Callable[..., ConversionPlan]
+def register_variant(variant: Variant) -> Variant:
+    """Add `variant` to the registry (replacing one of the same name)."""
+    VARIANTS[variant.name] = variant
+    return variant
 
 
-def _imported_on_call(module: str) -> Callable[..., ConversionPlan]:
-    """`module.plan`, imported when first called (plans import torch)."""
-
-    def plan(*args: Any, **kwargs: Any) -> ConversionPlan:
-        return importlib.import_module(module).plan(*args, **kwargs)
-
-    return plan
+def unregister_variant(name: str) -> None:
+    VARIANTS.pop(name, None)
 
 
-CONVERTERS: dict[str, Converter] = {
-    c.name: c
-    for c in (
-        Converter("moe", "Sparse Upcycling: E copies of each FFN behind a top-k router.", MoeOptions, _imported_on_call("sparsify.convert.moe")),
-        Converter(
-            "fine-moe",
-            "Fine-grained MoE: each FFN split into G experts of d_ff/G; top-k scales with G.",
-            FineMoeOptions,
-            _imported_on_call("sparsify.convert.fine_moe"),
-        ),
-        Converter(
-            "skip",
-            "Layer skip: a per-token gate before every attention and FFN sublayer (remote-code architecture).",
-            SkipOptions,
-            _imported_on_call("sparsify.convert.skip"),
-        ),
-    )
-}
+for _variant in (*moe.VARIANTS, *skip.VARIANTS):
+    register_variant(_variant)
 
 
-def get_converter(name: str) -> Converter:
-    if name not in CONVERTERS:
-        raise SparsifyError(f"unknown target '--to {name}'; choose one of: {', '.join(CONVERTERS)}")
-    return CONVERTERS[name]
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise SparsifyError(f"unknown target '--to {name}'; choose one of: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 
 
-def build_options(converter: Converter, values: dict[str, Any]) -> Any:
-    """Options dataclass from user values; refuses options that belong to another converter."""
-    accepted = {f.name for f in fields(converter.options)}
+def implementations() -> list[ModuleType]:
+    """Every registered implementation module once (moe and fine-moe share one), in registry order."""
+    return list({id(m): m for m in (v.load() for v in VARIANTS.values())}.values())
+
+
+def hooks(name: str) -> list[Any]:
+    """Every implementation's hook `name`, where it has one."""
+    return [hook for module in implementations() if (hook := getattr(module, name, None)) is not None]
+
+
+def descriptions() -> list[ModuleType]:
+    """Every registered description module once (torch-free)."""
+    return list({id(m): m for m in (v.describing() for v in VARIANTS.values())}.values())
+
+
+def description_hooks(name: str) -> list[Any]:
+    """Every description module's hook `name`, where it has one (torch-free)."""
+    return [hook for module in descriptions() if (hook := getattr(module, name, None)) is not None]
+
+
+def recognised(config: dict[str, Any]) -> ModuleType | None:
+    """The description module of the variant kind a config.json belongs to (a native MoE made
+    elsewhere included); None for a dense model."""
+    return next((m for m in descriptions() if getattr(m, "recognises", None) and m.recognises(config)), None)
+
+
+def variant_of_record(record: dict[str, Any] | None) -> Variant | None:
+    """The variant a sparsify.json record names; None for a folder sparsify did not convert."""
+    name = (record or {}).get("variant")
+    return VARIANTS.get(name) if name else None
+
+
+def train_option_groups() -> dict[str, type]:
+    """Each variant's own training options by their section name (one group serves moe and fine-moe)."""
+    groups: dict[str, type] = {}
+    for variant in VARIANTS.values():
+        if variant.train_options is not None:
+            groups.setdefault(variant.train_options.section, variant.train_options)
+    return groups
+
+
+def all_metrics(kind: str) -> list[Metric]:
+    """Every variant's step ("step") or held-out ("heldout") metrics, each key once."""
+    found: dict[str, Metric] = {}
+    for variant in VARIANTS.values():
+        for metric in getattr(variant, f"{kind}_metrics"):
+            found.setdefault(metric.key, metric)
+    return list(found.values())
+
+
+def build_options(variant: Variant, values: dict[str, Any]) -> Any:
+    """Options dataclass from user values; refuses options that belong to another variant."""
+    accepted = {f.name for f in fields(variant.options)}
     foreign = sorted(k for k in values if k not in accepted)
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        raise SparsifyError(f"{flags} do{'es' if len(foreign) == 1 else ''} not apply to --to {converter.name}")
-    options = converter.options(**values)
+        raise SparsifyError(f"{flags} do{'es' if len(foreign) == 1 else ''} not apply to --to {variant.name}")
+    options = variant.options(**values)
     options.validate()  # before the (possibly slow) source is opened
     return options
 
 
-__all__ = ["CONVERTERS", "ConversionPlan", "Converter", "build_options", "get_converter"]
-
-
-def __getattr__(name: str) -> Any:
-    # ConversionPlan imports torch; resolved on first use for `from sparsify.convert import ConversionPlan`.
-    if name == "ConversionPlan":
-        from sparsify.convert.plan import ConversionPlan
-
-        return ConversionPlan
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["Metric", "VARIANTS", "Variant", "all_metrics", "build_options", "description_hooks", "descriptions", "get_variant", "hooks",
+           "implementations", "recognised", "register_variant", "train_option_groups", "unregister_variant", "variant_of_record"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsify.train.routing import find_routers
+from sparsify.convert import hooks
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -35,8 +35,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             experts += param.numel() if in_experts else 0
             matrices += param.numel() if param.dim() >= 2 else 0
     embedding = model.get_input_embeddings().weight.numel()
-    routers = find_routers(model)
-    share = routers[0].top_k / routers[0].weight.shape[0] if routers else 1.0
+    # The share of the routed experts one token uses (k / E), from the variant that finds routers.
+    share = next((s for active_share in hooks("active_expert_share") if (s := active_share(model)) is not None), 1.0)
     unused = experts - round(experts * share)
     return {"total": total, "active": total - unused, "embedding": embedding, "experts": experts,
             "active_non_embedding": total - unused - embedding, "active_matrices": matrices - unused}
@@ -54,23 +54,6 @@ def flops_per_token(model: nn.Module, params: dict[str, int], context: int) -> d
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * (context + 1) / 2
     return {"context": context, "weights": 2.0 * matmul_weights, "attention": attention, "total": 2.0 * matmul_weights + attention}
-
-
-def flops_with_skips(model: nn.Module, flops: dict[str, float], skip: dict[str, Any]) -> float:
-    """Forward FLOPs per token once the measured skip rates are taken off. A skipped attention
-    sublayer still computes keys and values (the KV-cache rule), so it saves its query and output
-    projections and its share of the attention scores; a skipped FFN saves all of it."""
-    config = model.config
-    per_layer_attention = flops["attention"] / config.num_hidden_layers
-    saved = 0.0
-    for row in skip["sublayers"]:
-        layer = model.model.layers[row["layer"]]
-        if row["sublayer"] == "attention":
-            attention = layer.self_attn
-            saved += row["skip_rate"] * (2 * (attention.q_proj.weight.numel() + attention.o_proj.weight.numel()) + per_layer_attention)
-        else:
-            saved += row["skip_rate"] * 2 * sum(p.numel() for p in layer.mlp.parameters() if p.dim() >= 2)
-    return flops["total"] - saved
 
 
 # Fewer runs than this cannot show how much a figure moves between runs (with 1 run the spread is

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsify.convert import description_hooks, descriptions
 from sparsify.errors import SparsifyError
 
 SCHEMA = "sparsify-eval-report"
@@ -107,19 +108,14 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                 teacher_entry = _at(cost, "teacher", "speed", name) or {}
                 teacher_peak = teacher_entry.get("decode_peak_bytes") or teacher_entry.get("prefill_peak_bytes")
                 rows.append(Row("cost", f"peak GPU memory GiB, batch {batch}", peak / 2**30, None if teacher_peak is None else teacher_peak / 2**30, ".2f"))
-    with_skips = _at(cost, "model", "flops_per_token", "total_with_skips") if cost else None
-    if with_skips is not None:
-        rows.append(Row("cost", "forward GFLOPs per token at the measured skip rates", with_skips / 1e9,
-                        _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
-    skip = _at(report, "routing", "skip")
-    if skip:
-        rows.append(Row("routing", f"skip rate, all gated sublayers (threshold {skip['threshold']})", skip["skip_rate"], None, ".2%"))
-        for sublayer, rate in skip["skip_rate_by_sublayer"].items():
-            rows.append(Row("routing", f"skip rate, {sublayer}", rate, None, ".2%"))
-    moe = _at(report, "routing", "moe")
-    if moe:
-        rows.append(Row("routing", f"max expert load / mean ({moe['num_experts']} experts, top-{moe['top_k']})", moe["max_imbalance"], None, ".2f"))
-        rows.append(Row("routing", "router entropy / log(experts), mean over layers", moe["mean_entropy_normalised"], None, ".3f"))
+    for key, label in description_hooks("FLOPS_AT_ACTIVITY"):  # e.g. FLOPs at the measured skip rates
+        at_activity = _at(cost, "model", "flops_per_token", key) if cost else None
+        if at_activity is not None:
+            rows.append(Row("cost", label, at_activity / 1e9, _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
+    for kind, describe in _routing_describers().items():
+        summary = _at(report, "routing", kind)
+        if summary:
+            rows += [Row("routing", label, value, None, fmt) for label, value, fmt in describe.routing_rows(summary)]
     for task, metrics in sorted((_at(report, "tasks", "model") or {}).items()):
         for metric, value in sorted(metrics.items()):
             if metric.endswith("_stderr"):
@@ -143,11 +139,16 @@ def render_markdown(report: dict[str, Any], plots: list[str] = ()) -> str:
         lines += ["", "## Notes", "", *(f"- {note}" for note in report["notes"])]
     for plot in plots:
         lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
-    moe = _at(report, "routing", "moe")
-    if moe:
-        lines += ["", "| layer | load max / mean | entropy / log E |", "|---:|---:|---:|"]
-        lines += [f"| {layer['layer']} | {layer['imbalance']:.2f} | {layer['entropy_normalised']:.3f} |" for layer in moe["layers"]]
+    for kind, describe in _routing_describers().items():
+        summary = _at(report, "routing", kind)
+        if summary and hasattr(describe, "routing_markdown"):
+            lines += describe.routing_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _routing_describers() -> dict[str, Any]:
+    """Each variant's description module by the kind of routing summary it shows (torch-free)."""
+    return {module.ROUTING_KIND: module for module in descriptions() if hasattr(module, "ROUTING_KIND")}
 
 
 def table_markdown(rows: list[Row], with_teacher: bool, level: int = 2) -> list[str]:

@@ -14,6 +14,7 @@ from sparsify.errors import SparsifyError
 from sparsify.eval import cost
 from sparsify.eval.options import EvalOptions
 from sparsify.eval.plots import routing_plots
+from sparsify.eval.probes import probe_kinds
 from sparsify.eval.quality import measure_quality
 from sparsify.eval.report import SCHEMA, SCHEMA_VERSION, embed_in_card, write_report
 from sparsify.eval.routing import measure_routing
@@ -154,7 +155,7 @@ def evaluate(
         report["quality"] = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size,
                                             teacher=teacher, on_progress=on_progress)
     if "routing" in suites:
-        on_status("routing: expert load and entropy")
+        on_status("routing: what the model's sparse decisions did")
         asked = parse_count(options.routing_tokens)
         # The quality text holds --tokens tokens; routing may ask for more.
         routing_text = text if asked <= parse_count(options.tokens) else eval_text(options, tokenizer, options.routing_tokens)
@@ -171,10 +172,12 @@ def evaluate(
             on_status("cost: speed of the teacher")
             report["cost"]["teacher"] = _cost(teacher, teacher_tokenizer, options, sample, options.window)
         report["cost"]["process_peak_rss_bytes"] = cost.process_peak_rss_bytes()
-        skip = (report.get("routing") or {}).get("skip")
-        if skip:
-            flops = report["cost"]["model"]["flops_per_token"]
-            flops["total_with_skips"] = cost.flops_with_skips(model, flops, skip)
+        flops = report["cost"]["model"]["flops_per_token"]
+        kinds = probe_kinds()
+        for kind, summary in (report.get("routing") or {}).items():
+            at_activity = kinds[kind].flops_at_activity(model, flops, summary) if kind in kinds else None
+            if at_activity is not None:  # e.g. skipped sublayers taken off
+                flops[kinds[kind].flops_key] = at_activity
     if "tasks" in suites:
         from sparsify.eval.tasks import run_tasks
 

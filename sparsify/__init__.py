@@ -1,6 +1,6 @@
 """sparsify: dense Hugging Face causal LMs into sparse ones (MoE upcycling, fine-grained MoE, layer skip).
 
-`import sparsify` makes the architectures sparsify defines (layer skip) loadable by transformers'
+`import sparsify` makes the architectures its variants define (layer skip) loadable by transformers'
 Auto classes, without importing transformers itself: importing it (and torch) takes seconds, which
 `sparsify --help` must not pay. If transformers is already imported, they are registered now;
 otherwise right after transformers finishes importing, through a one-shot import hook.
@@ -25,30 +25,36 @@ def upcycle(*args, **kwargs):
 
 
 def register_architectures() -> None:
-    """Make the layer-skip architecture loadable by AutoConfig / AutoModelForCausalLM."""
-    try:
-        from sparsify.skip import register
-    except ModuleNotFoundError as error:
-        if error.name not in ("torch", "transformers"):  # else: nothing to register with
+    """Make every variant's own architecture (layer skip) loadable by AutoConfig / AutoModelForCausalLM."""
+    import importlib
+
+    from sparsify.convert import VARIANTS
+
+    for name in dict.fromkeys(v.architecture for v in VARIANTS.values() if v.architecture):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name not in ("torch", "transformers"):  # else: nothing to register with
+                _warn_unregistered(error)
+            continue
+        except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
             _warn_unregistered(error)
-        return
-    except ImportError as error:
-        # `sparsify.skip` is itself importing transformers (this ran from the hook below, midway):
-        # it registers itself once its import completes.
-        if "partially initialized" in str(error):
-            return
-        _warn_unregistered(error)
-        return
-    try:
-        register()
-    except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
-        _warn_unregistered(error)
+            continue
+        register = getattr(module, "register", None)
+        if register is None:
+            # The module is itself importing transformers (this ran from the hook below, midway):
+            # it registers itself once its import completes.
+            continue
+        try:
+            register()
+        except Exception as error:  # noqa: BLE001
+            _warn_unregistered(error)
 
 
 def _warn_unregistered(error: Exception) -> None:
     import warnings
 
-    warnings.warn(f"sparsify could not register its layer-skip architecture with transformers: {error}", stacklevel=3)
+    warnings.warn(f"sparsify could not register its architectures with transformers: {error}", stacklevel=3)
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):

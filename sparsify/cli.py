@@ -1,11 +1,12 @@
 """The `sparsify` command line: thin commands that parse, call the library, and print with rich.
 
-Variant and training options are generated from the option dataclasses (converters' options and
-`TrainOptions`), so a new field appears as a flag, under its own help panel, without touching
-this file.
+Variant and training options are generated from the option dataclasses (each variant's options and
+the groups of `TrainOptions`, the variants' training groups included), so a new field or a new
+variant appears as flags, under their own help panels, without touching this file.
 """
 
 import inspect
+from contextlib import contextmanager
 import shlex
 import sys
 import typing
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from sparsify.convert import CONVERTERS
+from sparsify.convert import VARIANTS, all_metrics
 from sparsify.errors import SparsifyError
 from sparsify.aliases import ALIASES, DEFAULT_MODEL
 
@@ -70,14 +71,14 @@ def _option(f, hint: Any, panel: str, default_text: str) -> inspect.Parameter:
 
 
 def _variant_parameters() -> list[inspect.Parameter]:
-    """One option per converter option field; a field several converters share appears once."""
+    """One option per variant option field; a field several variants share appears once."""
     params: dict[str, inspect.Parameter] = {}
-    for converter in CONVERTERS.values():
-        hints = typing.get_type_hints(converter.options)
-        for f in fields(converter.options):
+    for variant in VARIANTS.values():
+        hints = typing.get_type_hints(variant.options)
+        for f in fields(variant.options):
             if f.name in params:
                 continue
-            users = [c for c in CONVERTERS.values() if f.name in {x.name for x in fields(c.options)}]
+            users = [c for c in VARIANTS.values() if f.name in {x.name for x in fields(c.options)}]
             per_variant = {c.name: _default_text(c.options, f.name) for c in users}
             defaults = (
                 next(iter(per_variant.values()))
@@ -93,17 +94,21 @@ def _variant_parameters() -> list[inspect.Parameter]:
 
 
 def _train_parameters(panel: str) -> list[inspect.Parameter]:
+    """One option per field of every training group, under a panel per group."""
     from sparsify.train.options import TrainOptions
 
-    hints = typing.get_type_hints(TrainOptions)
-    return [_option(f, hints[f.name], panel, _default_text(TrainOptions, f.name)) for f in fields(TrainOptions)]
+    params = []
+    for section, group in TrainOptions.sections().items():
+        hints = typing.get_type_hints(group)
+        params += [_option(f, hints[f.name], f"{panel}: {section}", _default_text(group, f.name)) for f in fields(group)]
+    return params
 
 
 def _train_options(values: dict[str, Any]):
     from sparsify.train.options import TrainOptions
 
-    names = {f.name for f in fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in values.items() if k in names and v is not None})
+    names = {f.name for group in TrainOptions.sections().values() for f in fields(group)}
+    return TrainOptions.of(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
 def _with_options(command, extra: list[inspect.Parameter]):
@@ -124,7 +129,7 @@ def _with_options(command, extra: list[inspect.Parameter]):
 
 def upcycle(
     model: Annotated[str, typer.Argument(help=f"Hub id, local folder, .gguf file, or alias ({', '.join(ALIASES)}).")] = DEFAULT_MODEL,
-    to: Annotated[str, typer.Option("--to", help="Target variant. " + " ".join(f"{c.name}: {c.summary}" for c in CONVERTERS.values()))] = "fine-moe",
+    to: Annotated[str, typer.Option("--to", help="Target variant. " + " ".join(f"{c.name}: {c.summary}" for c in VARIANTS.values()))] = "fine-moe",
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")] = Path("out/model"),
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source's), float32, bfloat16 or float16 (bf16, fp16, fp32 also read).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
@@ -138,47 +143,48 @@ def upcycle(
     """Convert a dense checkpoint into a sparse one: a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) for
     --to moe / fine-moe, or the layer-skip architecture (remote code) for --to skip."""
     from sparsify.info import layout_rows, teacher_verdict
-    from sparsify.upcycle import upcycle as run_upcycle
+    from sparsify.pipeline import StageCallbacks, run_pipeline
 
-    variant_names = {f.name for c in CONVERTERS.values() for f in fields(c.options)}
+    variant_names = {f.name for c in VARIANTS.values() for f in fields(c.options)}
     chosen = {k: v for k, v in options.items() if v is not None and k in variant_names}
-    training = _train_options(options)
-    if train_after:
-        training.validate()  # refuse bad training options before converting
+    training = _train_options(options) if train_after else None
     progress = Progress(
         TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=err, transient=True,
     )
     task = progress.add_task("write", total=None)
-    with progress:
-        result = run_upcycle(
-            model,
-            to,
-            output,
-            dtype=dtype,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            max_shard_bytes=int(max_shard_size * 1e9),
-            command=shlex.join(["sparsify", *sys.argv[1:]]),
-            on_plan=lambda plan: progress.update(task, total=plan.nbytes),
-            on_bytes=lambda n: progress.advance(task, n),
-            **chosen,
-        )
-    table = Table(title=f"{to} from {model}", show_header=False)
-    for key, value in [
-        ("output", str(result.output)),
-        ("architecture", result.plan.layout["architecture"]),
-        *layout_rows(result.plan.layout),
-        ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
-        ("reproduces teacher", _verdict_cell(teacher_verdict(result.record))),
-        ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
-    ]:
-        table.add_row(key, value)
-    out.print(table)
-    if train_after:
-        _run_training(result.output, training, output=None, run_dir=None, resume=False, restart=False)
+
+    def converted(result) -> None:
+        progress.stop()
+        table = Table(title=f"{to} from {model}", show_header=False)
+        for key, value in [
+            ("output", str(result.output)),
+            ("architecture", result.plan.layout.architecture),
+            *layout_rows(to, result.record["layout"]),
+            ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
+            ("reproduces teacher", _verdict_cell(teacher_verdict(result.record))),
+            ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
+        ]:
+            table.add_row(key, value)
+        out.print(table)
+
+    display = TrainingDisplay()
+    callbacks = StageCallbacks(
+        conversion={"on_plan": lambda plan: progress.update(task, total=plan.nbytes), "on_bytes": lambda n: progress.advance(task, n)},
+        training=display.callbacks(),
+        on_converted=converted,
+    )
+    conversion = {"dtype": dtype, "overwrite": overwrite, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code,
+                  "revision": revision, "max_shard_bytes": int(max_shard_size * 1e9)}
+    progress.start()
+    try:
+        with display.stopping():
+            result = run_pipeline(model, to, output, chosen, train=training, conversion=conversion,
+                                  command=shlex.join(["sparsify", *sys.argv[1:]]), callbacks=callbacks)
+    finally:
+        progress.stop()
+    if result.training is not None:
+        display.report(result.training)
 
 
 _with_options(upcycle, _variant_parameters() + _train_parameters("Training options (with --train)"))
@@ -199,78 +205,97 @@ def train(
 ) -> None:
     """Train the routers or skip gates (in full) and LoRA adapters of a converted model with KL to its dense teacher;
     merge the adapters and save the model in its own format."""
-    _run_training(model, _train_options(options), output=output, run_dir=run_dir, resume=resume, restart=restart)
+    from sparsify.train.loop import train as run_train
+
+    display = TrainingDisplay()
+    with display.stopping():
+        result = run_train(model, _train_options(options), output=output, run_dir=run_dir, resume=resume, restart=restart,
+                           command=shlex.join(["sparsify", *sys.argv[1:]]), **display.callbacks())
+    display.report(result)
 
 
 _with_options(train, _train_parameters("Training options"))
 app.command(help=train.__doc__)(train)
 
 
-def _run_training(model: Path, options, output, run_dir, resume: bool, restart: bool) -> None:
-    import os
+class TrainingDisplay:
+    """The progress line of a training run (started by its first callback), its Ctrl-C message, and
+    the summary table. Only the main process shows anything under `accelerate launch`."""
 
-    from sparsify.train.loop import TrainingInterrupted
-    from sparsify.train.loop import train as run_train
+    def __init__(self) -> None:
+        import os
 
-    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, rank 0 reports
-    progress = Progress(
-        TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.fields[steps]}"),
-        TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not main_process,
-    )
-    task = progress.add_task("train", total=None, steps="?", status="importing torch and transformers")
-
-    def on_plan(total_steps: int, start_step: int) -> None:
-        progress.update(task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")
-
-    def on_step(entry: dict[str, Any]) -> None:
-        status = (
-            f"kl {entry['kl']:.4f} ce {entry['ce']:.3f} bal {entry['balance']:.3f} z {entry['z']:.2f}"
-            + (f" skip {entry['skip_rate']:.1%}" if "skip_rate" in entry else "")
-            + f" | {entry['tokens_per_s']:,.0f} tok/s"
+        self.main_process = os.environ.get("RANK", "0") == "0"
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.fields[steps]}"),
+            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not self.main_process,
         )
-        progress.update(task, completed=entry["step"], status=status)
+        self.task = self.progress.add_task("train", total=None, steps="?", status="importing torch and transformers")
+        self.started = False
 
-    try:
-        with progress:
-            result = run_train(
-                model, options, output=output, run_dir=run_dir, resume=resume, restart=restart,
-                command=shlex.join(["sparsify", *sys.argv[1:]]), on_step=on_step, on_plan=on_plan,
-                on_status=lambda text: progress.update(task, status=text),
-                on_notice=lambda text: progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False),
-            )
-    except TrainingInterrupted as stopped:
-        err.print(f"[yellow]{stopped}[/yellow]", highlight=False, soft_wrap=True)
-        sys.exit(130)
-    if not main_process:
-        return
-    table = Table(title=f"training -> {result.output}")
-    for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
-        table.add_column(column, justify=justify)
-    for key, label, fmt in [
-        ("student_ppl", "student perplexity", "{:.3f}"),
-        ("teacher_ppl", "teacher perplexity", "{:.3f}"),
-        ("kl", "KL(teacher || student)", "{:.4f}"),
-        ("top1_agreement", "top-1 agreement", "{:.1%}"),
-        ("skip_rate", "skip rate (sublayers x tokens)", "{:.1%}"),
-    ]:
-        if key not in result.after:
-            continue
-        table.add_row(label, fmt.format(result.before[key]) if key in result.before else "-", fmt.format(result.after[key]))
-    out.print(table)
-    memory = "peak GPU memory" if result.peak_memory_bytes and _on_gpu() else "peak resident memory"
-    session = (f"{result.session_tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
-    if result.start_step:
-        out.print(f"run: {result.steps} steps, {result.tokens:,} tokens; resumed after step {result.start_step}, "
-                  f"this session trained steps {result.start_step + 1}-{result.steps}: {session}")
-    else:
-        out.print(f"{result.steps} steps, {session}")
-    out.print(f"{memory} {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}")
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.progress.start()
 
+    def callbacks(self) -> dict[str, Any]:
+        step_metrics = all_metrics("step")
 
-def _on_gpu() -> bool:
-    import torch
+        def on_plan(total_steps: int, start_step: int) -> None:
+            self._start()
+            self.progress.update(self.task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")
 
-    return torch.cuda.is_available()
+        def on_step(entry: dict[str, Any]) -> None:
+            status = f"kl {entry['kl']:.4f} ce {entry['ce']:.3f}" + "".join(
+                f" {m.short} {format(entry[m.key], m.format)}" for m in step_metrics if m.key in entry)
+            self.progress.update(self.task, completed=entry["step"], status=status + f" | {entry['tokens_per_s']:,.0f} tok/s")
+
+        def on_status(text: str) -> None:
+            self._start()
+            self.progress.update(self.task, status=text)
+
+        return {"on_plan": on_plan, "on_step": on_step, "on_status": on_status,
+                "on_notice": lambda text: self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)}
+
+    @contextmanager
+    def stopping(self):
+        """Stop the progress line when the run ends; on Ctrl-C print why and how to resume, and exit 130."""
+        from sparsify.train.loop import TrainingInterrupted
+
+        try:
+            yield
+        except TrainingInterrupted as stopped:
+            self.progress.stop()
+            err.print(f"[yellow]{stopped}[/yellow]", highlight=False, soft_wrap=True)
+            sys.exit(130)
+        finally:
+            self.progress.stop()
+
+    def report(self, result) -> None:
+        if not self.main_process:
+            return
+        table = Table(title=f"training -> {result.output}")
+        for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
+            table.add_column(column, justify=justify)
+        rows = [
+            ("student_ppl", "student perplexity", ".3f"),
+            ("teacher_ppl", "teacher perplexity", ".3f"),
+            ("kl", "KL(teacher || student)", ".4f"),
+            ("top1_agreement", "top-1 agreement", ".1%"),
+            *((m.key, m.title, m.format) for m in all_metrics("heldout")),
+        ]
+        for key, label, fmt in rows:
+            if key not in result.after:
+                continue
+            table.add_row(label, format(result.before[key], fmt) if key in result.before else "-", format(result.after[key], fmt))
+        out.print(table)
+        session = (f"{result.session_tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
+        if result.start_step:
+            out.print(f"run: {result.steps} steps, {result.tokens:,} tokens; resumed after step {result.start_step}, "
+                      f"this session trained steps {result.start_step + 1}-{result.steps}: {session}")
+        else:
+            out.print(f"{result.steps} steps, {session}")
+        out.print(f"peak {result.peak_memory_kind} memory {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}")
 
 
 # --- eval / compare ---------------------------------------------------------------------------
@@ -364,9 +389,9 @@ def skip_sweep(
 ) -> None:
     """Quality (several context lengths), skip rate and measured speed at several thresholds, vs the teacher."""
     from sparsify.eval.options import EvalOptions
-    from sparsify.eval.sweep import skip_sweep as run_sweep
-    from sparsify.eval.sweep import sweep_table
-    from sparsify.skip.freezing import FreezeRule
+    from sparsify.convert.skip.freezing import FreezeRule
+    from sparsify.convert.skip.sweep import skip_sweep as run_sweep
+    from sparsify.convert.skip.sweep import sweep_table
 
     from sparsify.option_values import parse_numbers
 
@@ -412,8 +437,8 @@ def skip_freeze(
     """Fix a skip model's threshold and freeze the gates that barely decide, measured on calibration text (see skip-sweep
     --freeze-below/--freeze-above for the trade-off); writes a new folder that loads and serves with those settings."""
     from sparsify.eval.run import shortfall_note
-    from sparsify.skip.freezing import FreezeRule
-    from sparsify.skip.frozen_copy import write_frozen_copy
+    from sparsify.convert.skip.freezing import FreezeRule
+    from sparsify.convert.skip.frozen_copy import write_frozen_copy
     from sparsify.option_values import parse_count
 
     with err.status("measuring gate skip rates"):
@@ -442,7 +467,7 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
     """Variant, experts, granularity, total vs active parameters, and whether it reproduces its teacher now."""
     from rich.markup import escape
 
-    from sparsify.info import describe, layout_rows, source_line
+    from sparsify.info import describe, layout_rows, source_line, training_summary
 
     described = describe(folder)
     table = Table(title=str(folder), show_header=False)
@@ -452,19 +477,13 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
         ("total parameters", f"{described.total_params:,}"),
         ("active parameters", f"{described.active_params:,} ({described.active_params / described.total_params:.1%})"),
     ]
-    rows += layout_rows(described.layout)
+    rows += layout_rows(described.variant, described.layout)
     if described.reproduces_teacher is not None:
         rows.append(("reproduces teacher", _verdict_cell(described.reproduces_teacher)))
     if described.source:
         rows.append(("source", escape(source_line(described.source))))
     for run in described.training:
-        after = run["after"]
-        rows.append((
-            "training",
-            f"{run['tokens']:,} tokens: held-out perplexity {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
-            f"KL {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}"
-            + (f", skip rate {after['skip_rate']:.1%}" if "skip_rate" in after else ""),
-        ))
+        rows.append(("training", training_summary(run, described.variant)))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)

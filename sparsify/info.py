@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any
 
 from sparsify.checkpoint_reader import read_safetensors_header
+from sparsify.convert import VARIANTS, all_metrics, description_hooks, recognised
 from sparsify.errors import SparsifyError
-from sparsify.families import FAMILIES, Family
 from sparsify.provenance import changed_weight_files, read_record
 
 
@@ -38,57 +37,9 @@ class ModelInfo:
     reproduces_teacher: Verdict | None = None  # now, after everything since the conversion; None: not made by sparsify
 
 
-def _moe_family(model_type: str) -> Family | None:
-    return next((f for f in FAMILIES if f.moe_model_type == model_type), None)
-
-
-def _config_int(config: dict[str, Any], keys: tuple[str, ...], folder: Path) -> int:
-    for key in keys:
-        if config.get(key) is not None:
-            return int(config[key])
-    raise SparsifyError(f"{folder}/config.json has none of {', '.join(keys)}: add the value the model was built with")
-
-
-def _mismatch(match: re.Match, shape: tuple[int, ...], experts: int) -> str | None:
-    """Why a tensor named like a routed expert cannot be one of `experts`, or None."""
-    if "expert" in match.groupdict():  # one matrix per expert, named by its index
-        return None if int(match["expert"]) < experts else f"expert index {match['expert']}"
-    return None if shape and shape[0] == experts else f"first dimension {shape[0] if shape else 'none'}"  # fused: stacked on dim 0
-
-
-def _readable(pattern: str) -> str:
-    """A layout regex as a user reads a tensor name: mlp.experts.E.(gate|up|down)_proj.weight."""
-    return pattern.replace(r"(?P<expert>\d+)", "E").replace("\\", "")
-
-
-def _routed_expert_params(shapes: dict[str, tuple[int, ...]], family: Family, experts: int, folder: Path) -> int:
-    """Parameters of all routed experts of all layers, in any of the family's expert layouts."""
-    layer = re.escape(family.layer_prefix).replace(r"\{layer\}", r"\d+")
-    layouts = [re.compile(layer + pattern) for pattern in family.moe_expert_layouts.values()]
-    routed = 0
-    for name, shape in shapes.items():
-        match = next((m for layout in layouts if (m := layout.fullmatch(name))), None)
-        if match is None:  # attention, norms, routers, shared experts, dense layers: always active
-            continue
-        wrong = _mismatch(match, shape, experts)
-        if wrong:
-            raise SparsifyError(f"{folder}: {name} has {wrong}, but config.json says {experts} experts; "
-                                f"the weights do not belong to this config")
-        routed += prod(shape)
-    if not routed:
-        # Counting every expert as active would report a top-k model at dense cost. The layouts listed are
-        # the ones transformers 5 loads for this family, so a folder failing here would not load for eval
-        # or train either: an error that names what was expected beats a plausible wrong number.
-        expected = " or ".join(family.layer_prefix.format(layer="N") + _readable(p) for p in family.moe_expert_layouts.values())
-        raise SparsifyError(f"{folder}: config.json describes a {family.moe_model_type} MoE with {experts} experts, but no tensor "
-                            f"in its .safetensors files is a routed expert (expected names matching {expected}); "
-                            f"re-save the model with transformers' save_pretrained, or check the weights belong to this config")
-    return routed
-
-
 def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
-    """Total parameters from the shard headers; active = total minus the experts a token does not
-    use: (E - k) / E of every layer's routed experts, E and k read from the config."""
+    """Total parameters from the shard headers; active = total minus what a token does not use
+    (for an MoE: (E - k) / E of every layer's routed experts), as the variant kind of the config says."""
     shapes = {}
     for file in sorted(folder.glob("*.safetensors")):
         shapes.update({name: entry.shape for name, entry in read_safetensors_header(file).items()})
@@ -98,53 +49,30 @@ def count_params(folder: Path, config: dict[str, Any]) -> dict[str, int]:
     if config.get("tie_word_embeddings") and "lm_head.weight" in shapes:
         # A tied head is the embedding: transformers loads one parameter however many copies a file holds.
         total -= prod(shapes["lm_head.weight"])
-    family = _moe_family(config.get("model_type", ""))
-    if family is None:
-        return {"total": total, "active": total}
-    experts = _config_int(config, family.moe_config_keys["experts"], folder)
-    top_k = _config_int(config, family.moe_config_keys["top_k"], folder)
-    # Summed over layers before dividing: each MoE layer holds all E experts, so the sum is a multiple of E.
-    inactive = _routed_expert_params(shapes, family, experts, folder) * (experts - top_k) // experts
+    kind = recognised(config)
+    inactive = kind.inactive_parameters(shapes, config, folder) if kind is not None and hasattr(kind, "inactive_parameters") else 0
     return {"total": total, "active": total - inactive}
 
 
-def _moe_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
-    copies = layout["copies"]
-    rows = [
-        ("experts", f"{layout['experts']} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {layout['granularity']}"),
-        ("active experts per token (top-k)", str(layout["top_k"])),
-        ("expert size", f"{layout['expert_size']} (dense d_ff {layout['dense_d_ff']})"),
-        ("FFN compute per token vs dense", f"{layout['active_ffn_ratio']:.2f}x"),
-    ]
-    if layout["granularity"] > 1:  # with whole copies no neurons are split, and the router is plain random
-        rows += [("neuron split", f"{layout['split']['strategy']} (seed {layout['split']['seed']})"), ("router init", layout["router_init"])]
-    if layout.get("reinit_ratio"):
-        rows.append(("Drop-Upcycling", f"{layout['reinit_ratio']:.0%} of the neurons of copies 1..{copies - 1} re-drawn"))
-    return rows
+def layout_rows(variant: str, layout: dict[str, Any]) -> list[tuple[str, str]]:
+    """The layout a variant recorded as (label, value) rows, shared by `sparsify info`, `upcycle` and the card."""
+    known = VARIANTS.get(variant)
+    return known.layout(layout).rows() if known is not None and layout else []
 
 
-def _skip_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
-    layers = layout["gated_layers"]
-    return [
-        ("gated sublayers", ", ".join(layout["gates"])),
-        ("gated layers", f"{layers[0]}-{layers[-1]} ({len(layers)} layers)"),
-        ("inference threshold", str(layout["threshold"])),
-        ("KV cache rule", layout["kv_rule"]),
-        *([("frozen gates", "{always_run} always run, {always_skip} always skipped, {per_token} decide per token".format(**layout["frozen_gates"]))]
-          if "frozen_gates" in layout else []),
-    ]
+def training_summary(run: dict[str, Any], variant: str | None) -> str:
+    """One training run of a record in one line: tokens, held-out perplexity, KL, agreement and the
+    variant's own held-out figures (e.g. the skip rate)."""
+    after = run["after"]
+    extra = [f", {metric.label} {format(after[metric.key], metric.format)}" for metric in _heldout_metrics(variant)
+             if metric.key in after]
+    return (f"{run['tokens']:,} tokens: held-out perplexity {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
+            f"KL {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}" + "".join(extra))
 
 
-# Which rows describe a layout, by a key only that kind of layout has.
-LAYOUT_KINDS = (("experts", _moe_rows), ("gates", _skip_rows))
-
-
-def layout_rows(layout: dict[str, Any]) -> list[tuple[str, str]]:
-    """The variant's layout as (label, value) rows, shared by `sparsify info`, `upcycle` and the card."""
-    for key, rows in LAYOUT_KINDS:
-        if layout and key in layout:
-            return rows(layout)
-    return []
+def _heldout_metrics(variant: str | None):
+    known = VARIANTS.get(variant or "")
+    return known.heldout_metrics if known is not None else all_metrics("heldout")
 
 
 def source_line(source: dict[str, Any]) -> str:
@@ -178,28 +106,14 @@ def _after_training(record: dict[str, Any], verdict: Verdict) -> Verdict:
     measured = [
         f"held-out KL {after['kl']:.4f}" if "kl" in after else None,
         f"perplexity {after['student_ppl']:,.2f} vs teacher {after['teacher_ppl']:,.2f}" if {"student_ppl", "teacher_ppl"} <= after.keys() else None,
-        f"skip rate {after['skip_rate']:.1%}" if "skip_rate" in after else None,
+        *(f"{metric.label} {format(after[metric.key], metric.format)}"
+          for metric in _heldout_metrics(record.get("variant")) if metric.key in after),
     ]
     measured_text = ", ".join(m for m in measured if m)
     times = f" in {len(runs)} runs" if len(runs) > 1 else ""
     # Training merges LoRA deltas into the weights: whatever the conversion guaranteed no longer holds.
     return Verdict("no", f"trained on {sum(r.get('tokens', 0) for r in runs):,} tokens after conversion{times}"
                          + (f" ({measured_text})" if measured_text else ""))
-
-
-def _after_serving(record: dict[str, Any], verdict: Verdict) -> Verdict:
-    serving = record.get("serving")
-    if not serving or verdict.state == "no":
-        return verdict
-    frozen, threshold = serving["frozen"], serving["threshold"]
-    skipped = serving["calibration"]["skip_rate"]
-    if frozen["always_skip"]:
-        return Verdict("no", f"skip-freeze fixed {frozen['always_skip']} gates to always skip their sublayer")
-    if skipped and frozen["per_token"]:
-        return Verdict("no", f"at the serving threshold {threshold:g} the gates skipped {skipped:.1%} of the calibration tokens, "
-                             f"and {frozen['per_token']} still decide per token")
-    return Verdict(verdict.state, f"{verdict.reason}; skip-freeze kept that: threshold {threshold:g}, "
-                                  f"{frozen['always_run']} gates always run, none always skip")
 
 
 def _after_outside_edits(record: dict[str, Any], folder: Path, verdict: Verdict) -> Verdict:
@@ -214,8 +128,10 @@ def _after_outside_edits(record: dict[str, Any], folder: Path, verdict: Verdict)
     return verdict
 
 
-# What can happen to a folder after its conversion, in order; each step may overrule the verdict.
-HISTORY = (_after_training, _after_serving)
+def _history() -> list:
+    """What can happen to a folder after its conversion, in order; each step may overrule the verdict:
+    training, then what the variants add (skip-freeze: `verdict_after` in its description module)."""
+    return [_after_training, *description_hooks("verdict_after")]
 
 
 def teacher_verdict(record: dict[str, Any], folder: Path | None = None) -> Verdict:
@@ -223,11 +139,17 @@ def teacher_verdict(record: dict[str, Any], folder: Path | None = None) -> Verdi
     record says happened since (training, skip-freeze). With `folder`, a "yes" is also checked
     against the weight files on disk (re-hashed: only a claim of exactness pays for that)."""
     verdict = _conversion_verdict(record)
-    for step in HISTORY:
+    for step in _history():
         verdict = step(record, verdict)
     if verdict.state == "yes" and folder is not None:
         verdict = _after_outside_edits(record, Path(folder), verdict)
     return verdict
+
+
+def _unrecorded_variant(config: dict[str, Any]) -> str:
+    """The variant kind of a folder sparsify did not convert (e.g. a Mixtral from elsewhere: "moe")."""
+    kind = recognised(config)
+    return next((v.name for v in VARIANTS.values() if kind is not None and v.description == kind.__name__), "dense")
 
 
 def describe(folder: Path) -> ModelInfo:
@@ -244,7 +166,7 @@ def describe(folder: Path) -> ModelInfo:
         folder=folder,
         architecture=(config.get("architectures") or ["?"])[0],
         model_type=config.get("model_type", "?"),
-        variant=record["variant"] if record else ("moe" if _moe_family(config.get("model_type", "")) else "dense"),
+        variant=record["variant"] if record else _unrecorded_variant(config),
         total_params=params["total"],
         active_params=params["active"],
         layout=record["layout"] if record else {},

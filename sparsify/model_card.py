@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from sparsify.convert import VARIANTS
 from sparsify.info import layout_rows, teacher_verdict
 
 # GGUF storage types that keep full floats; any other type (Q4_1, Q8_0, ...) is a quantisation.
@@ -83,15 +84,18 @@ def _architecture(record: dict[str, Any], remote: list[str]) -> str:
 
 
 def _training_text(record: dict[str, Any]) -> str:
+    variant = VARIANTS.get(record.get("variant", ""))
+    trained = (variant.decides if variant is not None else "routers").capitalize()
+    metrics = variant.heldout_metrics if variant is not None else ()
     paragraphs = []
     for run in record.get("training", []):
         after, before = run["after"], run["before"]
-        trained = "Skip gates" if "skip_rate" in after else "Routers"
+        extra = "".join(f", {m.label} {format(after[m.key], m.format)}" + (f" of {m.share_of}" if m.share_of else "")
+                        for m in metrics if m.key in after)
         paragraphs.append(
             f"{trained} trained (LoRA + KL to the dense teacher) on {run['tokens']:,} tokens: held-out perplexity "
             f"{before['student_ppl']:.2f} -> {after['student_ppl']:.2f} (teacher {after['teacher_ppl']:.2f}), "
-            f"KL to teacher {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}"
-            + (f", skip rate {after['skip_rate']:.1%} of sublayer computations." if "skip_rate" in after else ".")
+            f"KL to teacher {after['kl']:.4f}, top-1 agreement {after['top1_agreement']:.1%}{extra}."
         )
     return "".join(f"\n\n{p}" for p in paragraphs)
 
@@ -117,7 +121,7 @@ def render_card(record: dict[str, Any], params: dict[str, int], config: dict[str
     rows = [
         ("variant", f"`{record['variant']}`"),
         ("architecture", _architecture(record, remote)),
-        *layout_rows(record["layout"]),
+        *layout_rows(record["variant"], record["layout"]),
         ("total parameters", f"{params['total']:,}"),
         ("active parameters per token", f"{params['active']:,}"),
         ("dtype", record["target"]["dtype"]),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.atomic_output import atomic_folder
+from sparsify.convert import variant_of_record
 from sparsify.info import count_params
 from sparsify.model_card import render_card
 from sparsify.provenance import fingerprint_weights, write_record
@@ -41,21 +42,20 @@ def apply_umask(folder: Path) -> None:
 
 
 def save_model_folder(model, tokenizer, source_dir: Path, output: Path, record: dict[str, Any] | None, *, overwrite: bool = False) -> None:
-    # Imported here: sparsify.skip imports transformers and torch, which `sparsify.upcycle` (which
-    # imports this module) should not pay for before it needs them.
-    from sparsify.skip import MODELING_FILE, SkipConfig, modeling_source
-
+    variant = variant_of_record(record)
     with atomic_folder(output, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        # Remote modeling code (skip models) travels with the weights, so the folder loads without sparsify.
+        # Remote modeling code (of a variant with its own architecture) travels with the weights, so
+        # the folder loads without sparsify.
         extra = ["generation_config.json", "chat_template.jinja", *(p.name for p in source_dir.glob("modeling_*.py"))]
         for name in extra:
             if (source_dir / name).exists() and not (staging / name).exists():
                 (staging / name).write_bytes((source_dir / name).read_bytes())
         config = json.loads((staging / "config.json").read_text())
-        if config.get("model_type") == SkipConfig.model_type:  # the code that reads frozen_gates etc., not the source's older copy
-            (staging / MODELING_FILE).write_bytes(modeling_source())
+        remote_code = variant.hook("remote_code") if variant is not None else None
+        for name, content in (remote_code() if remote_code else {}).items():  # this version's code, not the source's older copy
+            (staging / name).write_bytes(content)
         if record and record.get("variant"):
             write_record_and_card(staging, record, config)
         apply_umask(staging)

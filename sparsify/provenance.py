@@ -43,7 +43,7 @@ def build_record(*, variant: str, source: dict[str, Any], options: Any, plan: An
         "source": source,
         "target": {"architecture": plan.config["architectures"][0], "model_type": plan.config["model_type"], "dtype": dtype},
         "options": asdict(options) if is_dataclass(options) else dict(options),
-        "layout": plan.layout,
+        "layout": plan.layout.to_record(),
         "tags": plan.tags,
         "exact": {"expected": plan.exactness.exact, "reason": plan.exactness.reason},
         "command": command,

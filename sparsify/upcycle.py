@@ -12,7 +12,8 @@ import torch
 
 from sparsify.atomic_output import atomic_folder, check_disk_space, check_output_free
 from sparsify.checkpoint_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint
-from sparsify.convert import ConversionPlan, build_options, get_converter
+from sparsify.convert import build_options, get_variant
+from sparsify.convert.base import ConversionPlan
 from sparsify.model_folder import apply_umask, write_record_and_card
 from sparsify.option_values import dtype_name, torch_dtype
 from sparsify.provenance import build_record
@@ -52,20 +53,20 @@ def upcycle(
     on_bytes: Callable[[int], None] = lambda n: None,
     **options: Any,
 ) -> UpcycleResult:
-    """Convert `model` (alias, folder, .gguf or Hub id) with converter `to`; options are its fields."""
+    """Convert `model` (alias, folder, .gguf or Hub id) into variant `to`; options are its option fields."""
     started = time.perf_counter()
-    converter = get_converter(to)
-    opts = build_options(converter, options)
+    variant = get_variant(to)
+    opts = build_options(variant, options)
     output = Path(output)
     check_output_free(output, overwrite)  # fail before the (possibly slow) model load
     dtype_name(dtype)  # a bad --dtype is refused before the source is opened
     source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
     out_dtype = resolve_dtype(dtype, source)
-    plan = converter.plan(source, opts, out_dtype)
+    plan = variant.hook("plan")(source, opts, out_dtype)
     check_disk_space(output, plan.nbytes)
     on_plan(plan)
     record = build_record(
-        variant=converter.name,
+        variant=variant.name,
         source=source.provenance(),
         options=opts,
         plan=plan,

@@ -1,54 +1,18 @@
-"""Tiny random dense models of every supported family, saved as real checkpoints with a real tokenizer."""
+"""Fixtures: tiny random dense models of every supported family, saved as real checkpoints with a real
+tokenizer; converted students; slices of the real corpus. Plain helpers live in support.py."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from sparsify.aliases import ALIASES
 from sparsify.upcycle import upcycle
-
-FAMILY_CONFIGS = {
-    "llama": dict(
-        model_type="llama", tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
-    ),
-    "mistral": dict(model_type="mistral", sliding_window=8),
-    "qwen2": dict(model_type="qwen2"),
-    "qwen3": dict(model_type="qwen3", head_dim=16),
-}
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,  # divisible by 2, 3, 4, 6, 8, 12
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=49152,  # SmolLM2's tokenizer
-    max_position_embeddings=256,
-)
-
-
-def build_dense(family: str, seed: int = 0, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    settings = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
-    model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(model_type, **settings)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random-init weights are small and the model near-uniform; widen them so logits are peaked and
-    # a wrong conversion cannot hide inside the tolerance.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.08)
-    return model.eval()
-
+from support import FAMILY_CONFIGS, build_dense
 
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(tmp_path_factory) -> Path:
@@ -91,15 +55,6 @@ def offline_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def sparsify_command() -> list[str]:
-    """The installed console script, next to this interpreter."""
-    executable = __import__("sys").executable
-    beside = [Path(executable).parent / "sparsify", Path(os.path.realpath(executable)).parent / "sparsify"]
-    found = next((str(script) for script in beside if script.exists()), None) or shutil.which("sparsify")
-    assert found, "the sparsify console script is not installed; run `pip install -e .`"
-    return [str(found)]
-
-
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 
 
@@ -130,26 +85,3 @@ def students(tmp_path_factory, dense_models) -> dict[str, Path]:
             str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
         ).output,
     }
-
-
-# Two real-tokenizer-sized rows of token ids for the skip tests.
-IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 429, 2940, 12], [1, 9, 99, 999, 4000, 12000, 20, 3, 77, 5, 6, 7]])
-
-
-def randomise_gates(model, seed=0):
-    """Gates that keep about half the tokens, differently per token, layer and sublayer."""
-    generator = torch.Generator().manual_seed(seed)
-    for _, _, gate in model.skip_gates():
-        gate.weight.data = torch.randn(gate.weight.shape, generator=generator) * 0.5
-        gate.bias.data.zero_()
-
-
-def tiny_options(corpus, **overrides):
-    """Training options that run in seconds on the tiny students: 12 steps of 4 x 32 tokens."""
-    from sparsify.train.options import TrainOptions
-
-    settings = dict(
-        data=str(corpus["train"]), eval_data=str(corpus["valid"]), tokens="1536", seq_len=32, batch_size=4,
-        eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
-    )
-    return TrainOptions(**{**settings, **overrides})

@@ -35,7 +35,7 @@ from torch import nn
 
 from sparsify.errors import SparsifyError
 from sparsify.engine import decode_kernels
-from sparsify.skip.modeling_skip import rotate_heads
+from sparsify.convert.skip.modeling_skip import rotate_heads
 
 
 @dataclass

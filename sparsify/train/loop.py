@@ -1,7 +1,10 @@
-"""The router-training loop: student = converted MoE with LoRA, teacher = the dense model.
+"""The training loop: student = a converted model with LoRA and its decisions (routers, gates)
+trained in full, teacher = the dense model (by default the dense path inside the student's weights).
 
-Read top to bottom: set up (model, teacher, data, optimizer), evaluate, train with periodic
-evaluation and checkpoints, evaluate, merge LoRA and save the model in its native format.
+Read top to bottom, one phase per function: locate the run, set up the accelerator and the
+schedule, load the student and the teacher, the data, the optimizer; evaluate, train with periodic
+evaluation and checkpoints, evaluate; merge LoRA and save the model in its own format. The loop
+names no variant: it asks the model's `Decisions` (sparsify.train.decisions).
 """
 
 from __future__ import annotations
@@ -12,23 +15,23 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from sparsify.atomic_output import check_output_free
+from sparsify.convert import recognised, variant_of_record
 from sparsify.data import DataSpec, TokenFile, block_order, materialise
 from sparsify.errors import SparsifyError
 from sparsify.model_folder import save_model_folder
+from sparsify.option_values import dtype_name
 from sparsify.provenance import read_record
 from sparsify.train import losses
+from sparsify.train.decisions import Decisions, find_decisions
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
-from sparsify.option_values import dtype_name
 from sparsify.train.options import TrainOptions
-from sparsify.train.routing import dense_path, prepare_routers
-from sparsify.train.skipping import find_gates, gates_open, recording, sparsity_loss
 from sparsify.train.state import (
     CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint,
 )
@@ -59,6 +62,7 @@ class TrainResult:
     after: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # > 0: this session resumed the run after that step
+    peak_memory_kind: str = "resident"  # "GPU": the accelerator's allocations; "resident": the process's RAM
 
     @property
     def session_tokens(self) -> int:
@@ -91,7 +95,7 @@ def train(model_dir: str | Path, options: TrainOptions, **kwargs: Any) -> TrainR
         _discard_unstarted_run(run_dir, existed)
         # Anywhere: the evaluation before training runs first and uses the same batch size.
         raise SparsifyError(
-            f"out of GPU memory with --batch-size {options.batch_size} x --seq-len {options.seq_len}; lower "
+            f"out of GPU memory with --batch-size {options.optimisation.batch_size} x --seq-len {options.data.seq_len}; lower "
             "--batch-size (raise --grad-accum to keep the tokens per step) or --seq-len"
         ) from error
     except KeyboardInterrupt:
@@ -99,8 +103,8 @@ def train(model_dir: str | Path, options: TrainOptions, **kwargs: Any) -> TrainR
         resume = f"sparsify train {model_dir}" + (f" -o {output}" if output != Path(model_dir) else "") + " --resume"
         if checkpoint:
             kept = f"the last checkpoint is in {run_dir}; continue with `{resume}` and the same training flags"
-        elif options.checkpoint_every:
-            kept = f"no checkpoint had been written yet (the first comes at step {options.checkpoint_every}), so there is nothing to resume"
+        elif options.run.checkpoint_every:
+            kept = f"no checkpoint had been written yet (the first comes at step {options.run.checkpoint_every}), so there is nothing to resume"
         else:
             kept = "--checkpoint-every 0 writes no checkpoints, so there is nothing to resume"
         raise TrainingInterrupted(f"training interrupted; {kept}") from None
@@ -122,6 +126,43 @@ def _discard_unstarted_run(run_dir: Path, existed: bool) -> Path | None:
     return checkpoint
 
 
+@dataclass
+class _Callbacks:
+    on_step: Callable[[dict[str, Any]], None] = lambda entry: None
+    on_status: Callable[[str], None] = lambda text: None
+    on_plan: Callable[[int, int], None] = lambda total_steps, start_step: None
+    on_notice: Callable[[str], None] = lambda text: None
+
+
+@dataclass
+class _Run:
+    """What the phases share, filled in as they run."""
+
+    model_dir: Path
+    output: Path
+    run_dir: Path
+    options: TrainOptions
+    checkpoint: Path | None
+    callbacks: _Callbacks
+    command: str | None
+    record: dict[str, Any] = field(default_factory=dict)
+    accelerator: Any = None
+    dtype: torch.dtype = torch.float32
+    total_steps: int = 0
+    tokens_per_step: int = 0
+    model: Any = None
+    decisions: Decisions = field(default_factory=Decisions)
+    teacher: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    tokenizer: Any = None
+    train_data: TokenFile | None = None
+    heldout: TokenFile | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    trainable_names: set[str] = field(default_factory=set)
+    start_step: int = 0
+    log: StepLog | None = None
+
+
 def _train(
     model_dir: str | Path,
     options: TrainOptions,
@@ -139,11 +180,34 @@ def _train(
     """`on_status(text)`: the phase; `on_plan(total_steps, start_step)`: as soon as both are known;
     `on_notice(text)`: a one-off message for the user (e.g. that a CPU run will be slow);
     `on_step(entry)`: after every optimizer step; `command`: recorded in sparsify.json."""
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+    run = _locate(Path(model_dir), options, output, run_dir, resume, restart, _Callbacks(on_step, on_status, on_plan, on_notice), command)
+    _set_up(run)
+    _load_models(run)
+    _load_data(run)
+    _make_optimizer(run)
+    _restore(run)
+    before = _evaluate_before(run)
+    history, seconds, tokens_done = _train_steps(run)
+    run.callbacks.on_status("held-out evaluation after training")
+    after = _evaluate(run)
+    peak_memory, memory_kind = _peak_memory()  # before the merge below, which rebuilds the model: the training peak
+    if run.log:
+        run.log.write({"step": run.total_steps, "eval": after, "final": True, "peak_memory_bytes": peak_memory})
+        run.log.close()
+    _save(run, before, after)
+    return TrainResult(
+        run.output, run.run_dir, run.total_steps, run.total_steps * run.tokens_per_step, seconds,
+        tokens_done / seconds if seconds else 0.0, peak_memory, before, after, history, run.start_step, memory_kind,
+    )
 
+
+# --- phases ------------------------------------------------------------------------------------
+
+
+def _locate(model_dir: Path, options: TrainOptions, output, run_dir, resume: bool, restart: bool, callbacks: _Callbacks,
+            command: str | None) -> _Run:
+    """Check the options and the folders, and find the checkpoint to resume, before anything loads."""
     options.validate()
-    model_dir = Path(model_dir)
     check_trainable(model_dir, options)
     output = Path(output) if output else model_dir
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
@@ -154,165 +218,202 @@ def _train(
         raise SparsifyError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --restart to start over")
     if resume and not checkpoint:
         raise SparsifyError(f"nothing to resume: no checkpoint in {run_dir}")
-    if restart:
-        checkpoint = None
+    return _Run(model_dir, output, run_dir, options, None if restart else checkpoint, callbacks, command)
 
-    # --- setup -----------------------------------------------------------------------------
-    precision = dtype_name(options.precision, "--precision", ("float32", "bfloat16"))
+
+def _set_up(run: _Run) -> None:
+    """The accelerator, the precision and the step schedule; warn when the CPU would take hours."""
+    from accelerate import Accelerator
+
+    options = run.options
+    precision = dtype_name(options.optimisation.precision, "--precision", ("float32", "bfloat16"))
     use_bf16 = precision == "bfloat16" or (precision == "auto" and torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
-    _check_fsdp_version(accelerator)
-    torch.manual_seed(options.train_seed)
-    record = read_record(model_dir) or {}
-    world = accelerator.num_processes
-    tokens_per_step = options.batch_size * options.seq_len * options.grad_accum * world
-    total_steps = max(1, math.ceil(options.train_tokens / tokens_per_step))
-    start_step = _checkpoint_step(checkpoint)
-    on_plan(total_steps, start_step)
-    notice = cpu_notice(model_dir, (total_steps - start_step) * tokens_per_step) if accelerator.device.type == "cpu" else None
-    if notice:
-        on_notice(notice)
-    on_status("loading model")
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model, routers, gates = _student(model_dir, options, dtype)
-    top_k = int(routers[0].top_k) if routers else 0  # no routers: a dense LoRA baseline or a skip model
-    teacher = _teacher(options, record, routers, gates, use_bf16)
+    run.accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    _check_fsdp_version(run.accelerator)
+    torch.manual_seed(options.optimisation.train_seed)
+    run.dtype = torch.bfloat16 if use_bf16 else torch.float32
+    run.record = read_record(run.model_dir) or {}
+    run.tokens_per_step = options.tokens_per_step_per_process * run.accelerator.num_processes
+    run.total_steps = max(1, math.ceil(options.data.train_tokens / run.tokens_per_step))
+    start_step = _checkpoint_step(run.checkpoint)
+    run.callbacks.on_plan(run.total_steps, start_step)
+    if run.accelerator.device.type == "cpu":
+        notice = cpu_notice(run.model_dir, (run.total_steps - start_step) * run.tokens_per_step)
+        if notice:
+            run.callbacks.on_notice(notice)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = DataSpec(options.sources(options.data), options.sources(options.eval_data), options.text_field)
-    on_status("tokenizing data (once per run folder)")
-    with accelerator.main_process_first():
-        paths = materialise(spec, tokenizer, run_dir / "data", options.train_tokens, options.heldout_tokens)
-    train_data, heldout = TokenFile(paths["train"], options.seq_len), TokenFile(paths["heldout"], options.seq_len)
 
-    # Routers and skip gates (the decisions) train in full at --router-lr; adapters at --lr.
-    decision_params = [p for module in [*routers, *gates] for p in module.parameters()]
+def _load_models(run: _Run) -> None:
+    run.callbacks.on_status("loading model")
+    run.model, run.decisions = load_student(run.model_dir, run.options, run.dtype, run.record)
+    run.teacher = _teacher(run.options, run.record, run.decisions, run.dtype)
+
+
+def _load_data(run: _Run) -> None:
+    from transformers import AutoTokenizer
+
+    data = run.options.data
+    run.tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
+    spec = DataSpec(data.train_sources, data.heldout_sources, data.text_field)
+    run.callbacks.on_status("tokenizing data (once per run folder)")
+    with run.accelerator.main_process_first():
+        paths = materialise(spec, run.tokenizer, run.run_dir / "data", data.train_tokens, data.heldout_tokens)
+    run.train_data, run.heldout = TokenFile(paths["train"], data.seq_len), TokenFile(paths["heldout"], data.seq_len)
+
+
+def _make_optimizer(run: _Run) -> None:
+    """AdamW over the decisions (in full, at --router-lr) and the adapters (at --lr), cosine schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimisation = run.options.optimisation
+    decision_params = [p for module in run.decisions.modules for p in module.parameters()]
     decision_ids = {id(p) for p in decision_params}
-    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in decision_ids]
-    groups = [{"params": decision_params, "lr": options.router_lr}] if decision_params else []
+    adapter_params = [p for p in run.model.parameters() if p.requires_grad and id(p) not in decision_ids]
+    groups = [{"params": decision_params, "lr": optimisation.router_lr}] if decision_params else []
     if adapter_params:
-        groups.append({"params": adapter_params, "lr": options.lr})
+        groups.append({"params": adapter_params, "lr": optimisation.lr})
     if not groups:
         raise SparsifyError("nothing to train: this model has no routers or gates and --lora-rank is 0")
-    optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(options.warmup * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(groups, weight_decay=optimisation.weight_decay)
+    run.scheduler = get_cosine_schedule_with_warmup(optimizer, round(optimisation.warmup * run.total_steps), run.total_steps)
     # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
     # process, which would run the schedule num_processes times too fast under DDP.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    run.trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
 
-    start_step = 0
-    options_dict = asdict(options)
-    trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
-    if checkpoint:
-        meta = load_checkpoint(checkpoint, model, optimizer, scheduler, trainable_names)
-        check_same_run(meta["options"], options_dict, RESUMABLE_CHANGES)
+
+def _restore(run: _Run) -> None:
+    """Load the checkpoint (if resuming) and open the step log."""
+    if run.checkpoint:
+        meta = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.trainable_names)
+        check_same_run(meta["options"], run.options.flat(), RESUMABLE_CHANGES)
+        world = run.accelerator.num_processes
         if meta.get("processes", 1) != world:  # the data order and the tokens per step depend on it
             raise SparsifyError(f"cannot resume: the run used {meta.get('processes', 1)} processes, this launch has {world}")
-        start_step = meta["step"]
-        on_status(f"resumed at step {start_step}")
-    log = StepLog(run_dir / LOG, keep_through_step=start_step if checkpoint else None) if accelerator.is_main_process else None
+        run.start_step = meta["step"]
+        run.callbacks.on_status(f"resumed at step {run.start_step}")
+    if run.accelerator.is_main_process:
+        run.log = StepLog(run.run_dir / LOG, keep_through_step=run.start_step if run.checkpoint else None)
 
-    # --- train -----------------------------------------------------------------------------
-    def evaluate() -> dict[str, float]:
-        return _evaluate(model, teacher, heldout, options, accelerator, gates)
 
-    blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
-    if start_step == 0:
-        on_status(f"held-out evaluation before training ({blocks * options.seq_len:,} tokens, student and teacher)")
-    before = evaluate() if start_step == 0 else _first_eval(run_dir / LOG)
-    if log and start_step == 0:
-        log.write({"step": 0, "eval": before})
-    on_status("training")
-    model.train()
+def _evaluate_before(run: _Run) -> dict[str, float]:
+    if run.start_step:
+        return _first_eval(run.run_dir / LOG)
+    run.callbacks.on_status(f"held-out evaluation before training ({_heldout_blocks(run) * run.options.data.seq_len:,} tokens, "
+                            "student and teacher)")
+    before = _evaluate(run)
+    if run.log:
+        run.log.write({"step": 0, "eval": before})
+    return before
+
+
+def _train_steps(run: _Run) -> tuple[list[dict[str, Any]], float, int]:
+    """The optimizer steps from the start (or the checkpoint) to the end: (entries, seconds, tokens)."""
+    options, accelerator, callbacks = run.options, run.accelerator, run.callbacks
+    callbacks.on_status("training")
+    run.model.train()
     started, tokens_done = time.perf_counter(), 0
     history: list[dict[str, Any]] = []
-    for step in range(start_step + 1, total_steps + 1):
-        parts_sum: dict[str, float] = {}
-        for micro in range(options.grad_accum):
-            index = ((step - 1) * options.grad_accum + micro) * world + accelerator.process_index
-            order = block_order(train_data.num_blocks, options.train_seed, index * options.batch_size, options.batch_size)
-            ids = train_data.blocks(order).to(accelerator.device)
-            parts = _losses(model, teacher, ids, options, top_k, gates)
-            if not torch.isfinite(parts["total"]):
-                last = find_checkpoint(run_dir)
-                kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"the loss became {parts['total'].item()} at step {step}; training stopped and {kept}. "
-                    "Try a lower --lr/--router-lr"
-                )
-            accelerator.backward(parts["total"] / options.grad_accum)
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / options.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm) if options.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_done += tokens_per_step
+    for step in range(run.start_step + 1, run.total_steps + 1):
+        scheduled = run.decisions.on_step(step, run.total_steps)
+        parts_sum = _accumulate_gradients(run, step)
+        max_norm = options.optimisation.max_grad_norm
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm > 0 else None
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        tokens_done += run.tokens_per_step
         elapsed = time.perf_counter() - started
         entry = {
             "step": step,
-            "tokens": step * tokens_per_step,
+            "tokens": step * run.tokens_per_step,
             **{name: round(value, 6) for name, value in parts_sum.items()},
-            "lr": scheduler.get_last_lr()[-1],
+            **scheduled,
+            "lr": run.scheduler.get_last_lr()[-1],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": round(tokens_done / elapsed, 1),
             "elapsed_s": round(elapsed, 3),
-            "total_steps": total_steps,
+            "total_steps": run.total_steps,
         }
-        if options.eval_every and step % options.eval_every == 0 and step != total_steps:
-            on_status(f"held-out evaluation at step {step}")
-            entry["eval"] = evaluate()
-            on_status("training")
-            model.train()
-        if log:
-            log.write(entry)
+        eval_every = options.run.eval_every
+        if eval_every and step % eval_every == 0 and step != run.total_steps:
+            callbacks.on_status(f"held-out evaluation at step {step}")
+            entry["eval"] = _evaluate(run)
+            callbacks.on_status("training")
+            run.model.train()
+        if run.log:
+            run.log.write(entry)
         history.append(entry)
-        on_step(entry)
-        if options.checkpoint_every and step % options.checkpoint_every == 0 and step != total_steps:
-            trainable, optimizer_state = gather_trainable(model, trainable_names), gather_optimizer(model, optimizer)
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir, step, trainable, optimizer_state, scheduler, {"options": options_dict, "processes": world})
-            accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    on_status("held-out evaluation after training")
-    after = evaluate()
-    peak_memory = _peak_memory()  # before the merge below, which rebuilds the model: the training peak
-    if log:
-        log.write({"step": total_steps, "eval": after, "final": True, "peak_memory_bytes": peak_memory})
-        log.close()
-
-    # --- save ------------------------------------------------------------------------------
-    trainable = gather_trainable(model, trainable_names)
-    if accelerator.is_main_process:
-        on_status("merging adapters and saving")
-        del model, optimizer  # the merge rebuilds the model whole, on the CPU, from the trained state
-        merged = _merged(model_dir, options, dtype, trainable)
-        _save(merged, tokenizer, model_dir, output, record, options_dict, before, after, total_steps, total_steps * tokens_per_step, command)
-        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # the run is finished; log and data stay
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        output, run_dir, total_steps, total_steps * tokens_per_step, seconds,
-        tokens_done / seconds if seconds else 0.0, peak_memory, before, after, history, start_step,
-    )
+        callbacks.on_step(entry)
+        every = options.run.checkpoint_every
+        if every and step % every == 0 and step != run.total_steps:
+            _save_checkpoint(run, step)
+    return history, time.perf_counter() - started, tokens_done
 
 
+def _accumulate_gradients(run: _Run, step: int) -> dict[str, float]:
+    """Forward and backward over the step's micro-batches; the loss parts averaged over them."""
+    options, accelerator = run.options, run.accelerator
+    accum, batch, world = options.optimisation.grad_accum, options.optimisation.batch_size, accelerator.num_processes
+    parts_sum: dict[str, float] = {}
+    for micro in range(accum):
+        index = ((step - 1) * accum + micro) * world + accelerator.process_index
+        order = block_order(run.train_data.num_blocks, options.optimisation.train_seed, index * batch, batch)
+        ids = run.train_data.blocks(order).to(accelerator.device)
+        parts = _losses(run, ids)
+        if not torch.isfinite(parts["total"]):
+            last = find_checkpoint(run.run_dir)
+            kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss became {parts['total'].item()} at step {step}; training stopped and {kept}. Try a lower --lr/--router-lr"
+            )
+        accelerator.backward(parts["total"] / accum)
+        for name, value in parts.items():
+            parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / accum
+    return parts_sum
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    trainable, optimizer_state = gather_trainable(run.model, run.trainable_names), gather_optimizer(run.model, run.optimizer)
+    if run.accelerator.is_main_process:
+        meta = {"options": run.options.flat(), "processes": run.accelerator.num_processes}
+        save_checkpoint(run.run_dir, step, trainable, optimizer_state, run.scheduler, meta)
+    run.accelerator.wait_for_everyone()
+
+
+def _save(run: _Run, before: dict[str, float], after: dict[str, float]) -> None:
+    """Merge the adapters into a fresh copy of the student and write the model folder."""
+    trainable = gather_trainable(run.model, run.trainable_names)
+    if run.accelerator.is_main_process:
+        run.callbacks.on_status("merging adapters and saving")
+        run.model = run.optimizer = None  # the merge rebuilds the model whole, on the CPU, from the trained state
+        merged = _merged(run.model_dir, run.options, run.dtype, trainable, run.record)
+        record = dict(run.record)
+        variant = variant_of_record(record)
+        if variant is not None and record.get("layout"):
+            # Merged adapters changed the weights: the dense path is no longer the teacher.
+            record["layout"] = variant.layout(record["layout"]).without_dense_path().to_record()
+        record["training"] = [*record.get("training", []), {
+            "steps": run.total_steps, "tokens": run.total_steps * run.tokens_per_step, "options": run.options.flat(),
+            "before": before, "after": after, "command": run.command,
+        }]
+        save_model_folder(merged, run.tokenizer, run.model_dir, run.output, record, overwrite=run.output == run.model_dir)
+        shutil.rmtree(run.run_dir / CHECKPOINT, ignore_errors=True)  # the run is finished; log and data stay
+    run.accelerator.wait_for_everyone()
 def check_trainable(model_dir: Path, options: TrainOptions) -> None:
     """Refuse, before loading anything, a folder `sparsify train` cannot train as asked."""
     from sparsify.checkpoint_reader import check_weight_files
-    from sparsify.families import FAMILIES
-    from sparsify.skip import SkipConfig
 
     if not (model_dir / "config.json").exists():
         raise SparsifyError(f"{model_dir} is not a model folder (no config.json); sparsify train takes a folder made by `sparsify upcycle`")
     check_weight_files(model_dir)
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    sparse = model_type == SkipConfig.model_type or any(f.moe_model_type == model_type for f in FAMILIES)
-    if not sparse and options.teacher == "self":
+    config = json.loads((model_dir / "config.json").read_text())
+    if recognised(config) is None and options.distillation.teacher == "self":
         raise SparsifyError(
-            f"{model_dir} is a dense model ({model_type}): it has no routers or gates, and as its own teacher LoRA would learn "
-            f"nothing. Convert it first (`sparsify upcycle {model_dir} --to fine-moe -o OUT`, then `sparsify train OUT`), or "
-            "pass --teacher MODEL to fine-tune it with LoRA against another model"
+            f"{model_dir} is a dense model ({config.get('model_type')}): it has no routers or gates, and as its own teacher LoRA "
+            f"would learn nothing. Convert it first (`sparsify upcycle {model_dir} --to fine-moe -o OUT`, then `sparsify train OUT`), "
+            "or pass --teacher MODEL to fine-tune it with LoRA against another model"
         )
 
 
@@ -357,35 +458,36 @@ def _check_fsdp_version(accelerator) -> None:
         )
 
 
-def _student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, for_training: bool = True):
-    """The converted model with fp32 routers/gates and LoRA adapters: (model, routers, gates)."""
+def load_student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, record: dict[str, Any] | None = None,
+                 for_training: bool = True) -> tuple[Any, Decisions]:
+    """The converted model with its decisions in fp32 and LoRA adapters: (model, decisions)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if for_training:
         model.config.use_cache = False
-    routers, gates = prepare_routers(model), find_gates(model)
-    lora = LoraSettings(options.lora_rank, options.lora_alpha, options.sources(options.lora_targets))
-    return add_adapters(model, lora, routers, gates), routers, gates
+    decisions, _ = find_decisions(model, read_record(model_dir) if record is None else record, options.variants)
+    lora = options.lora
+    return add_adapters(model, LoraSettings(lora.lora_rank, lora.lora_alpha, lora.targets), decisions), decisions
 
 
-def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainable: dict[str, torch.Tensor]):
+def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainable: dict[str, torch.Tensor], record: dict[str, Any]):
     """A fresh, whole copy of the student with the trained state loaded and LoRA folded in. Rebuilding
     it (instead of merging the training copy in place) is the same code for one process, DDP and FSDP."""
-    student, routers, _ = _student(model_dir, options, dtype, for_training=False)
+    student, decisions = load_student(model_dir, options, dtype, record, for_training=False)
     load_trainable_state(student, trainable)
     merged = merge_adapters(student)
-    for router in routers:
-        router.weight.data = router.weight.data.to(dtype)
+    decisions.restore_dtype(dtype)
     return merged
 
 
-def _teacher(options: TrainOptions, record: dict[str, Any], routers, gates, use_bf16: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """(student, ids) -> teacher logits. "self": adapters off + dense path (routers onto copy 0, skip
-    gates open), from the student's own weights."""
-    if options.teacher == "self":
-        layout = record.get("layout") or {}
-        if (routers or gates) and not layout.get("dense_path"):
+def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """(student, ids) -> teacher logits. "self": adapters off and the decisions on their dense path
+    (routers onto copy 0, skip gates open), from the student's own weights."""
+    if options.distillation.teacher == "self":
+        variant = variant_of_record(record)
+        layout = variant.layout(record["layout"]) if variant is not None and record.get("layout") else None
+        if decisions.modules and (layout is None or not layout.has_dense_path()):
             raise SparsifyError(
                 "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
                 "sparsify upcycle); pass --teacher with the original dense model"
@@ -396,13 +498,14 @@ def _teacher(options: TrainOptions, record: dict[str, Any], routers, gates, use_
             # (possibly distributed) wrapper, as the student's own forward does.
             inner = model.module if hasattr(model, "module") else model
             adapters_off = inner.disable_adapter() if hasattr(inner, "disable_adapter") else nullcontext()
-            with torch.no_grad(), adapters_off, (dense_path(routers, layout) if routers else nullcontext()), gates_open(gates):
+            dense = decisions.teacher_path(layout) if decisions.modules else nullcontext()
+            with torch.no_grad(), adapters_off, dense:
                 return model(input_ids=ids).logits
 
         return self_teacher
     from sparsify.sources import load_model
 
-    separate = load_model(options.teacher, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    separate = load_model(options.distillation.teacher, dtype=dtype)
     separate.requires_grad_(False)
 
     def separate_teacher(model, ids):
@@ -414,26 +517,19 @@ def _teacher(options: TrainOptions, record: dict[str, Any], routers, gates, use_
     return separate_teacher
 
 
-def _losses(model, teacher, ids: torch.Tensor, options: TrainOptions, top_k: int, gates) -> dict[str, torch.Tensor]:
-    teacher_logits = teacher(model, ids)
-    with recording(gates) as seen:
-        out = model(input_ids=ids, output_router_logits=True) if top_k else model(input_ids=ids)
-    routed = bool(top_k)
-    zero = out.logits.new_zeros((), dtype=torch.float32)
+def _losses(run: _Run, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step's loss parts: KL to the teacher, cross-entropy, the decisions' own; and the total."""
+    distillation = run.options.distillation
+    teacher_logits = run.teacher(run.model, ids)
+    with run.decisions.watch() as seen:
+        out = run.model(input_ids=ids, **run.decisions.forward_kwargs())
     parts = {
-        "kl": losses.kl_to_teacher(out.logits, teacher_logits, options.temperature),
-        "ce": _ce(out.logits, ids, track_grad=options.ce_weight > 0),
-        "balance": losses.load_balancing_loss(out.router_logits, top_k) if routed else zero,
-        "z": losses.router_z_loss(out.router_logits) if routed else zero,
+        "kl": losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature),
+        "ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0),
     }
-    skip, skip_rate = sparsity_loss(seen, options.target_skip) if gates else (zero, None)
-    parts["total"] = (
-        options.kl_weight * parts["kl"] + options.ce_weight * parts["ce"]
-        + options.balance_weight * parts["balance"] + options.z_weight * parts["z"] + options.skip_weight * skip
-    )
-    if gates:
-        parts["skip"], parts["skip_rate"] = skip, skip_rate
-    return parts
+    auxiliary, decision_parts = run.decisions.loss(out, seen)
+    total = distillation.kl_weight * parts["kl"] + distillation.ce_weight * parts["ce"] + auxiliary
+    return {**parts, **decision_parts, "total": total}
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor, track_grad: bool) -> torch.Tensor:
@@ -442,44 +538,49 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor, track_grad: bool) -> torch.Tens
         return losses.next_token_loss(logits, ids)
 
 
-def _evaluate(model, teacher, heldout: TokenFile, options: TrainOptions, accelerator, gates=()) -> dict[str, float]:
-    """Held-out perplexities, KL and top-1 agreement. The blocks are divided among the processes and
-    the sums added up; a process with one batch fewer runs an uncounted one, because under FSDP
-    every process must take part in every forward pass."""
+def _heldout_blocks(run: _Run) -> int:
+    return min(run.heldout.num_blocks, max(1, run.options.data.heldout_tokens // run.options.data.seq_len))
+
+
+def _evaluate(run: _Run) -> dict[str, float]:
+    """Held-out perplexities, KL, top-1 agreement and the decisions' own figures (e.g. skip rate).
+    The blocks are divided among the processes and the sums added up; a process with one batch
+    fewer runs an uncounted one, because under FSDP every process must take part in every forward pass."""
+    model, accelerator, batch = run.model, run.accelerator, run.options.optimisation.batch_size
     model.eval()
-    blocks = min(heldout.num_blocks, max(1, options.heldout_tokens // options.seq_len))
+    blocks = _heldout_blocks(run)
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, blocks, world))
-    batches = [mine[i:i + options.batch_size] for i in range(0, len(mine), options.batch_size)]
-    rounds = math.ceil(math.ceil(blocks / world) / options.batch_size)
-    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # nll, teacher nll, kl, top-1, blocks, skip rate
+    batches = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+    rounds = math.ceil(math.ceil(blocks / world) / batch)
+    sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for round_index in range(rounds):
             counted = round_index < len(batches)
-            ids = heldout.blocks(torch.tensor(batches[round_index] if counted else [0])).to(accelerator.device)
-            teacher_logits = teacher(model, ids)
-            with accelerator.autocast(), recording(gates) as seen:
+            ids = run.heldout.blocks(torch.tensor(batches[round_index] if counted else [0])).to(accelerator.device)
+            teacher_logits = run.teacher(model, ids)
+            with accelerator.autocast(), run.decisions.watch() as seen:
                 student_logits = model(input_ids=ids).logits
-            if counted:
-                n = ids.shape[0]
-                skip_rate = 1.0 - torch.cat([keep.reshape(-1) for _, keep in seen]).float().mean() if gates else student_logits.new_zeros(())
-                sums += n * torch.stack([
-                    losses.next_token_loss(student_logits, ids), losses.next_token_loss(teacher_logits, ids),
-                    losses.kl_to_teacher(student_logits, teacher_logits), losses.top1_agreement(student_logits, teacher_logits),
-                    torch.tensor(1.0, device=sums.device), skip_rate.to(sums.device).float(),
-                ]).to(sums)
-    sums = accelerator.reduce(sums, "sum")
-    student_nll, teacher_nll, kl, top1, count, skip_rate = (sums / sums[4]).tolist()[:4] + [sums[4].item(), (sums[5] / sums[4]).item()]
+            figures = {
+                "student_nll": losses.next_token_loss(student_logits, ids), "teacher_nll": losses.next_token_loss(teacher_logits, ids),
+                "kl": losses.kl_to_teacher(student_logits, teacher_logits), "top1_agreement": losses.top1_agreement(student_logits, teacher_logits),
+                "blocks": torch.tensor(1.0), **run.decisions.heldout(seen),
+            }
+            n = ids.shape[0] if counted else 0  # an uncounted batch adds zeros, keeping every process's sums alike
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0.0) + n * value.detach().to(accelerator.device, torch.float64)
+    names = list(sums)
+    totals = accelerator.reduce(torch.stack([sums[name] for name in names]), "sum")
+    mean = {name: (totals[i] / totals[names.index("blocks")]).item() for i, name in enumerate(names)}
     result = {
-        "student_ppl": math.exp(student_nll),
-        "teacher_ppl": math.exp(teacher_nll),
-        "kl": kl,
-        "top1_agreement": top1,
-        "tokens": int(count) * options.seq_len,
+        "student_ppl": math.exp(mean.pop("student_nll")),
+        "teacher_ppl": math.exp(mean.pop("teacher_nll")),
+        "kl": mean.pop("kl"),
+        "top1_agreement": mean.pop("top1_agreement"),
+        "tokens": int(totals[names.index("blocks")].item()) * run.options.data.seq_len,
     }
-    if gates:
-        result["skip_rate"] = skip_rate
-    return result
+    mean.pop("blocks")
+    return {**result, **mean}
 
 
 def _first_eval(log_path: Path) -> dict[str, float]:
@@ -490,19 +591,9 @@ def _first_eval(log_path: Path) -> dict[str, float]:
     return {}
 
 
-def _peak_memory() -> int:
-    """High-water mark of this process: GPU allocations, or resident memory on CPU."""
+def _peak_memory() -> tuple[int, str]:
+    """High-water mark of this process and what it counts: GPU allocations, or resident memory on CPU."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated(), "GPU"
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-
-
-def _save(model, tokenizer, model_dir: Path, output: Path, record: dict[str, Any], options: dict[str, Any],
-          before: dict[str, float], after: dict[str, float], steps: int, tokens: int, command: str | None) -> None:
-    record = dict(record)
-    if record.get("layout"):
-        # Merged adapters changed copy 0 and the attention: the dense path is no longer the teacher.
-        record["layout"] = {**record["layout"], "dense_path": None}
-    record["training"] = [*record.get("training", []), {"steps": steps, "tokens": tokens, "options": options, "before": before, "after": after, "command": command}]
-    save_model_folder(model, tokenizer, model_dir, output, record, overwrite=output == model_dir)
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")), "resident"

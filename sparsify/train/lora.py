@@ -1,8 +1,8 @@
-"""LoRA adapters (peft) on attention and expert weights; routers trained in full.
+"""LoRA adapters (peft) on attention and FFN/expert weights; the variant's decisions trained in full.
 
-Expert weights in transformers 5 are fused 3D parameters (`experts.gate_up_proj`,
-`experts.down_proj`), which peft adapts through `target_parameters` (one low-rank pair per
-expert). Attention projections are ordinary linear layers (`target_modules`).
+Attention projections are ordinary linear layers (`target_modules`); what "experts" means is the
+decisions' to say (an MoE's fused 3D expert parameters through `target_parameters`, a dense or
+skip model's FFN projections).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import torch
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.train.decisions import Decisions
 from sparsify.train.options import LORA_TARGETS
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
-# In a dense model (a baseline with the same flags) "experts" means its FFN projections.
-DENSE_FFN_MODULES = ["gate_proj", "up_proj", "down_proj"]
 TARGETS = LORA_TARGETS
 
 
@@ -29,8 +27,8 @@ class LoraSettings:
     targets: tuple[str, ...] = TARGETS
 
 
-def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Module], gates: list[nn.Module] = ()) -> nn.Module:
-    """Wrap `model` with peft LoRA; afterwards only adapters, routers and skip gates require grad (in fp32)."""
+def add_adapters(model: nn.Module, settings: LoraSettings, decisions: Decisions) -> nn.Module:
+    """Wrap `model` with peft LoRA; afterwards only adapters and the decisions require grad (in fp32)."""
     from peft import LoraConfig, get_peft_model
 
     unknown = set(settings.targets) - set(TARGETS)
@@ -40,21 +38,19 @@ def add_adapters(model: nn.Module, settings: LoraSettings, routers: list[nn.Modu
         param.requires_grad_(False)
     if settings.targets and settings.rank > 0:
         modules = list(ATTENTION_MODULES) if "attention" in settings.targets else []
-        parameters = None
+        parameters: list[str] = []
         if "experts" in settings.targets:
-            if routers:
-                parameters = EXPERT_PARAMETERS
-            else:
-                modules += DENSE_FFN_MODULES
+            expert_modules, parameters = decisions.expert_lora_targets()
+            modules += expert_modules
         config = LoraConfig(
             r=settings.rank,
             lora_alpha=settings.alpha,
             lora_dropout=0.0,
             target_modules=modules,
-            target_parameters=parameters,
+            target_parameters=parameters or None,
         )
         model = get_peft_model(model, config)
-    for module in [*routers, *gates]:  # trained in full, with an fp32 master copy (selective precision)
+    for module in decisions.modules:  # trained in full, with an fp32 master copy (selective precision)
         for param in module.parameters():
             param.data = param.data.float()
             param.requires_grad_(True)

@@ -38,24 +38,5 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch Transformer auxiliary loss, averaged over layers: E * sum_e f_e * P_e, where f_e is the
-    fraction of top-k assignments that go to expert e and P_e its mean router probability.
-    It is 1 for perfectly uniform routing and grows with imbalance."""
-    losses = []
-    for logits in router_logits:
-        probs = F.softmax(logits.float(), dim=-1)
-        experts = probs.shape[-1]
-        chosen = probs.topk(top_k, dim=-1).indices
-        fraction = F.one_hot(chosen, experts).float().sum(dim=(0, 1)) / chosen.numel()
-        losses.append(experts * (fraction * probs.mean(dim=0)).sum())
-    return torch.stack(losses).mean()
-
-
-def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """ST-MoE z-loss: mean squared log-partition of the router logits; keeps them small and stable."""
-    return torch.stack([torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits]).mean()
-
-
 def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()

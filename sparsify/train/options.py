@@ -1,43 +1,32 @@
-"""Everything a training run is configured by. The CLI builds its `train` flags from these fields."""
+"""Everything a training run is configured by, in groups that map one to one onto recipe sections.
+
+`data`, `optimisation`, `lora`, `distillation` and `run` are the loop's own; each variant adds its
+group (`moe`: the router losses, `skip`: the gate sparsity loss) through the registry. The command
+line keeps flat flags (`--lr`, `--balance-weight`): every field name is unique across the groups,
+and `TrainOptions.of(**flat)` / `.flat()` convert. Torch-free, like the registry.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
+from sparsify.convert import train_option_groups
 from sparsify.errors import SparsifyError
-from sparsify.option_values import check_rules, dtype_name, parse_count, parse_list, parse_numbers  # noqa: F401 - re-exported
+from sparsify.option_values import check_rules, dtype_name, parse_count, parse_list
+
+LORA_TARGETS = ("attention", "experts")
+_POSITIVE, _NON_NEGATIVE = "must be greater than 0", "must be 0 or more"
 
 
 @dataclass
-class TrainOptions:
+class DataOptions:
     data: str = field(default="", metadata={"help": "Training text: Hub dataset id, or files/globs (txt, jsonl, parquet, .gz), comma-separated."})
     eval_data: str = field(default="", metadata={"help": "Held-out text (same forms); default: a hashed 1% of --data that training never sees."})
     text_field: str = field(default="text", metadata={"help": "Column holding the text in jsonl/parquet/Hub data."})
     tokens: str = field(default="5M", metadata={"help": "Training tokens (e.g. 20M); the corpus repeats, reshuffled, if shorter."})
     seq_len: int = field(default=1024, metadata={"help": "Tokens per training block."})
-    batch_size: int = field(default=8, metadata={"help": "Blocks per micro-batch per device."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the LoRA adapters."})
-    router_lr: float = field(default=5e-3, metadata={"help": "Peak learning rate of the routers (trained in full)."})
-    warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL-to-teacher loss."})
-    kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
-    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
-    balance_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch load-balancing loss."})
-    z_weight: float = field(default=0.001, metadata={"help": "Weight of the router z-loss."})
-    skip_weight: float = field(default=0.1, metadata={"help": "Skip models: weight of the gate sparsity loss."})
-    target_skip: float = field(default=0.0, metadata={"help": "Skip models: skip rate to reach (a hinge on the mean gate opening); 0: an L1 penalty on gate openings instead."})
-    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (0: train routers only)."})
-    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha."})
-    lora_targets: str = field(default="attention,experts", metadata={"help": "Where LoRA goes: attention, experts, or both (comma-separated)."})
-    teacher: str = field(default="self", metadata={"help": "self: the dense path inside the student's frozen weights (no second model); or a model (alias, folder, .gguf, Hub id)."})
-    eval_every: int = field(default=200, metadata={"help": "Held-out evaluation every N optimizer steps (0: only before and after)."})
     eval_tokens: str = field(default="128k", metadata={"help": "Held-out tokens used for evaluation."})
-    checkpoint_every: int = field(default=200, metadata={"help": "Save a resumable checkpoint every N optimizer steps."})
-    train_seed: int = field(default=0, metadata={"help": "Seed for the data order and the adapter initialisation."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (bfloat16, float32 also read)."})
 
     @property
     def train_tokens(self) -> int:
@@ -47,22 +36,18 @@ class TrainOptions:
     def heldout_tokens(self) -> int:
         return parse_count(self.eval_tokens)
 
-    def sources(self, text: str) -> tuple[str, ...]:
-        return tuple(parse_list(text))
+    @property
+    def train_sources(self) -> tuple[str, ...]:
+        return tuple(parse_list(self.data))
+
+    @property
+    def heldout_sources(self) -> tuple[str, ...]:
+        return tuple(parse_list(self.eval_data))
 
     def validate(self) -> None:
-        """Refuse bad options before any model or data is loaded (nothing is read but file names)."""
-        from sparsify.text_files import check_sources
-
-        if not self.sources(self.data):
+        if not self.train_sources:
             raise SparsifyError("--data is required: a Hub dataset id or local text files")
-        check_rules(self, _RULES)
-        dtype_name(self.precision, "--precision", ("float32", "bfloat16"))
-        if self.kl_weight == 0 and self.ce_weight == 0:
-            raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
-        unknown = set(self.sources(self.lora_targets)) - set(LORA_TARGETS)
-        if unknown or not self.sources(self.lora_targets):
-            raise SparsifyError(f"--lora-targets must name {' and/or '.join(LORA_TARGETS)} (comma-separated), not '{self.lora_targets}'")
+        check_rules(self, (("seq_len", lambda v: v >= 2, "must be at least 2"),))
         if self.train_tokens < 1:
             raise SparsifyError(f"--tokens {self.tokens}: train on at least one token (e.g. --tokens 5M)")
         if self.heldout_tokens < self.seq_len:
@@ -70,35 +55,147 @@ class TrainOptions:
                 f"--eval-tokens {self.eval_tokens} is less than one --seq-len block ({self.seq_len} tokens); the held-out "
                 "evaluation needs at least one"
             )
-        check_sources(self.sources(self.data), "--data")
-        check_sources(self.sources(self.eval_data), "--eval-data")
+
+    def check_inputs(self) -> None:
+        from sparsify.text_files import check_sources
+
+        check_sources(self.train_sources, "--data")
+        check_sources(self.heldout_sources, "--eval-data")
+
+
+@dataclass
+class OptimisationOptions:
+    batch_size: int = field(default=8, metadata={"help": "Blocks per micro-batch per device."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the LoRA adapters."})
+    router_lr: float = field(default=5e-3, metadata={"help": "Peak learning rate of the routers or gates (trained in full)."})
+    warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    train_seed: int = field(default=0, metadata={"help": "Seed for the data order and the adapter initialisation."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 (bfloat16, float32 also read)."})
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("batch_size", lambda v: v >= 1, "must be at least 1"),
+            ("grad_accum", lambda v: v >= 1, "must be at least 1"),
+            ("lr", lambda v: v > 0, _POSITIVE),
+            ("router_lr", lambda v: v > 0, _POSITIVE),
+            ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
+            ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
+            ("max_grad_norm", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 disables clipping)"),
+        ))
+        dtype_name(self.precision, "--precision", ("float32", "bfloat16"))
+
+
+@dataclass
+class LoraOptions:
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (0: train the routers or gates only)."})
+    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha."})
+    lora_targets: str = field(default="attention,experts", metadata={"help": "Where LoRA goes: attention, experts, or both (comma-separated)."})
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(parse_list(self.lora_targets))
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("lora_rank", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 trains the routers or gates only)"),
+            ("lora_alpha", lambda v: v > 0, _POSITIVE),
+        ))
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown or not self.targets:
+            raise SparsifyError(f"--lora-targets must name {' and/or '.join(LORA_TARGETS)} (comma-separated), not '{self.lora_targets}'")
+
+
+@dataclass
+class DistillationOptions:
+    teacher: str = field(default="self", metadata={"help": "self: the dense path inside the student's frozen weights (no second model); or a model (alias, folder, .gguf, Hub id)."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL-to-teacher loss."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("temperature", lambda v: v > 0, _POSITIVE),
+            ("kl_weight", lambda v: v >= 0, _NON_NEGATIVE),
+            ("ce_weight", lambda v: v >= 0, _NON_NEGATIVE),
+        ))
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
+
+    def check_inputs(self) -> None:
         if self.teacher != "self":
             from sparsify.sources import check_model_ref
 
             check_model_ref(self.teacher, "--teacher")  # before `upcycle --train` converts, too
 
 
-LORA_TARGETS = ("attention", "experts")
-_POSITIVE, _NON_NEGATIVE = "must be greater than 0", "must be 0 or more"
-# (field, accepts, what the rule is): numeric options a run cannot sensibly take.
-_RULES = (
-    ("seq_len", lambda v: v >= 2, "must be at least 2"),
-    ("batch_size", lambda v: v >= 1, "must be at least 1"),
-    ("grad_accum", lambda v: v >= 1, "must be at least 1"),
-    ("lr", lambda v: v > 0, _POSITIVE),
-    ("router_lr", lambda v: v > 0, _POSITIVE),
-    ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
-    ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
-    ("max_grad_norm", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 disables clipping)"),
-    ("temperature", lambda v: v > 0, _POSITIVE),
-    ("kl_weight", lambda v: v >= 0, _NON_NEGATIVE),
-    ("ce_weight", lambda v: v >= 0, _NON_NEGATIVE),
-    ("balance_weight", lambda v: v >= 0, _NON_NEGATIVE),
-    ("z_weight", lambda v: v >= 0, _NON_NEGATIVE),
-    ("skip_weight", lambda v: v >= 0, _NON_NEGATIVE),
-    ("target_skip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("lora_rank", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 trains the routers or gates only)"),
-    ("lora_alpha", lambda v: v > 0, _POSITIVE),
-    ("eval_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: evaluate only before and after)"),
-    ("checkpoint_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: no intermediate checkpoints)"),
-)
+@dataclass
+class RunOptions:
+    eval_every: int = field(default=200, metadata={"help": "Held-out evaluation every N optimizer steps (0: only before and after)."})
+    checkpoint_every: int = field(default=200, metadata={"help": "Save a resumable checkpoint every N optimizer steps."})
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("eval_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: evaluate only before and after)"),
+            ("checkpoint_every", lambda v: v >= 0, f"{_NON_NEGATIVE} (0: no intermediate checkpoints)"),
+        ))
+
+
+# The loop's own groups, by section name, in the order the command line shows them.
+GROUPS: dict[str, type] = {
+    "data": DataOptions, "optimisation": OptimisationOptions, "lora": LoraOptions, "distillation": DistillationOptions, "run": RunOptions,
+}
+
+
+def _variant_groups() -> dict[str, Any]:
+    return {section: cls() for section, cls in train_option_groups().items()}
+
+
+@dataclass
+class TrainOptions:
+    data: DataOptions = field(default_factory=DataOptions)
+    optimisation: OptimisationOptions = field(default_factory=OptimisationOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    distillation: DistillationOptions = field(default_factory=DistillationOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+    variants: dict[str, Any] = field(default_factory=_variant_groups)  # section -> the variant's training options
+
+    @staticmethod
+    def sections() -> dict[str, type]:
+        """Every group, the loop's then the variants', by section name."""
+        return {**GROUPS, **train_option_groups()}
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainOptions:
+        """From flat values (`lr=...`, `balance_weight=...`), as the command line gives them."""
+        groups, taken = {}, set()
+        for section, group in cls.sections().items():
+            names = {f.name for f in fields(group)}
+            groups[section] = group(**{k: v for k, v in flat.items() if k in names})
+            taken |= names
+        unknown = sorted(set(flat) - taken)
+        if unknown:
+            raise SparsifyError(f"unknown training option{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        return cls(**{section: groups.pop(section) for section in GROUPS}, variants=groups)
+
+    def groups(self) -> dict[str, Any]:
+        return {**{section: getattr(self, section) for section in GROUPS}, **self.variants}
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by its flag name: what sparsify.json and checkpoints record."""
+        return {name: value for group in self.groups().values() for name, value in asdict(group).items()}
+
+    def validate(self) -> None:
+        """Refuse bad options before any model or data is loaded (nothing is read but file names)."""
+        groups = self.groups().values()
+        for group in groups:
+            group.validate()
+        for group in groups:  # the files and models named, once every value is known to be sound
+            if hasattr(group, "check_inputs"):
+                group.check_inputs()
+
+    @property
+    def tokens_per_step_per_process(self) -> int:
+        return self.optimisation.batch_size * self.data.seq_len * self.optimisation.grad_accum

@@ -1,0 +1,121 @@
+"""Options of `--to moe` and `--to fine-moe`, and of training their routers.
+
+Kept free of torch and transformers: the command line builds its flags from these dataclasses and
+answers `--help` in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from sparsify.errors import SparsifyError
+from sparsify.option_values import check_rules
+
+SPLITS = ("contiguous", "random")
+ROUTER_INITS = ("virtual-group", "random", "gate-mean")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SparsifyError(message)
+
+
+@dataclass
+class ExpertInitOptions:
+    """Options both `moe` and `fine-moe` take: how new parameters are drawn."""
+
+    reinit_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Drop-Upcycling: fraction of the FFN neurons of copies 1..E-1 re-drawn at random (0 keeps the model exact)."},
+    )
+    router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
+    seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
+
+    def validate(self) -> None:
+        """What can be checked without the model (called before it is opened); the plan checks the rest."""
+        _require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
+        _require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
+
+
+@dataclass
+class MoeOptions(ExpertInitOptions):
+    tags: ClassVar[tuple[str, ...]] = ("sparse-upcycling",)
+    experts: int = field(default=8, metadata={"help": "Number of experts; each starts as a copy of the FFN."})
+    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to."})
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.experts >= 1, f"--experts must be at least 1, got {self.experts}")
+        _require(1 <= self.top_k <= self.experts, f"top-k {self.top_k} must be between 1 and the number of experts, {self.experts}")
+
+    def layout(self):
+        from sparsify.convert.moe.experts import ExpertLayout
+
+        return ExpertLayout(
+            copies=self.experts,
+            granularity=1,
+            top_k=self.top_k,
+            reinit_ratio=self.reinit_ratio,
+            router_std=self.router_std,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class FineMoeOptions(ExpertInitOptions):
+    tags: ClassVar[tuple[str, ...]] = ("fine-grained-moe",)
+    granularity: int = field(default=8, metadata={"help": "G: split each FFN into G experts of d_ff/G neurons."})
+    experts: int = field(default=1, metadata={"help": "E: copies of the FFN; the model gets E*G experts."})
+    top_k: int | None = field(default=None, metadata={"help": "Experts per token; default G (the dense FFN compute)."})
+    split: str = field(
+        default="contiguous",
+        metadata={"help": "How neurons are assigned to partitions: contiguous or random (seeded permutation)."},
+    )
+    router_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "virtual-group (a copy's experts share a router row; exact when G divides top-k), random, or "
+            "gate-mean (partition g's row is the mean of its neurons' gate rows); default: virtual-group when "
+            "G divides top-k, else gate-mean."
+        },
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.granularity >= 1 and self.experts >= 1,
+                 f"--granularity and --experts must be at least 1, got {self.granularity} and {self.experts}")
+        experts = self.granularity * self.experts
+        _require(self.top_k is None or 1 <= self.top_k <= experts,
+                 f"top-k {self.top_k} must be between 1 and the number of experts, {experts} ({self.experts} copies x granularity {self.granularity})")
+        _require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        _require(self.router_init is None or self.router_init in ROUTER_INITS,
+                 f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
+
+    def layout(self):
+        from sparsify.convert.moe.experts import ExpertLayout
+
+        top_k = self.granularity if self.top_k is None else self.top_k
+        router_init = self.router_init or ("virtual-group" if top_k % self.granularity == 0 else "gate-mean")
+        return ExpertLayout(
+            copies=self.experts,
+            granularity=self.granularity,
+            top_k=top_k,
+            split=self.split,
+            reinit_ratio=self.reinit_ratio,
+            router_init=router_init,
+            router_std=self.router_std,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class MoeTrainOptions:
+    """Router training of MoE models: the auxiliary losses (recipe section `train.moe`)."""
+
+    section: ClassVar[str] = "moe"
+    balance_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch load-balancing loss."})
+    z_weight: float = field(default=0.001, metadata={"help": "Weight of the router z-loss."})
+
+    def validate(self) -> None:
+        check_rules(self, (("balance_weight", lambda v: v >= 0, "must be 0 or more"), ("z_weight", lambda v: v >= 0, "must be 0 or more")))
