@@ -46,9 +46,8 @@ def passthrough(reader: Any, name: str, dtype: torch.dtype) -> PlannedTensor:
     return PlannedTensor(name, reader.shape(name), out_dtype, lambda: reader.get(name).to(out_dtype))
 
 
-def kept_source_tensors(source: Any, replaced: frozenset[str] = frozenset()) -> list[str]:
-    """Names of the source tensors a converted model keeps as they are: all but recomputed buffers,
-    a tied output head (the input embedding, stored once as transformers saves it) and `replaced`."""
+def kept_source_tensors(source: Any) -> list[str]:
+    """The source tensors a conversion reads, in order: all but buffers models recompute and a tied
+    output head (the input embedding, stored once as transformers saves it)."""
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    return [name for name in source.tensors.names()
-            if not SKIPPED.search(name) and not (tied and name == "lm_head.weight") and name not in replaced]
+    return [name for name in source.tensors.names() if not SKIPPED.search(name) and not (tied and name == "lm_head.weight")]

@@ -22,6 +22,12 @@ def parse_count(text: str | int) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
 
 
+def require(ok: bool, message: str) -> None:
+    """Refuse with `message` unless `ok`: the one-line checks of option values."""
+    if not ok:
+        raise SparsifyError(message)
+
+
 def check_rules(options, rules) -> None:
     """Refuse the first field of `options` that breaks its rule; `rules` is (field, accepts, rule text)."""
     for name, ok, rule in rules:

@@ -9,16 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sparsify.errors import SparsifyError
-from sparsify.option_values import check_rules
+from sparsify.option_values import check_rules, require
 
 SPLITS = ("contiguous", "random")
 ROUTER_INITS = ("virtual-group", "random", "gate-mean")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise SparsifyError(message)
 
 
 @dataclass
@@ -34,8 +28,8 @@ class ExpertInitOptions:
 
     def validate(self) -> None:
         """What can be checked without the model (called before it is opened); the plan checks the rest."""
-        _require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
-        _require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
+        require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
+        require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
 
 
 @dataclass
@@ -46,8 +40,8 @@ class MoeOptions(ExpertInitOptions):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.experts >= 1, f"--experts must be at least 1, got {self.experts}")
-        _require(1 <= self.top_k <= self.experts, f"top-k {self.top_k} must be between 1 and the number of experts, {self.experts}")
+        require(self.experts >= 1, f"--experts must be at least 1, got {self.experts}")
+        require(1 <= self.top_k <= self.experts, f"top-k {self.top_k} must be between 1 and the number of experts, {self.experts}")
 
     def layout(self):
         from sparsify.convert.moe.experts import ExpertLayout
@@ -83,13 +77,13 @@ class FineMoeOptions(ExpertInitOptions):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.granularity >= 1 and self.experts >= 1,
+        require(self.granularity >= 1 and self.experts >= 1,
                  f"--granularity and --experts must be at least 1, got {self.granularity} and {self.experts}")
         experts = self.granularity * self.experts
-        _require(self.top_k is None or 1 <= self.top_k <= experts,
+        require(self.top_k is None or 1 <= self.top_k <= experts,
                  f"top-k {self.top_k} must be between 1 and the number of experts, {experts} ({self.experts} copies x granularity {self.granularity})")
-        _require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
-        _require(self.router_init is None or self.router_init in ROUTER_INITS,
+        require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        require(self.router_init is None or self.router_init in ROUTER_INITS,
                  f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
 
     def layout(self):

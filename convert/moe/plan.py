@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sparsify.checkpoint_writer import PlannedTensor
-from sparsify.convert.base import DROPPED_CONFIG_KEYS, SKIPPED, ConversionPlan, passthrough
+from sparsify.convert.base import DROPPED_CONFIG_KEYS, ConversionPlan, kept_source_tensors, passthrough
 from sparsify.convert.moe.experts import ExpertLayout, LayerExperts
 from sparsify.convert.moe.describe import DensePath, MoeLayout
 from sparsify.convert.moe.options import FineMoeOptions, MoeOptions
@@ -69,13 +69,9 @@ def plan_moe_tensors(
     hidden, d_ff = int(config.hidden_size), dense_d_ff(config)
     ffn_names = _layer_ffn_names(family, set(names), int(config.num_hidden_layers))
     ffn_to_layer = {name: layer for layer, roles in ffn_names.items() for name in roles.values()}
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-
     plan: list[PlannedTensor] = []
     emitted: set[int] = set()
-    for name in names:
-        if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
-            continue
+    for name in kept_source_tensors(source):
         if name not in ffn_to_layer:
             plan.append(passthrough(reader, name, dtype))
             continue

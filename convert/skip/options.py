@@ -6,15 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from sparsify.errors import SparsifyError
-from sparsify.option_values import check_rules
+from sparsify.option_values import check_rules, require
 
 GATE_CHOICES = {"both": ("attention", "ffn"), "attention": ("attention",), "ffn": ("ffn",)}
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise SparsifyError(message)
 
 
 @dataclass
@@ -26,11 +20,11 @@ class SkipOptions:
     gate_bias_init: float = field(default=6.0, metadata={"help": "Initial gate bias: sigmoid(6) = 0.998, every gate open, the model exact."})
 
     def validate(self) -> None:
-        _require(self.gates in GATE_CHOICES, f"--gates must be one of {', '.join(GATE_CHOICES)}, got '{self.gates}'")
-        _require(self.exclude_first >= 0 and self.exclude_last >= 0, "--exclude-first and --exclude-last must be 0 or more")
-        _require(0.0 < self.threshold < 1.0, f"--threshold must be between 0 and 1, got {self.threshold}")
+        require(self.gates in GATE_CHOICES, f"--gates must be one of {', '.join(GATE_CHOICES)}, got '{self.gates}'")
+        require(self.exclude_first >= 0 and self.exclude_last >= 0, "--exclude-first and --exclude-last must be 0 or more")
+        require(0.0 < self.threshold < 1.0, f"--threshold must be between 0 and 1, got {self.threshold}")
         open_probability = 1 / (1 + math.exp(-self.gate_bias_init))
-        _require(open_probability > self.threshold,
+        require(open_probability > self.threshold,
                  f"--gate-bias-init {self.gate_bias_init} starts the gates closed (sigmoid {open_probability:.3f} <= threshold)")
 
 

@@ -15,7 +15,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import nn
 
-from sparsify.convert import Variant, hooks, variant_of_record
+from sparsify.convert import hooks, variant_of_record
 from sparsify.errors import SparsifyError
 
 # LoRA targets of "experts" in a model without routed experts: its FFN projections.
@@ -62,17 +62,17 @@ class Decisions:
         """Before saving a merged model: back from the fp32 training copy where the format wants it."""
 
 
-def find_decisions(model: nn.Module, record: dict[str, Any] | None, options: dict[str, Any]) -> tuple[Decisions, Variant | None]:
+def find_decisions(model: nn.Module, record: dict[str, Any] | None, options: dict[str, Any]) -> Decisions:
     """The decisions of `model`: through the variant its sparsify.json names, else the first
     variant that finds any (a native MoE made elsewhere); a model with none gets the base class.
     `options` holds each variant's training group by section name."""
     variant = variant_of_record(record)
-    finders = [variant.hook("find_decisions")] if variant is not None and variant.hook("find_decisions") else hooks("find_decisions")
-    for finder in finders:
+    own = variant.hook("find_decisions") if variant is not None else None
+    for finder in [own] if own else hooks("find_decisions"):
         found = finder(model, options)
         if found is not None:
-            return found, variant
-    return Decisions(), variant
+            return found
+    return Decisions()
 
 
 __all__ = ["DENSE_FFN_MODULES", "Decisions", "find_decisions"]

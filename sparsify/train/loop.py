@@ -466,7 +466,7 @@ def load_student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, rec
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     if for_training:
         model.config.use_cache = False
-    decisions, _ = find_decisions(model, read_record(model_dir) if record is None else record, options.variants)
+    decisions = find_decisions(model, read_record(model_dir) if record is None else record, options.variants)
     lora = options.lora
     return add_adapters(model, LoraSettings(lora.lora_rank, lora.lora_alpha, lora.targets), decisions), decisions
 
