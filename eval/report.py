@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,13 +193,24 @@ def load_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def embed_in_card(model_folder: Path, report: dict[str, Any]) -> Path:
-    """Put (or replace) the report's tables in the model folder's README.md, between markers."""
+def embed_in_card(model_folder: Path, report: dict[str, Any], plots: Sequence[Path] = ()) -> Path:
+    """Store the report with the model (report.json, report.md and its plots in MODEL/eval/, replaced
+    whole) and show it in MODEL's README.md. A folder sparsify wrote gets its card re-rendered from
+    its files, the report's tables and model-index included; any other folder gets the tables put
+    (or replaced) between markers in its README.md."""
+    from sparsify.atomic_output import atomic_folder
+    from sparsify.model_card import EVAL_FOLDER, evaluation_section, refresh_card
+    from sparsify.provenance import read_record
+
+    with atomic_folder(model_folder / EVAL_FOLDER, overwrite=True) as staging:
+        for plot in plots:
+            shutil.copyfile(plot, staging / Path(plot).name)
+        write_report(staging, report, [staging / Path(plot).name for plot in plots])
+    if read_record(model_folder) is not None:
+        return refresh_card(model_folder)
     card = model_folder / "README.md"
     text = card.read_text() if card.exists() else ""
-    teacher = (report.get("teacher") or {}).get("name")
-    section = "\n".join([CARD_BEGIN, "## Evaluation", "", f"Measured with `sparsify eval` against {teacher or 'no teacher'} on "
-                         f"{report['device']}.", *table_markdown(metric_rows(report), teacher is not None, level=3), CARD_END])
+    section = evaluation_section(report)
     if CARD_BEGIN in text and CARD_END in text:
         before, rest = text.split(CARD_BEGIN, 1)
         text = before + section + rest.split(CARD_END, 1)[1]

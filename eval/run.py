@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,11 +190,14 @@ def evaluate(
             on_status(f"tasks: {options.tasks} (teacher)")
             report["tasks"]["teacher"] = run_tasks(teacher, teacher_tokenizer, options.task_names, **task_settings)
 
+    plots: list[Path] = []
     if output is not None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         plots = _plots(report, output)
         write_report(output, report, plots)
     if card:
-        embed_in_card(Path(model_ref), report)
+        # The model folder keeps its own copy of the report, plots included: drawn here when no -o has them.
+        with tempfile.TemporaryDirectory(prefix="sparsify-plots-") as scratch:
+            embed_in_card(Path(model_ref), report, plots if output is not None else _plots(report, Path(scratch)))
     return report

@@ -6,7 +6,6 @@ variant appears as flags, under their own help panels, without touching this fil
 """
 
 import inspect
-from contextlib import contextmanager
 import shlex
 import sys
 import typing
@@ -15,13 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from sparsify.convert import VARIANTS, all_metrics
+from sparsify.convert import VARIANTS
+from sparsify.display import TrainingDisplay, err, out, print_eval_report, verdict_cell
 from sparsify.errors import SparsifyError
 from sparsify.aliases import ALIASES, DEFAULT_MODEL
+from sparsify.cli_run import _print_pushed, register as register_recipe_commands
 
 app = typer.Typer(
     name="sparsify",
@@ -31,8 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console()
-err = Console(stderr=True)
 
 
 # --- options generated from dataclasses -------------------------------------------------------
@@ -131,63 +129,63 @@ def upcycle(
     model: Annotated[str, typer.Argument(help=f"Hub id, local folder, .gguf file, or alias ({', '.join(ALIASES)}).")] = DEFAULT_MODEL,
     to: Annotated[str, typer.Option("--to", help="Target variant. " + " ".join(f"{c.name}: {c.summary}" for c in VARIANTS.values()))] = "fine-moe",
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")] = Path("out/model"),
-    dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source's), float32, bfloat16 or float16 (bf16, fp16, fp32 also read).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle .bin weights (read with weights_only=True).")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the source's custom config code to run.")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    max_shard_size: Annotated[float, typer.Option(help="Largest output shard, in GB.")] = 5.0,
     train_after: Annotated[bool, typer.Option("--train", help="Then train the routers or skip gates (see the training options).")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Then upload the folder to this Hub repository, NAMESPACE/NAME (private unless "
+                                                            "--public); the token and repository are checked before converting.")] = None,
+    public: Annotated[bool, typer.Option(help="With --push-to-hub: create the repository public.")] = False,
     **options: Any,
 ) -> None:
     """Convert a dense checkpoint into a sparse one: a native transformers MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) for
     --to moe / fine-moe, or the layer-skip architecture (remote code) for --to skip."""
-    from sparsify.info import layout_rows, teacher_verdict
+    from sparsify.conversion_options import ConversionOptions
+    from sparsify.display import ConversionDisplay
     from sparsify.pipeline import StageCallbacks, run_pipeline
 
     variant_names = {f.name for c in VARIANTS.values() for f in fields(c.options)}
     chosen = {k: v for k, v in options.items() if v is not None and k in variant_names}
     training = _train_options(options) if train_after else None
-    progress = Progress(
-        TextColumn("[bold]writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=err, transient=True,
-    )
-    task = progress.add_task("write", total=None)
-
-    def converted(result) -> None:
-        progress.stop()
-        table = Table(title=f"{to} from {model}", show_header=False)
-        for key, value in [
-            ("output", str(result.output)),
-            ("architecture", result.plan.layout.architecture),
-            *layout_rows(to, result.record["layout"]),
-            ("parameters", f"{result.params['total']:,} total, {result.params['active']:,} active"),
-            ("reproduces teacher", _verdict_cell(teacher_verdict(result.record))),
-            ("size", f"{result.plan.nbytes / 1e6:,.1f} MB in {result.seconds:.1f} s"),
-        ]:
-            table.add_row(key, value)
-        out.print(table)
-
-    display = TrainingDisplay()
-    callbacks = StageCallbacks(
-        conversion={"on_plan": lambda plan: progress.update(task, total=plan.nbytes), "on_bytes": lambda n: progress.advance(task, n)},
-        training=display.callbacks(),
-        on_converted=converted,
-    )
-    conversion = {"dtype": dtype, "overwrite": overwrite, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code,
-                  "revision": revision, "max_shard_bytes": int(max_shard_size * 1e9)}
-    progress.start()
+    conversion = _given(ConversionOptions, options)
+    conversion.validate()
+    conversion_display, display = ConversionDisplay(f"{to} from {model}"), TrainingDisplay()
+    callbacks = StageCallbacks(conversion=conversion_display.callbacks(), training=display.callbacks(), on_converted=conversion_display.converted,
+                               on_status=lambda text: err.print(f"[dim]{text}[/dim]", highlight=False),
+                               on_pushed=_print_pushed)
     try:
         with display.stopping():
-            result = run_pipeline(model, to, output, chosen, train=training, conversion=conversion,
+            result = run_pipeline(model, to, output, chosen, train=training, push=_push_options(push_to_hub, public),
+                                  conversion={"overwrite": overwrite, **conversion.upcycle_arguments()},
                                   command=shlex.join(["sparsify", *sys.argv[1:]]), callbacks=callbacks)
     finally:
-        progress.stop()
+        conversion_display.stop()
     if result.training is not None:
         display.report(result.training)
 
 
-_with_options(upcycle, _variant_parameters() + _train_parameters("Training options (with --train)"))
+def _given(options_cls: type, values: dict[str, Any]):
+    """`options_cls` from the flags the user gave (None: not given, the field's default)."""
+    names = {f.name for f in fields(options_cls)}
+    return options_cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def _push_options(repo_id: Optional[str], public: bool):
+    from sparsify.hub import PushOptions
+
+    if repo_id is None:
+        if public:
+            raise SparsifyError("--public applies to --push-to-hub; add --push-to-hub NAMESPACE/NAME")
+        return None
+    return PushOptions(repo_id=repo_id, private=not public)
+
+
+def _conversion_parameters() -> list[inspect.Parameter]:
+    from sparsify.conversion_options import ConversionOptions
+
+    hints = typing.get_type_hints(ConversionOptions)
+    return [_option(f, hints[f.name], "Conversion options", _default_text(ConversionOptions, f.name)) for f in fields(ConversionOptions)]
+
+
+_with_options(upcycle, _conversion_parameters() + _variant_parameters() + _train_parameters("Training options (with --train)"))
 app.command(help=upcycle.__doc__)(upcycle)
 
 
@@ -201,101 +199,30 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoints, log and tokenized data (default: OUTPUT.run).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run in the run folder.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard the unfinished run's checkpoint and start over.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Then upload the trained folder to this Hub repository, NAMESPACE/NAME "
+                                                            "(private unless --public); checked before training starts.")] = None,
+    public: Annotated[bool, typer.Option(help="With --push-to-hub: create the repository public.")] = False,
     **options: Any,
 ) -> None:
     """Train the routers or skip gates (in full) and LoRA adapters of a converted model with KL to its dense teacher;
     merge the adapters and save the model in its own format."""
+    from sparsify.hub import prepare_push, publish
     from sparsify.train.loop import train as run_train
 
+    settings, push = _train_options(options), _push_options(push_to_hub, public)
+    settings.validate()
+    target = prepare_push(push, on_status=lambda text: err.print(f"[dim]{text}[/dim]", highlight=False)) if push else None
     display = TrainingDisplay()
     with display.stopping():
-        result = run_train(model, _train_options(options), output=output, run_dir=run_dir, resume=resume, restart=restart,
+        result = run_train(model, settings, output=output, run_dir=run_dir, resume=resume, restart=restart,
                            command=shlex.join(["sparsify", *sys.argv[1:]]), **display.callbacks())
     display.report(result)
+    if target is not None:
+        _print_pushed(publish(result.output, target))
 
 
 _with_options(train, _train_parameters("Training options"))
 app.command(help=train.__doc__)(train)
-
-
-class TrainingDisplay:
-    """The progress line of a training run (started by its first callback), its Ctrl-C message, and
-    the summary table. Only the main process shows anything under `accelerate launch`."""
-
-    def __init__(self) -> None:
-        import os
-
-        self.main_process = os.environ.get("RANK", "0") == "0"
-        self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), TextColumn("step {task.completed}/{task.fields[steps]}"),
-            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err, transient=True, disable=not self.main_process,
-        )
-        self.task = self.progress.add_task("train", total=None, steps="?", status="importing torch and transformers")
-        self.started = False
-
-    def _start(self) -> None:
-        if not self.started:
-            self.started = True
-            self.progress.start()
-
-    def callbacks(self) -> dict[str, Any]:
-        step_metrics = all_metrics("step")
-
-        def on_plan(total_steps: int, start_step: int) -> None:
-            self._start()
-            self.progress.update(self.task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")
-
-        def on_step(entry: dict[str, Any]) -> None:
-            status = f"kl {entry['kl']:.4f} ce {entry['ce']:.3f}" + "".join(
-                f" {m.short} {format(entry[m.key], m.format)}" for m in step_metrics if m.key in entry)
-            self.progress.update(self.task, completed=entry["step"], status=status + f" | {entry['tokens_per_s']:,.0f} tok/s")
-
-        def on_status(text: str) -> None:
-            self._start()
-            self.progress.update(self.task, status=text)
-
-        return {"on_plan": on_plan, "on_step": on_step, "on_status": on_status,
-                "on_notice": lambda text: self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)}
-
-    @contextmanager
-    def stopping(self):
-        """Stop the progress line when the run ends; on Ctrl-C print why and how to resume, and exit 130."""
-        from sparsify.train.loop import TrainingInterrupted
-
-        try:
-            yield
-        except TrainingInterrupted as stopped:
-            self.progress.stop()
-            err.print(f"[yellow]{stopped}[/yellow]", highlight=False, soft_wrap=True)
-            sys.exit(130)
-        finally:
-            self.progress.stop()
-
-    def report(self, result) -> None:
-        if not self.main_process:
-            return
-        table = Table(title=f"training -> {result.output}")
-        for column, justify in (("held-out", "left"), ("before", "right"), ("after", "right")):
-            table.add_column(column, justify=justify)
-        rows = [
-            ("student_ppl", "student perplexity", ".3f"),
-            ("teacher_ppl", "teacher perplexity", ".3f"),
-            ("kl", "KL(teacher || student)", ".4f"),
-            ("top1_agreement", "top-1 agreement", ".1%"),
-            *((m.key, m.title, m.format) for m in all_metrics("heldout")),
-        ]
-        for key, label, fmt in rows:
-            if key not in result.after:
-                continue
-            table.add_row(label, format(result.before[key], fmt) if key in result.before else "-", format(result.after[key], fmt))
-        out.print(table)
-        session = (f"{result.session_tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
-        if result.start_step:
-            out.print(f"run: {result.steps} steps, {result.tokens:,} tokens; resumed after step {result.start_step}, "
-                      f"this session trained steps {result.start_step + 1}-{result.steps}: {session}")
-        else:
-            out.print(f"{result.steps} steps, {session}")
-        out.print(f"peak {result.peak_memory_kind} memory {result.peak_memory_bytes / 2**30:.2f} GiB; log: {result.run_dir / 'log.jsonl'}")
 
 
 # --- eval / compare ---------------------------------------------------------------------------
@@ -316,7 +243,6 @@ def evaluate(
 ) -> None:
     """Measure quality, cost and routing of a model against its teacher; write one report."""
     from sparsify.eval.options import EvalOptions
-    from sparsify.eval.report import metric_rows
     from sparsify.eval.run import evaluate as run_eval
 
     names = {f.name for f in fields(EvalOptions)}
@@ -329,20 +255,7 @@ def evaluate(
             on_status=lambda text: progress.update(task, status=text, completed=0, total=None),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    with_teacher = report.get("teacher") is not None
-    table = Table(title=f"{report['model']['name']}" + (f" vs {report['teacher']['name']}" if with_teacher else ""))
-    for column in ("section", "metric", "model", *(("teacher", "model vs teacher") if with_teacher else ())):
-        table.add_column(column, justify="left" if column in ("section", "metric") else "right")
-    for row in metric_rows(report):
-        cells = [row.section, row.label, row.show(row.model, "model")]
-        if with_teacher:
-            cells += [row.show(row.teacher, "teacher"), row.show_change()]
-        table.add_row(*cells)
-    out.print(table)
-    for note in report.get("notes", []):
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    if output:
-        out.print(f"report: {Path(output) / 'report.md'} (and report.json)")
+    print_eval_report(report, output)
 
 
 _with_options(evaluate, _eval_parameters("Evaluation options"))
@@ -352,25 +265,10 @@ app.command(name="eval", help=evaluate.__doc__)(evaluate)
 @app.command()
 def compare(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) written by `sparsify eval`.")]) -> None:
     """Side-by-side table of several eval reports (the model's figures of each)."""
-    from sparsify.eval.report import load_report, metric_rows
+    from sparsify.display import print_compare
+    from sparsify.eval.report import load_report
 
-    loaded = [load_report(path) for path in reports]
-    table = Table(title="sparsify compare")
-    table.add_column("metric")
-    columns = []
-    for path, report in zip(reports, loaded, strict=True):
-        table.add_column(f"{report['model']['name']}\n[dim]{path}[/dim]", justify="right")
-        columns.append({(row.section, row.label): row.show(row.model) for row in metric_rows(report)})
-    keys = list(dict.fromkeys(key for column in columns for key in column))
-    sections = list(dict.fromkeys(key[0] for key in keys))
-    keys.sort(key=lambda key: sections.index(key[0]))  # stable: rows keep their order within a section
-    section = None
-    for key in keys:
-        if key[0] != section:
-            section = key[0]
-            table.add_row(f"[bold]{section}[/bold]", *[""] * len(columns))
-        table.add_row("  " + key[1], *[column.get(key, "-") for column in columns])
-    out.print(table)
+    print_compare([load_report(path) for path in reports], reports)
 
 
 def skip_sweep(
@@ -479,7 +377,7 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
     ]
     rows += layout_rows(described.variant, described.layout)
     if described.reproduces_teacher is not None:
-        rows.append(("reproduces teacher", _verdict_cell(described.reproduces_teacher)))
+        rows.append(("reproduces teacher", verdict_cell(described.reproduces_teacher)))
     if described.source:
         rows.append(("source", escape(source_line(described.source))))
     for run in described.training:
@@ -489,11 +387,7 @@ def info(folder: Annotated[Path, typer.Argument(help="A model folder (converted 
     out.print(table)
 
 
-def _verdict_cell(verdict) -> str:
-    from rich.markup import escape
-
-    colour = "green" if verdict.state == "yes" else "yellow"
-    return f"[{colour}]{verdict.state}[/{colour}]: {escape(verdict.reason)}"
+register_recipe_commands(app)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The library pipeline: convert -> train -> evaluate, as `sparsify upcycle --train` (and a recipe
+"""The library pipeline: convert -> train -> evaluate -> push, as `sparsify upcycle --train` (and a recipe
 runner) calls it. Each stage is also a function of its own: `sparsify.upcycle.upcycle`,
 `sparsify.train.loop.train`, `sparsify.eval.run.evaluate`; this module only chains them, checking
 every stage's options before the first one starts, so that a bad evaluation flag does not surface
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from sparsify.eval.options import EvalOptions
+    from sparsify.hub import PushOptions, PushResult
     from sparsify.train.loop import TrainResult
     from sparsify.train.options import TrainOptions
     from sparsify.upcycle import UpcycleResult
@@ -23,6 +24,7 @@ class PipelineResult:
     conversion: UpcycleResult
     training: TrainResult | None = None
     report: dict[str, Any] | None = None
+    push: PushResult | None = None
 
 
 @dataclass
@@ -34,6 +36,10 @@ class StageCallbacks:
     evaluation: dict[str, Callable[..., Any]] = field(default_factory=dict)  # on_status, on_progress
     on_converted: Callable[[UpcycleResult], None] = lambda result: None
     on_trained: Callable[[TrainResult], None] = lambda result: None
+    on_status: Callable[[str], None] = lambda text: None
+    on_report: Callable[[dict[str, Any], Path], None] = lambda report, folder: None  # one evaluation's report and its folder
+    on_compare: Callable[[list[dict[str, Any]], list[Path]], None] = lambda reports, folders: None
+    on_pushed: Callable[[PushResult], None] = lambda result: None
 
 
 def run_pipeline(
@@ -44,13 +50,14 @@ def run_pipeline(
     *,
     train: TrainOptions | None = None,
     evaluate: EvalOptions | None = None,
+    push: PushOptions | None = None,
     report_dir: str | Path | None = None,
     conversion: dict[str, Any] | None = None,
     command: str | None = None,
     callbacks: StageCallbacks | None = None,
 ) -> PipelineResult:
-    """Convert `model` into `to` at `output`; then, if given, train it in place and evaluate it.
-    `conversion` holds upcycle's other keyword arguments (dtype, overwrite, revision, ...)."""
+    """Convert `model` into `to` at `output`; then, if given, train it in place, evaluate it and push
+    it. `conversion` holds upcycle's other keyword arguments (dtype, overwrite, revision, ...)."""
     from sparsify.upcycle import upcycle
 
     callbacks = callbacks or StageCallbacks()
@@ -58,6 +65,11 @@ def run_pipeline(
         train.validate()  # refuse bad training options before converting
     if evaluate is not None:
         evaluate.validate()
+    target = None
+    if push is not None:  # a bad token or namespace fails now, not after the conversion and training
+        from sparsify.hub import prepare_push
+
+        target = prepare_push(push, on_status=callbacks.on_status)
     converted = upcycle(model, to, output, command=command, **(conversion or {}), **callbacks.conversion, **variant_options)
     callbacks.on_converted(converted)
     result = PipelineResult(converted)
@@ -71,4 +83,9 @@ def run_pipeline(
 
         result.report = evaluate_model(str(converted.output), evaluate, output=Path(report_dir) if report_dir else None,
                                        **callbacks.evaluation)
+    if target is not None:
+        from sparsify.hub import publish
+
+        result.push = publish(converted.output, target, on_status=callbacks.on_status)
+        callbacks.on_pushed(result.push)
     return result

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import yaml
+
 FORMAT = "sparsify/1"
 FILENAME = "sparsify.json"
 # The files whose content decides the logits: weights, the config (top-k, threshold, frozen gates)
@@ -40,7 +42,7 @@ def build_record(*, variant: str, source: dict[str, Any], options: Any, plan: An
     return {
         "format": FORMAT,
         "variant": variant,
-        "source": source,
+        "source": with_license(source),
         "target": {"architecture": plan.config["architectures"][0], "model_type": plan.config["model_type"], "dtype": dtype},
         "options": asdict(options) if is_dataclass(options) else dict(options),
         "layout": plan.layout.to_record(),
@@ -59,6 +61,52 @@ def write_record(folder: Path, record: dict[str, Any]) -> None:
 def read_record(folder: Path) -> dict[str, Any] | None:
     path = folder / FILENAME
     return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- the source's license ---------------------------------------------------------------------
+
+
+def with_license(source: dict[str, Any]) -> dict[str, Any]:
+    """`source` (as ModelSource.provenance() describes it) with the license its own metadata declares:
+    "license" (a Hub identifier such as "apache-2.0") and, for `license: other`, "license_name" and
+    "license_link". Read while the source is at hand, since a converted model inherits it; a source
+    that declares none gets no key (the card then declares none: a license is never guessed)."""
+    if "license" in source:
+        return source
+    if source.get("kind") == "gguf":
+        found = {"license": (source.get("gguf") or {}).get("license")}
+    else:
+        found = card_license(_source_card(source))
+    return {**source, **{key: value for key, value in found.items() if isinstance(value, str) and value}}
+
+
+def card_license(readme: Path | None) -> dict[str, Any]:
+    """license, license_name and license_link from a model card's YAML front matter ({} if none)."""
+    from huggingface_hub.repocard import metadata_load
+
+    if readme is None or not readme.is_file():
+        return {}
+    try:
+        meta = metadata_load(readme) or {}
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError):  # a card whose header does not parse declares nothing
+        return {}
+    return {key: meta[key] for key in ("license", "license_name", "license_link") if isinstance(meta.get(key), str)}
+
+
+def _source_card(source: dict[str, Any]) -> Path | None:
+    """The README.md of a folder or Hub source. A Hub snapshot holds only the files conversion
+    needs, so its card is fetched on its own (one small file, from the cache when offline)."""
+    folder = Path(source["path"]) if source.get("path") else None
+    if folder is not None and (folder / "README.md").is_file():
+        return folder / "README.md"
+    if source.get("kind") != "hub" or not source.get("hub_id"):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source["hub_id"], "README.md", revision=source.get("revision")))
+    except Exception:  # no card on the Hub, offline without it cached, no network: the source declares nothing we can read
+        return None
 
 
 # --- weight fingerprints ----------------------------------------------------------------------
@@ -174,6 +222,8 @@ def describe_gguf(path: Path, package: str | None = None) -> dict[str, Any]:
         "file_type": _enum_name(gguf.LlamaFileType, file_type) if file_type is not None else None,
         "tensor_types": dict(matrix_types.most_common()),
     }
+    if isinstance(fields.get("general.license"), str):  # llama.cpp's converter copies the Hub card's license here
+        described["license"] = fields["general.license"]
     if package:
         try:
             described["package"] = {"name": package, "version": metadata.version(package)}

@@ -49,6 +49,7 @@ def upcycle(
     revision: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     command: str | None = None,
+    recipe: dict[str, Any] | None = None,
     on_plan: Callable[[ConversionPlan], None] = lambda plan: None,
     on_bytes: Callable[[int], None] = lambda n: None,
     **options: Any,
@@ -73,6 +74,8 @@ def upcycle(
         dtype=str(out_dtype).removeprefix("torch."),
         command=command,
     )
+    if recipe is not None:  # the resolved recipe of `sparsify run`: provenance, and the card shows it
+        record["recipe"] = recipe
     with atomic_folder(output, overwrite) as staging:
         write_checkpoint(staging, plan.tensors, max_shard_bytes=max_shard_bytes, on_bytes=on_bytes)
         (staging / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")

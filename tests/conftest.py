@@ -85,3 +85,14 @@ def students(tmp_path_factory, dense_models) -> dict[str, Path]:
             str(dense_models["llama"]), "fine-moe", folder / "misrouted", granularity=4, experts=2, router_init="random", router_std=0.5
         ).output,
     }
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path_factory):
+    """A fresh Hub-protocol server on 127.0.0.1 (tests/hub_server.py) with users alice and bob, and
+    this process's huggingface_hub pointed at it, logged out, with an empty home: `.url`, `.token`
+    (alice's), `.server`, `.login()`, `.env(token=True)` for a subprocess. Fails the test at the end if
+    a request went unhandled."""
+    from hub_server import serve_for_a_test
+
+    yield from serve_for_a_test(monkeypatch, tmp_path_factory.mktemp("hf-home"))

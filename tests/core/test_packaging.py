@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Source folder -> the package it becomes (pyproject.toml's package-dir mapping).
-MAPPING = {"sparsify": "sparsify", "convert": "sparsify.convert", "eval": "sparsify.eval"}
+MAPPING = {"sparsify": "sparsify", "convert": "sparsify.convert", "eval": "sparsify.eval", "recipes": "sparsify.recipes"}
 
 
 def source_modules() -> set[str]:
@@ -93,3 +93,8 @@ def test_the_wheel_ships_the_data_files_the_code_reads(unpacked_wheel):
     shipped = {str(p.relative_to(unpacked_wheel)) for p in unpacked_wheel.rglob("*") if p.suffix in (".cu", ".yaml", ".jsonl")}
     assert any(name.endswith("decode_kernels.cu") for name in shipped), shipped
     assert "sparsify/eval/tasks/sparsify_tiny.yaml" in shipped and "sparsify/eval/tasks/sparsify_tiny.jsonl" in shipped
+
+
+def test_the_wheel_carries_every_shipped_recipe(unpacked_wheel):
+    shipped = {path.name for path in (ROOT / "recipes").glob("*.yaml")}
+    assert shipped and shipped == {path.name for path in (unpacked_wheel / "sparsify" / "recipes").glob("*.yaml")}

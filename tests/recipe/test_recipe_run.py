@@ -1,0 +1,139 @@
+"""Running recipes end to end on tiny models: every shipped recipe (with tiny-model overrides),
+skipping finished stages, re-running changed ones, resuming an interrupted training run, and the
+refusals that come before anything runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sparsify.errors import SparsifyError
+from sparsify.recipe.recipe import load_recipe
+from sparsify.recipe.runner import RecipeCallbacks, run_recipe
+from support import sparsify_command
+
+TRAIN = ["train.tokens=1536", "train.seq_len=32", "train.batch_size=4", "train.eval_tokens=512", "train.eval_every=0",
+         "train.checkpoint_every=0", "train.lora_rank=4", "train.lora_alpha=8"]
+EVAL = ["eval.tokens=256", "eval.window=32", "eval.stride=16", "eval.routing_tokens=128", "eval.speed_batch=1", "eval.prompt_len=8",
+        "eval.decode_tokens=2", "eval.repeats=1", "eval.warmup=0", "eval.batch_size=2"]
+
+
+def tiny(corpus, dense: Path, output: Path, *extra: str) -> list[str]:
+    """The overrides that make a shipped SmolLM2 recipe a tiny-model recipe of the same shape."""
+    return [f"model={dense}", f"output={output}", f"train.data={corpus['train']}", f"train.eval_data={corpus['valid']}",
+            f"eval.teacher={dense}", f"eval.data={corpus['valid']}", f"eval.other_data={corpus['train']}", *TRAIN, *EVAL, *extra]
+
+
+class Watch(RecipeCallbacks):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ran: list[str] = []
+        self.on_stage = lambda planned: self.ran.append(planned.section)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, corpus, dense_models) -> dict[str, Path]:
+    """The three model recipes, run once on the tiny Llama."""
+    root = tmp_path_factory.mktemp("recipes")
+    outputs = {}
+    for name in ("smollm2-fine-moe", "smollm2-moe", "smollm2-skip"):
+        output = root / name
+        run_recipe(load_recipe(name, tiny(corpus, dense_models["llama"], output)))
+        outputs[name] = output
+    return outputs
+
+
+@pytest.mark.slow
+def test_each_model_recipe_converts_trains_evaluates_and_records_its_recipe(made):
+    for name, output in made.items():
+        record = json.loads((output / "sparsify.json").read_text())
+        assert record["recipe"]["name"] == name and len(record["training"]) == 1, name
+        run_dir = output.with_name(output.name + ".run")
+        state = json.loads((run_dir / "state.json").read_text())
+        assert [s["status"] for s in state["stages"].values()] == ["done"] * 3
+        assert (run_dir / "recipe.yaml").exists() and (run_dir / "eval" / "report.json").exists()
+        assert (run_dir / "eval" / "other-domain" / "report.json").exists()
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+        assert report["quality"]["model"]["perplexity"] > 1 and report["quality"]["vs_teacher"]["kl"] >= 0
+
+
+@pytest.mark.slow
+def test_the_evaluation_recipe_compares_several_models_against_one_teacher(made, corpus, dense_models, tmp_path):
+    models = [str(dense_models["llama"]), *(str(p) for p in made.values())]
+    recipe = load_recipe("eval-compare", [f"run_dir={tmp_path / 'run'}", f"eval.models=[{', '.join(models)}]", f"eval.teacher={dense_models['llama']}",
+                                          f"eval.data={corpus['valid']}", f"eval.other_data={corpus['train']}", *EVAL, "eval.task_limit=4"])
+    result = run_recipe(recipe)
+    compare = (tmp_path / "run" / "eval" / "compare.md").read_text()
+    assert compare.count("# sparsify compare") == 2  # held-out and other-domain text
+    assert all(Path(m).name in compare for m in models) and "perplexity" in compare
+    assert len(result.summaries["eval"]["reports"]) == 2 * len(models)
+    report = json.loads(Path(result.summaries["eval"]["reports"][1]).read_text())
+    assert report["tasks"]["model"] and report["routing"]
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_finished_stages_and_reruns_a_changed_one_and_what_follows(tmp_path, corpus, dense_models):
+    overrides = tiny(corpus, dense_models["llama"], tmp_path / "out", "~eval", "upcycle.granularity=4", "upcycle.top_k=2")
+    first = Watch()
+    run_recipe(load_recipe("smollm2-fine-moe", overrides), callbacks=first)
+    assert first.ran == ["upcycle", "train"]
+    again = Watch()
+    result = run_recipe(load_recipe("smollm2-fine-moe", overrides), callbacks=again)
+    assert again.ran == [] and [p.status for p in result.plan] == ["done", "done"]
+    # A new evaluation stage runs alone; the trained model is not touched.
+    weights = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
+    evaluated = Watch()
+    run_recipe(load_recipe("smollm2-fine-moe", [*overrides[:-3], "upcycle.granularity=4", "upcycle.top_k=2",
+                                                "eval.suite=quality"]), callbacks=evaluated)
+    assert evaluated.ran == ["eval"] and (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns == weights
+    # Changed training settings: training rewrote the converted folder, so conversion runs again first.
+    changed = Watch()
+    run_recipe(load_recipe("smollm2-fine-moe", [*overrides, "train.lr=2e-3"]), callbacks=changed)
+    assert changed.ran == ["upcycle", "train"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, corpus, dense_models):
+    overrides = tiny(corpus, dense_models["llama"], tmp_path / "out", "~eval", "upcycle.granularity=4", "upcycle.top_k=2",
+                     "train.checkpoint_every=4", "train.tokens=2560")
+
+    def stop_at_step_6(entry):
+        if entry["step"] == 6:
+            raise KeyboardInterrupt
+
+    from sparsify.train.loop import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted):
+        run_recipe(load_recipe("smollm2-fine-moe", overrides), callbacks=RecipeCallbacks(training={"on_step": stop_at_step_6}))
+    state = json.loads((tmp_path / "out.run" / "state.json").read_text())
+    assert state["stages"]["train"]["status"] == "running"
+    trained = []
+    resumed = run_recipe(load_recipe("smollm2-fine-moe", overrides), callbacks=RecipeCallbacks(on_trained=trained.append))
+    assert [p.status for p in resumed.plan] == ["done", "resume"]
+    assert trained[0].start_step == 4 and trained[0].steps == 20
+
+
+def test_refusals_come_before_anything_runs(tmp_path, corpus, dense_models):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    with pytest.raises(SparsifyError, match=r"output: .*taken already exists and was not made by this run"):
+        run_recipe(load_recipe("smollm2-fine-moe", tiny(corpus, dense_models["llama"], taken)))
+    absent = tmp_path / "absent"
+    with pytest.raises(SparsifyError, match=r"the train stage reads the model folder .* which no earlier stage of this recipe makes"):
+        run_recipe(load_recipe("smollm2-fine-moe", tiny(corpus, dense_models["llama"], absent, "~upcycle", "model=" + str(absent))))
+    assert not absent.exists() and not (tmp_path / "absent.run").exists()
+
+
+def test_the_command_prints_the_plan_and_a_summary(tmp_path, corpus, dense_models):
+    args = tiny(corpus, dense_models["llama"], tmp_path / "out", "~eval", "~train", "upcycle.granularity=4")
+    done = subprocess.run([*sparsify_command(), "run", "smollm2-fine-moe", *args, "--validate"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "pending" in done.stdout and "valid" in done.stdout and not (tmp_path / "out").exists()
+    done = subprocess.run([*sparsify_command(), "run", "smollm2-fine-moe", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "recipe smollm2-fine-moe" in done.stdout and (tmp_path / "out" / "config.json").exists()
+    again = subprocess.run([*sparsify_command(), "run", "smollm2-fine-moe", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert "skipped: done" in again.stdout
