@@ -67,8 +67,10 @@ def _run(recipe, command: str) -> None:
     eval_task = evaluation.add_task("eval", total=None, status="starting")
     seconds: dict[str, float] = {}
     results: dict[str, str] = {}
+    current: list[str] = []
 
     def on_stage(planned) -> None:
+        current.append(planned.section)
         out.rule(f"{planned.section}: {planned.reason}" if planned.status == "pending" else f"{planned.section}: resuming")
 
     def on_stage_done(planned, summary, taken) -> None:
@@ -104,6 +106,11 @@ def _run(recipe, command: str) -> None:
         stop_quietly(training.progress)
         err.print(f"[yellow]stopped during training[/yellow]: {stopped}. Re-run `{command}` to resume: the finished stages are "
                   "skipped and training continues from its last checkpoint.", highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        stage = current[-1] if current else "planning"
+        err.print(f"[yellow]stopped during {stage}[/yellow]. Re-run `{command}` to continue: the finished stages are skipped and "
+                  f"{stage} runs again.", highlight=False, soft_wrap=True)
         sys.exit(130)
     finally:
         conversion.stop()

@@ -60,7 +60,15 @@ def apply_override(root: Node, override: str) -> None:
             raise SparsifyError(f"{where}: the recipe has no '{path_text}' to remove")
         del mapping.value[last]
     else:
-        mapping.value[last] = _value_node(value, where)
+        node = _value_node(value, where)
+        existing = mapping.value.get(last)
+        if existing is not None and isinstance(existing.value, dict) and not isinstance(node.value, (dict, list)):
+            # A single value for a section is its key of the same name: `train.data=FILES` on a recipe
+            # whose `train.data` is the data group sets the group's `data` (the flat shorthand), and
+            # keeps its tokens and seq_len; replacing the whole group would drop them silently.
+            existing.value[last] = node
+        else:
+            mapping.value[last] = node
 
 
 def apply_overrides(root: Node, overrides: list[str]) -> Node:

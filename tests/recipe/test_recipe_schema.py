@@ -172,3 +172,8 @@ def test_recipes_list_and_show(tmp_path):
     assert listed.returncode == 0 and all(name in listed.stdout for name in shipped())
     shown = subprocess.run([*sparsify_command(), "recipes", "show", "smollm2-moe"], capture_output=True, text=True, cwd=tmp_path)
     assert shown.stdout == shipped()["smollm2-moe"].read_text()
+
+
+def test_a_single_value_for_the_data_group_sets_its_data_and_keeps_its_other_keys(base, corpus):
+    recipe = load_recipe(base, [f"train.data={corpus['valid']}"])
+    assert recipe.stages["train"].data.data == str(corpus["valid"]) and recipe.stages["train"].data.tokens == "2M"
