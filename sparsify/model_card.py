@@ -26,6 +26,8 @@ from sparsify.text_files import LOADERS, local_files
 
 # Where a model folder keeps the report of `sparsify eval MODEL --card` (report.json, report.md, plots).
 EVAL_FOLDER = "eval"
+# Under EVAL_FOLDER: the report on text of another domain (quality only), when the recipe measured one.
+OTHER_DOMAIN = "other-domain"
 # GGUF storage types that keep full floats; any other type (Q4_1, Q8_0, ...) is a quantisation.
 FLOAT_GGUF_TYPES = {"F32", "F16", "BF16", "F64"}
 VERDICT_LINES = {
@@ -98,12 +100,11 @@ def _hub_metadata(source: dict[str, Any]) -> dict[str, Any]:
     meta = _license_metadata(source)
     if not source.get("hub_id"):
         return meta
-    # The Hub knows four relations (adapter, merge, quantized, finetune). A conversion of the Hub
-    # weights (a Hub or local folder, or a float GGUF export of them) changes them as a fine-tune
-    # does: "finetune". A model converted from a quantised GGUF carries that file's quantisation
-    # error, not the Hub weights' precision: "finetune" would present the full-precision model as
-    # its starting point, so it hangs under the Hub model's quantisations.
-    return {**meta, "base_model": source["hub_id"], "base_model_relation": "quantized" if _quantisation(source) else "finetune"}
+    # The Hub knows four relations (adapter, merge, quantized, finetune); "quantized" means "this
+    # model is a quantisation of the base" and would list a converted float model among the base's
+    # quantisations. A conversion changes the weights as a fine-tune does: "finetune", also from a
+    # quantised GGUF (the body says the weights started from that file's quantised values).
+    return {**meta, "base_model": source["hub_id"], "base_model_relation": "finetune"}
 
 
 def source_name(source: dict[str, Any]) -> str:
@@ -229,7 +230,9 @@ def commands(record: dict[str, Any]) -> list[str]:
     # skip-freeze notes how many training runs came before it; older records: it came last.
     before = serving.get("after_training_runs", len(runs)) if serving else len(runs)
     steps = [("upcycle", record.get("command")), *runs[:before], *([("skip-freeze", serving.get("command"))] if serving else []), *runs[before:]]
-    return [command or f"# sparsify {step}: called from Python, no command line recorded" for step, command in steps]
+    lines = [command or f"# sparsify {step}: called from Python, no command line recorded" for step, command in steps]
+    # One `sparsify run` makes several steps: its command line is shown once.
+    return [line for index, line in enumerate(lines) if index == 0 or line != lines[index - 1]]
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -258,21 +261,28 @@ def _source_names(sources: list[str]) -> str:
     return ", ".join(s if is_hub_dataset_id(s) else Path(s).name for s in sources)
 
 
-def model_index(report: dict[str, Any], name: str) -> list[dict[str, Any]] | None:
-    """The Hub's model-index of a report: quality (perplexity, bits per byte, KL to the teacher, top-1
-    agreement) and speed ratios to the teacher on the held-out text, and each lm-eval task on its own
-    data. Rows come from metric_rows, as in every other table; None when nothing has a value."""
-    held_out = []
+def _quality_and_speed(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A report's quality metrics, and speed ratios to the teacher where both timings are results."""
+    metrics = []
     for row in metric_rows(report):
         value = _number(row.model)
         if row.section == "quality" and value is not None:
-            held_out.append({"type": QUALITY_METRIC_TYPES.get(row.label, re.sub(r"\W+", "_", row.label).strip("_")), "name": row.label,
-                             "value": value})
+            metrics.append({"type": QUALITY_METRIC_TYPES.get(row.label, re.sub(r"\W+", "_", row.label).strip("_")), "name": row.label,
+                            "value": value})
         # A measured speed row (it has a spread) gives a ratio only when both sides are results.
         elif row.spread is not None and not row.problems and value is not None and _number(row.teacher):
-            held_out.append({"type": "speedup", "name": f"{row.label.replace(' (median, min-max)', '')}: model / teacher",
-                             "value": _number(row.model / row.teacher)})
-    results = [{"task": TEXT_GENERATION, "dataset": _eval_dataset(report), "metrics": held_out}] if held_out else []
+            metrics.append({"type": "speedup", "name": f"{row.label.replace(' (median, min-max)', '')}: model / teacher",
+                            "value": _number(row.model / row.teacher)})
+    return metrics
+
+
+def model_index(report: dict[str, Any], name: str, other: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
+    """The Hub's model-index of a report: quality (perplexity, bits per byte, KL to the teacher, top-1
+    agreement) and speed ratios to the teacher on the held-out text, the same quality figures on the
+    other-domain text when `other` is given, and each lm-eval task on its own data. Rows come from
+    metric_rows, as in every other table; None when nothing has a value."""
+    results = [{"task": TEXT_GENERATION, "dataset": _eval_dataset(measured), "metrics": metrics}
+               for measured in (report, other) if measured is not None and (metrics := _quality_and_speed(measured))]
     for task, metrics in sorted(((report.get("tasks") or {}).get("model") or {}).items()):
         entries = [{"type": metric, "name": f"{task} {metric}", "value": _number(value)} for metric, value in sorted(metrics.items())
                    if not metric.endswith("_stderr") and _number(value) is not None]
@@ -281,18 +291,26 @@ def model_index(report: dict[str, Any], name: str) -> list[dict[str, Any]] | Non
     return [{"name": name, "results": results}] if results else None
 
 
-def evaluation_section(report: dict[str, Any]) -> str:
+def evaluation_section(report: dict[str, Any], other: dict[str, Any] | None = None) -> str:
     """The card's "## Evaluation": the report's tables between markers (so that a card sparsify did
-    not write can have them replaced), and where the whole report is."""
+    not write can have them replaced), where the whole report is, and the quality on text of another
+    domain when `other` is given."""
     teacher = (report.get("teacher") or {}).get("name")
     sources = parse_list(str(report.get("settings", {}).get("data") or ""))
-    return "\n".join([
+    lines = [
         CARD_BEGIN, "## Evaluation", "",
         f"Measured with `sparsify eval` against {teacher or 'no teacher'} on {report['device']}"
         + (f", held-out text `{_source_names(sources)}`." if sources else "."),
         f"The full report, with its plots, is in [`{EVAL_FOLDER}/report.md`]({EVAL_FOLDER}/report.md).",
-        *table_markdown(metric_rows(report), teacher is not None, level=3), CARD_END,
-    ])
+        *table_markdown(metric_rows(report), teacher is not None, level=3),
+    ]
+    if other is not None:
+        other_sources = _source_names(parse_list(str(other.get("settings", {}).get("data") or "")))
+        rows = [row for row in metric_rows(other) if row.section == "quality"]
+        lines += ["", "### Another domain", "", f"The same quality figures on text of another domain, `{other_sources}`, never "
+                  f"used for training or for choosing settings ([`{EVAL_FOLDER}/{OTHER_DOMAIN}/report.md`]({EVAL_FOLDER}/{OTHER_DOMAIN}/report.md))."]
+        lines += ["", *table_markdown(rows, (other.get("teacher") or {}).get("name") is not None, level=4)[3:]]
+    return "\n".join([*lines, CARD_END])
 
 
 # --- the card -----------------------------------------------------------------------------------
@@ -316,7 +334,7 @@ def _recipe_section(record: dict[str, Any]) -> str:
 
 
 def render_card(record: dict[str, Any], params: dict[str, int], config: dict[str, Any], *, report: dict[str, Any] | None = None,
-                repo_id: str | None = None) -> str:
+                repo_id: str | None = None, other: dict[str, Any] | None = None) -> str:
     """The card of a folder sparsify wrote, from its record, its parameter counts, its config.json,
     the eval report stored with it (if any) and the Hub repo it goes to (if known)."""
     source = record["source"]
@@ -328,7 +346,7 @@ def render_card(record: dict[str, Any], params: dict[str, int], config: dict[str
     if datasets:
         meta["datasets"] = datasets
     meta["tags"] = _tags(record, remote)
-    index = model_index(report, repo_id.split("/")[-1] if repo_id else title) if report else None
+    index = model_index(report, repo_id.split("/")[-1] if repo_id else title, other) if report else None
     if index:
         meta["model-index"] = index
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000).strip()
@@ -348,7 +366,7 @@ def render_card(record: dict[str, Any], params: dict[str, int], config: dict[str
     load_options = ", trust_remote_code=True" if remote else ""
     repo = repo_id or "path/or/repo"
     steps = "\n".join(commands(record))
-    evaluation = f"\n{evaluation_section(report)}\n" if report else ""
+    evaluation = f"\n{evaluation_section(report, other)}\n" if report else ""
     card = f"""---
 {header}
 ---
@@ -397,10 +415,11 @@ def refresh_card(folder: Path, repo_id: str | None = None) -> Path:
     if record is None:
         return card
     config = json.loads((folder / "config.json").read_text())
-    stored = folder / EVAL_FOLDER / "report.json"
+    stored, other = folder / EVAL_FOLDER / "report.json", folder / EVAL_FOLDER / OTHER_DOMAIN / "report.json"
     report = load_report(stored) if stored.exists() else None
     # Replaced whole: a reader (or an upload) sees the old card or the new one, never half.
-    write_text_atomically(card, render_card(record, count_params(folder, config), config, report=report, repo_id=repo_id))
+    write_text_atomically(card, render_card(record, count_params(folder, config), config, report=report, repo_id=repo_id,
+                                            other=load_report(other) if report and other.exists() else None))
     return card
 
 

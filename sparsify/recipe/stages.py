@@ -251,6 +251,8 @@ def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
             report = evaluate(model, other, output=folder / "other-domain", **run.callbacks.evaluation)
             measured["other domain"].append((report, folder / "other-domain"))
             run.callbacks.on_report(report, folder / "other-domain")
+            if card:
+                _store_other_domain(Path(model), folder / "other-domain")
     summary: dict[str, Any] = {"reports": [str(folder / "report.json") for pairs in measured.values() for _, folder in pairs]}
     if len(models) > 1:
         compare = root / "compare.md"
@@ -261,6 +263,20 @@ def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
         summary["compare"] = str(compare)
         run.callbacks.on_compare([r for r, _ in measured["held-out"]], [f for _, f in measured["held-out"]])
     return summary
+
+
+def _store_other_domain(model_folder: Path, report_folder: Path) -> None:
+    """Keep the other-domain report with the model (eval/other-domain/), so its card shows it."""
+    import shutil
+
+    from sparsify.model_card import EVAL_FOLDER, OTHER_DOMAIN, refresh_card
+
+    target = model_folder / EVAL_FOLDER / OTHER_DOMAIN
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for name in ("report.json", "report.md"):
+        shutil.copyfile(report_folder / name, target / name)
+    refresh_card(model_folder)
 
 
 def _slug(model: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +120,11 @@ def test_the_real_smollm2_gguf_declares_apache_2_0():
 
 
 @pytest.mark.slow
-def test_the_real_gguf_card_inherits_apache_2_0_and_hangs_under_the_hub_models_quantisations(tmp_path):
+def test_the_real_gguf_card_inherits_apache_2_0_and_is_a_finetune_of_the_hub_model(tmp_path):
     card = _card(upcycle("smollm2-135m", "skip", tmp_path / "skip").output)
     meta = card.data.to_dict()
     assert (meta["license"], meta["base_model"], meta["base_model_relation"]) == (
-        "apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "quantized")
+        "apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "finetune")
     assert "inherited from the source (its GGUF metadata)" in card.text and card_metadata_problems(meta) == []
 
 
@@ -267,3 +268,17 @@ def test_each_broken_rule_is_named(change, problem):
     meta = {key: value for key, value in {**GOOD, **change}.items() if value is not None}
     problems = card_metadata_problems(meta)
     assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_an_other_domain_report_adds_its_quality_to_the_model_index_and_the_card(evaluated, licensed_source, corpus, tmp_path):
+    from sparsify.model_card import OTHER_DOMAIN
+
+    folder = Path(shutil.copytree(evaluated["fine-moe"], tmp_path / "fmoe"))
+    evaluate(str(folder), replace(_eval_options(licensed_source, corpus["train"]), suite="quality"), output=tmp_path / "other")
+    (folder / EVAL_FOLDER / OTHER_DOMAIN).mkdir()
+    shutil.copyfile(tmp_path / "other" / "report.json", folder / EVAL_FOLDER / OTHER_DOMAIN / "report.json")
+    refresh_card(folder)
+    card = _card(folder)
+    by_data = {r.dataset_name for r in card.data.eval_results if r.metric_type == "perplexity"}
+    assert by_data == {"held-out text: valid.jsonl.gz", "held-out text: train.jsonl.gz"}
+    assert "### Another domain" in card.text and card_metadata_problems(card.data.to_dict()) == []

