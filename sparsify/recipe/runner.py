@@ -57,7 +57,7 @@ class RunResult:
 def _made_by_run(state: RunState, output: str) -> bool:
     """Whether this run folder's state says its stages wrote `output` (so it may be replaced)."""
     return any(entry.get("summary", {}).get("output") and Path(entry["summary"]["output"]).resolve() == Path(output).resolve()
-               for entry in state.stages.values()) or "upcycle" in state.stages
+               for entry in state.stages.values())
 
 
 def plan_run(recipe: Recipe, state: RunState) -> list[PlannedStage]:

@@ -142,3 +142,14 @@ def test_the_command_prints_the_plan_and_a_summary(tmp_path, corpus, dense_model
     assert "recipe smollm2-fine-moe" in done.stdout and (tmp_path / "out" / "config.json").exists()
     again = subprocess.run([*sparsify_command(), "run", "smollm2-fine-moe", *args], capture_output=True, text=True, cwd=tmp_path)
     assert "skipped: done" in again.stdout
+
+
+def test_a_run_folder_never_takes_an_existing_folder_it_did_not_write_as_its_output(tmp_path, corpus, dense_models):
+    args = tiny(corpus, dense_models["llama"], tmp_path / "a", "~train", "~eval", "upcycle.granularity=4", f"run_dir={tmp_path / 'run'}")
+    run_recipe(load_recipe("smollm2-fine-moe", args))
+    foreign = tmp_path / "b"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SparsifyError, match=r"b already exists and was not made by this run"):
+        run_recipe(load_recipe("smollm2-fine-moe", [*args, f"output={foreign}"]))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
