@@ -102,15 +102,13 @@ def _run(recipe, command: str) -> None:
     )
     try:
         result = run_recipe(recipe, callbacks=callbacks, command=command)
-    except TrainingInterrupted as stopped:
+    except (TrainingInterrupted, KeyboardInterrupt) as stopped:
         stop_quietly(training.progress)
-        err.print(f"[yellow]stopped during training[/yellow]: {stopped}. Re-run `{command}` to resume: the finished stages are "
-                  "skipped and training continues from its last checkpoint.", highlight=False, soft_wrap=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        stage = current[-1] if current else "planning"
-        err.print(f"[yellow]stopped during {stage}[/yellow]. Re-run `{command}` to continue: the finished stages are skipped and "
-                  f"{stage} runs again.", highlight=False, soft_wrap=True)
+        section = current[-1] if current else "planning"
+        err.print(f"[yellow]stopped during {section}[/yellow]"
+                  f"{': ' + str(stopped).split(';')[0] if isinstance(stopped, TrainingInterrupted) else ''}. Re-run `{command}` to "
+                  f"continue: the finished stages are skipped, and {section} {_how_it_continues(recipe, section)}.",
+                  highlight=False, soft_wrap=True)
         sys.exit(130)
     finally:
         conversion.stop()
@@ -129,17 +127,20 @@ def _run(recipe, command: str) -> None:
 
 
 def _summary_text(section: str, summary: dict) -> str:
-    if "url" in summary:
-        return f"{summary['url']} ({'new commit' if summary.get('changed') else 'unchanged'})"
-    if "compare" in summary:
-        return summary["compare"]
-    if "reports" in summary:
-        return ", ".join(summary["reports"])
-    if "steps" in summary:
-        return f"{summary['output']}: {summary['steps']} steps, {summary['tokens']:,} tokens"
-    if "output" in summary:
-        return summary["output"]
-    return ""
+    from sparsify.recipe.stages import STAGES
+
+    return STAGES[section].describe(summary) if summary else ""
+
+
+def _how_it_continues(recipe, section: str) -> str:
+    from sparsify.recipe.stages import STAGES
+    from sparsify.train.state import find_checkpoint
+
+    stage = STAGES.get(section)
+    folder = recipe.run_dir / stage.checkpoints if stage is not None and stage.checkpoints else None
+    if folder is not None and folder.exists() and find_checkpoint(folder) is not None:
+        return f"continues from its last checkpoint ({folder})"
+    return "starts again"
 
 
 @recipes_app.command("list")

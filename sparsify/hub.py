@@ -104,18 +104,29 @@ def prepare_push(options: PushOptions, on_status: Callable[[str], None] = lambda
     on_status(f"creating {options.repo_id}")
     try:
         url = api.create_repo(options.repo_id, private=options.private, exist_ok=True)
+        private = api.repo_info(options.repo_id).private
         if options.revision:
             api.create_branch(options.repo_id, branch=options.revision, exist_ok=True)
     except HfHubHTTPError as error:
         raise SparsifyError(f"could not create {options.repo_id} on the Hub ({_status(error) or ''} {_first_line(error)}); "
                             "check the name and the token's rights") from error
+    # An existing repository keeps its visibility (create_repo does not change it). Publishing is a
+    # choice made explicitly, so a mismatch either way stops the push rather than surprise the user.
+    if private and not options.private:
+        raise SparsifyError(f"{options.repo_id} exists and is private; make it public on the Hub (its settings) if you mean to, "
+                            "or push to a new repository")
+    if not private and options.private:
+        raise SparsifyError(f"{options.repo_id} exists and is public; pass --public (push.private: false in a recipe) to push "
+                            "to it, or push to a new repository, which is private by default")
     return PushTarget(options, str(me.get("name")), str(url))
 
 
 def _head(api, options: PushOptions) -> str | None:
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         return api.repo_info(options.repo_id, revision=options.revision or None).sha
-    except Exception:  # noqa: BLE001 - an empty repository has no head yet
+    except HfHubHTTPError:  # a branch not pushed to yet has no head
         return None
 
 

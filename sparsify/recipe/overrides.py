@@ -7,15 +7,20 @@ from __future__ import annotations
 import yaml
 
 from sparsify.errors import SparsifyError
+from sparsify.recipe.schema import TOKEN_KEYS, TOKEN_TEXT
 from sparsify.recipe.source import Node
 
 
 def _value_node(text: str, where: str) -> Node:
-    """The value as the file would hold it: a scalar keeps its text, `[a, b]` is a list."""
+    """The value as the file would hold it: a scalar keeps its text, `[a, b]` is a list (text that
+    starts with a bracket but is no YAML list, e.g. a commit message "[WIP] x", stays text)."""
     if text.lstrip().startswith(("[", "{")):
         from sparsify.recipe.source import parse_recipe_text
 
-        wrapped = parse_recipe_text(f"value: {text}", where).value["value"]
+        try:
+            wrapped = parse_recipe_text(f"value: {text}", where).value["value"]
+        except SparsifyError:
+            return Node(text, where)
         return _relabel(wrapped, where)
     try:
         quoted = isinstance(yaml.compose(text, Loader=yaml.SafeLoader), yaml.ScalarNode) and text.strip()[:1] in ("'", '"')
@@ -31,8 +36,16 @@ def _relabel(node: Node, where: str) -> Node:
     return node
 
 
+def _shown(override: str) -> str:
+    """The override as errors quote it: a value that may be a credential is not repeated (it would
+    reach the terminal, logs and CI output)."""
+    key, _, value = override.partition("=")
+    secret = key.rsplit(".", 1)[-1].lower() in TOKEN_KEYS or TOKEN_TEXT.search(value)
+    return f"{key}=<hidden>" if secret and value else override
+
+
 def apply_override(root: Node, override: str) -> None:
-    where = f"command line '{override}'"
+    where = f"command line '{_shown(override)}'"
     removing = override.startswith("~")
     if removing:
         path_text, value = override[1:], None
@@ -51,7 +64,7 @@ def apply_override(root: Node, override: str) -> None:
                 raise SparsifyError(f"{where}: the recipe has no '{'.'.join(path[:depth + 1])}' to remove")
             child = mapping.value[key] = Node({}, where)
         if not isinstance(child.value, dict):
-            # A shorthand scalar (e.g. train.data: FILES) becomes the mapping form when a key below it is set.
+            # e.g. train.data.tokens=2M on a recipe that writes `train.data: FILES` (the flat key, not the group)
             raise SparsifyError(f"{where}: '{'.'.join(path[:depth + 1])}' is a single value ({child.where}), not a section")
         mapping = child
     last = path[-1]

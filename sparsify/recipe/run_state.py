@@ -61,6 +61,11 @@ class RunState:
                                 or self.stages.get(section, {}).get("status") == "done"}
         self.save()
 
+    def forget(self, sections: list[str]) -> None:
+        for section in sections:
+            self.stages.pop(section, None)
+        self.save()
+
     def finished(self, section: str, summary: dict[str, Any], seconds: float) -> None:
         self.stages[section] = {**self.stages[section], "status": "done", "finished": _now(), "seconds": round(seconds, 1),
                                 "summary": summary}

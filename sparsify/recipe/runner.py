@@ -43,6 +43,7 @@ class StageRun:
     callbacks: RecipeCallbacks
     command: str | None
     resume: bool = False
+    made_in_run: bool = False  # model_folder is written by an earlier stage of this recipe
     replace_output: bool = False  # the output folder is this run's own and may be replaced
     prepared: Any = None
 
@@ -65,33 +66,22 @@ def plan_run(recipe: Recipe, state: RunState) -> list[PlannedStage]:
     output = Path(header.output) if header.output else None
     plan: list[PlannedStage] = []
     produced, previous, rerun = False, None, False
-    for section in recipe.stages:
+    for section, settings in recipe.stages.items():
         stage = STAGES[section]
-        if section == "upcycle":
-            folder, made = None, False
-        elif produced:
-            folder, made = output, True
-        elif output is not None and output.is_dir():
-            folder, made = output, False
-        else:
-            folder, made = (Path(header.model) if header.model else None), False
-        inputs = _external_inputs(section, recipe, folder, made)
+        # The model folder a stage reads is the output of an earlier stage of this recipe, else `model:`
+        # (never an `output:` that happens to exist: that may be this recipe's own earlier result).
+        folder = (output if produced else Path(header.model) if header.model else None) if stage.reads_model else None
+        made = stage.reads_model and produced
+        inputs = [folder_fingerprint(str(folder))] if folder is not None and not made else []
+        inputs += [folder_fingerprint(ref) for ref in (*stage.models(settings, recipe), *stage.data(settings, recipe))]
         fingerprint = stage_fingerprint(section, resolved[section], {"model": header.model, "output": header.output}, previous, inputs)
-        entry = state.stages.get(section)
-        status, reason = _status(stage, entry, fingerprint, recipe, rerun)
+        status, reason = _status(stage, state.stages.get(section), fingerprint, recipe, rerun)
         rerun = rerun or status == "pending"
         plan.append(PlannedStage(section, status, reason, fingerprint, folder, made))
         previous = fingerprint
         produced = produced or (stage.writes_model and output is not None)
-    _rerun_producer_of_changed_input(plan, state)
+    _rerun_producer_of_rewritten_folder(recipe, plan, state)
     return plan
-
-
-def _external_inputs(section: str, recipe: Recipe, folder: Path | None, made: bool) -> list[str]:
-    if section == "upcycle":
-        return [folder_fingerprint(recipe.header.model)]
-    models = getattr(recipe.stages[section], "models", None) or ([] if made or folder is None else [str(folder)])
-    return [folder_fingerprint(model) for model in models]
 
 
 def _status(stage, entry: dict[str, Any] | None, fingerprint: str, recipe: Recipe, rerun: bool) -> tuple[str, str]:
@@ -105,13 +95,17 @@ def _status(stage, entry: dict[str, Any] | None, fingerprint: str, recipe: Recip
             return "pending", "its settings or inputs changed"
         missing = _missing_outputs(entry.get("summary", {}))
         return ("pending", f"{missing} is gone") if missing else ("done", "finished, settings unchanged")
-    if stage.resumable and same:
+    if not same:
+        return "pending", "interrupted, and its settings or inputs changed"
+    if stage.checkpoints is not None:
         from sparsify.train.state import find_checkpoint
 
-        checkpoint = find_checkpoint(recipe.run_dir / stage.section) if (recipe.run_dir / stage.section).exists() else None
+        folder = recipe.run_dir / stage.checkpoints
+        checkpoint = find_checkpoint(folder) if folder.exists() else None
         if checkpoint is not None:
             return "resume", f"interrupted; continues from {checkpoint}"
-    return "pending", "interrupted before a checkpoint" if same else "interrupted, and its settings changed"
+        return "pending", "interrupted before its first checkpoint"
+    return "pending", "interrupted"
 
 
 def _missing_outputs(summary: dict[str, Any]) -> str | None:
@@ -120,46 +114,52 @@ def _missing_outputs(summary: dict[str, Any]) -> str | None:
     return next((path for path in paths if not Path(path).exists()), None)
 
 
-def _rerun_producer_of_changed_input(plan: list[PlannedStage], state: RunState) -> None:
-    """Training rewrites the converted folder in place: training again from scratch must start from
-    a fresh conversion, not from the trained weights."""
-    for index, planned in enumerate(plan):
-        stage = STAGES[planned.section]
-        entry = state.stages.get(planned.section, {})
-        trained_before = entry.get("status") == "done" or entry.get("ran_before")
-        if not (stage.changes_input and planned.made_in_run and planned.status == "pending" and trained_before):
-            continue
-        producer = max(i for i in range(index) if STAGES[plan[i].section].writes_model)
-        for later in plan[producer:]:
-            if later.status != "pending":
-                later.status, later.reason = "pending", f"{planned.section} rewrote the folder in place, so it starts again from here"
+def _rerun_producer_of_rewritten_folder(recipe: Recipe, plan: list[PlannedStage], state: RunState) -> None:
+    """Training rewrites the converted folder in place: training again from scratch, or no longer
+    training at all (the stage was removed), must start from a fresh conversion, not from the
+    trained weights."""
+    def rewrote(section: str) -> bool:
+        entry = state.stages.get(section, {})
+        return STAGES[section].changes_input and (entry.get("status") == "done" or bool(entry.get("ran_before")))
+
+    in_plan = {planned.section: planned for planned in plan}
+    reasons = [f"{section} is no longer in the recipe but rewrote the folder" for section in state.stages
+               if section in STAGES and section not in in_plan and rewrote(section)]
+    reasons += [f"{p.section} rewrote the folder in place, so it starts again from here" for p in plan
+                if p.made_in_run and p.status == "pending" and rewrote(p.section)]
+    producers = [index for index, p in enumerate(plan) if STAGES[p.section].writes_model and not p.made_in_run]
+    if not reasons or not producers or plan[producers[0]].status == "pending":
         return
+    for later in plan[producers[0]:]:
+        if later.status != "pending":
+            later.status, later.reason = "pending", reasons[0] if later is plan[producers[0]] else "an earlier stage runs again"
 
 
 def check_plan(recipe: Recipe, plan: list[PlannedStage], state: RunState) -> None:
-    """Refuse, before anything runs, a stage whose input no earlier stage makes and that is absent,
-    and an output folder that exists but is not this run's."""
+    """Refuse, before anything runs: a run folder that holds another recipe's run, a model a stage
+    reads that no earlier stage makes and that is absent, a model reference that cannot load, and
+    an output folder that exists but is not this run's."""
     from sparsify.sources import check_model_ref
 
+    if state.recipe and state.stages and state.recipe != recipe.name:
+        raise SparsifyError(f"{recipe.run_dir} holds a run of the recipe '{state.recipe}', not '{recipe.name}'; give this recipe "
+                            "its own output: (or run_dir:), or remove that run folder")
     for planned in plan:
         if planned.status == "done":
             continue
-        if planned.section == "upcycle":
-            check_model_ref(recipe.header.model, "model:")
-            output = Path(recipe.header.output)
-            if output.exists() and not _made_by_run(state, recipe.header.output):
-                raise SparsifyError(f"output: {output} already exists and was not made by this run ({recipe.run_dir}); choose another "
-                                    f"output (e.g. output={output}-2 on the command line) or remove it")
-            continue
-        models = getattr(recipe.stages[planned.section], "models", None)
-        if models:
-            for model in models:
-                check_model_ref(model, f"{planned.section}.models")
-            continue
-        if not planned.made_in_run and (planned.model_folder is None or not planned.model_folder.is_dir()):
-            named = planned.model_folder or recipe.header.output or "(none)"
-            raise SparsifyError(f"the {planned.section} stage reads the model folder {named}, which no earlier stage of this recipe "
-                                "makes and which is absent: keep the upcycle stage, or set model: to a folder that exists")
+        stage, settings = STAGES[planned.section], recipe.stages[planned.section]
+        for model in stage.models(settings, recipe):
+            check_model_ref(model, f"{planned.section}: {model}")
+        if stage.reads_model and not planned.made_in_run and (planned.model_folder is None or not planned.model_folder.is_dir()):
+            if not getattr(settings, "models", None):  # an evaluation of named models reads those instead
+                raise SparsifyError(f"the {planned.section} stage reads the model folder {planned.model_folder or '(none: no model:)'}, "
+                                    "which no earlier stage of this recipe makes and which is absent: add the stage that makes it "
+                                    "(upcycle), or set model: to a folder that exists")
+        output = recipe.header.output
+        writes_elsewhere = planned.model_folder is None or not planned.made_in_run
+        if stage.writes_model and writes_elsewhere and Path(output).exists() and not _made_by_run(state, output):
+            raise SparsifyError(f"output: {output} already exists and was not made by this run ({recipe.run_dir}); choose another "
+                                f"output (e.g. output={output}-2 on the command line) or remove it")
 
 
 def run_recipe(recipe: Recipe, *, callbacks: RecipeCallbacks | None = None, command: str | None = None,
@@ -175,6 +175,7 @@ def run_recipe(recipe: Recipe, *, callbacks: RecipeCallbacks | None = None, comm
         return result
     resolved = recipe.resolved()
     context = {p.section: StageRun(recipe, resolved, run_dir, p.model_folder, callbacks, command, resume=p.status == "resume",
+                                   made_in_run=p.made_in_run,
                                    replace_output=_made_by_run(state, recipe.header.output) if recipe.header.output else False)
                for p in plan}
     for planned in plan:  # a bad token or namespace fails now, not after hours of training
@@ -185,10 +186,12 @@ def run_recipe(recipe: Recipe, *, callbacks: RecipeCallbacks | None = None, comm
     from sparsify.atomic_output import write_text_atomically
 
     write_text_atomically(run_dir / RECIPE_FILE, recipe.resolved_yaml())
-    state.recipe = str(recipe.file) if recipe.file else recipe.name
+    state.recipe = recipe.name
     for planned in plan:
         if planned.status == "done":
             continue
+        if STAGES[planned.section].writes_model:  # what stages no longer in the recipe did is gone with the folder
+            state.forget([section for section in state.stages if section not in recipe.stages])
         callbacks.on_stage(planned)
         state.started(planned.section, planned.fingerprint)
         started = time.perf_counter()

@@ -9,6 +9,7 @@ config-driven tools complain about most).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -20,7 +21,7 @@ from sparsify.recipe.source import Node
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # What a Hugging Face token looks like (user access tokens start with hf_).
-_TOKEN_TEXT = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+TOKEN_TEXT = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 TOKEN_KEYS = ("token", "hf_token", "use_auth_token", "auth_token", "api_key")
 
 
@@ -44,7 +45,7 @@ def refuse_tokens(node: Node, path: str = "") -> None:
             raise SparsifyError(f"{child.where}: '{name}': a token never goes in a recipe (it would be kept in the run folder and "
                                 "the model card); set HF_TOKEN or run `hf auth login`")
         refuse_tokens(child, f"{name}.")
-    if isinstance(node.value, str) and _TOKEN_TEXT.search(node.value):
+    if isinstance(node.value, str) and TOKEN_TEXT.search(node.value):
         raise SparsifyError(f"{node.where}: '{path.rstrip('.')}' holds what looks like a Hugging Face token; a token never goes "
                             "in a recipe: set HF_TOKEN or run `hf auth login`")
 
@@ -103,15 +104,20 @@ def _as(node: Node, kind: Any, name: str) -> Any:
         return True if lowered in _TRUE else False if lowered in _FALSE else _NO
     if kind is int:
         try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            pass
+        try:  # 1e6 for a count of steps is a whole number too
             number = float(text.replace("_", ""))
         except ValueError:
             return _NO
-        return int(number) if number.is_integer() else _NO
+        return int(number) if math.isfinite(number) and number.is_integer() else _NO
     if kind is float:
         try:
-            return float(text.replace("_", ""))
+            number = float(text.replace("_", ""))
         except ValueError:
             return _NO
+        return number if math.isfinite(number) else _NO
     return _NO
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparsify.errors import SparsifyError
+from sparsify.option_values import parse_list
 from sparsify.recipe.schema import build, closest, coerce, field_hints, read_values
 from sparsify.recipe.source import Node
 
@@ -29,10 +30,14 @@ class Stage:
     resolved: Callable[[Any, Recipe], dict[str, Any]]  # settings -> every value, defaults included
     run: Callable[[Any, StageRun], dict[str, Any]]  # does the work; returns what the state file keeps
     check: Callable[[Any, Recipe, Node], None] | None = None  # needs of the section on the rest of the recipe
+    reads_model: bool = True  # reads the recipe's model folder: an earlier stage's output, else `model:`
     writes_model: bool = False  # leaves the recipe's model folder at `output`
     changes_input: bool = False  # rewrites the folder it read (training in place): its producer must re-run first
-    resumable: bool = False  # an interrupted run continues from its checkpoint
+    checkpoints: str | None = None  # run-folder subfolder of an interrupted run's checkpoint (it resumes from it)
     prepare: Callable[[Any, StageRun], Any] | None = None  # before the first stage runs (push: token and repository)
+    models: Callable[[Any, Recipe], list[str]] = lambda settings, recipe: []  # other models it reads (checked, fingerprinted)
+    data: Callable[[Any, Recipe], list[str]] = lambda settings, recipe: []  # text it reads (fingerprinted)
+    describe: Callable[[dict[str, Any]], str] = lambda summary: ""  # a finished run's summary in one line
 
 
 STAGES: dict[str, Stage] = {}
@@ -109,7 +114,9 @@ register_stage(Stage(
     "upcycle", "convert the dense model into the variant",
     read=_read_upcycle,
     resolved=lambda s, recipe: {"to": s.to, **asdict(s.options), **asdict(s.conversion)},
-    run=_run_upcycle, check=_check_upcycle, writes_model=True,
+    run=_run_upcycle, check=_check_upcycle, reads_model=False, writes_model=True,
+    models=lambda s, recipe: [recipe.header.model],
+    describe=lambda summary: f"{summary['output']}: {summary['active_parameters']:,} of {summary['total_parameters']:,} parameters active",
 ))
 
 
@@ -133,12 +140,15 @@ def _read_train(node: Node, recipe: Recipe):
     variant = VARIANTS.get(_recipe_variant(recipe) or "")
     own_group = variant.train_options.section if variant is not None and variant.train_options is not None else None
     values: dict[str, dict[str, Any]] = {section: {} for section in sections}
+    given: dict[str, Node] = {}  # field -> where it was set, to catch one option written twice
     for key, child in node.value.items():
         if key in sections and isinstance(child.value, dict):
-            section, found = key, read_values(child, field_hints(sections[key]), f"train.{key}.")
+            section = key
+            found = {name: (value, child.value[name]) for name, value in
+                     read_values(child, field_hints(sections[key]), f"train.{key}.").items()}
         elif key in owner:
             section = owner[key]
-            found = {key: coerce(child, field_hints(sections[section])[key], f"train.{key}")}
+            found = {key: (coerce(child, field_hints(sections[section])[key], f"train.{key}"), child)}
         else:
             known = [*sections, *owner]
             raise SparsifyError(f"{child.where}: unknown key 'train.{key}'{closest(key, known)} (groups: {', '.join(sections)}; "
@@ -146,7 +156,16 @@ def _read_train(node: Node, recipe: Recipe):
         if variant is not None and section not in GROUPS and section != own_group:
             raise SparsifyError(f"{child.where}: 'train.{key}' is for the variant whose training group is '{section}'; this recipe "
                                 f"converts to '{variant.name}'" + (f" (its group is 'train.{own_group}')" if own_group else ""))
-        values[section].update(found)
+        for name, (value, where) in found.items():
+            if name in given:
+                # Written flat and in its group: a command-line override wins over the file; twice in the file is refused.
+                overrides = [n.where.startswith("command line") for n in (given[name], where)]
+                if overrides.count(True) != 1:
+                    raise SparsifyError(f"{where.where}: 'train' sets '{name}' twice (also at {given[name].where}); keep one")
+                if overrides[0]:
+                    continue
+            given[name] = where
+            values[section][name] = value
     groups = {section: build(group, values[section], node.where) for section, group in sections.items()}
     options = TrainOptions(**{s: groups.pop(s) for s in GROUPS}, variants=groups)
     try:
@@ -165,14 +184,25 @@ def _resolved_train(options, recipe: Recipe) -> dict[str, Any]:
             if own is None or section in own or section not in options.variants}
 
 
+def _check_train(options, recipe: Recipe, node: Node) -> None:
+    header = recipe.header
+    if "upcycle" in recipe.stages:  # it trains the conversion's output in place
+        return
+    if not header.model or not header.output or Path(header.output).resolve() == Path(header.model).resolve():
+        raise SparsifyError(f"{node.where}: without an upcycle stage, training reads 'model:' (a converted folder) and writes "
+                            "'output:', a different folder; a recipe never rewrites its input in place")
+
+
 def _run_train(options, run: StageRun) -> dict[str, Any]:
     from sparsify.train.loop import train
 
     folder = run.model_folder
-    output = Path(run.recipe.header.output) if run.recipe.header.output else folder
-    result = train(folder, options, output=None if output.resolve() == folder.resolve() else output,
-                   run_dir=run.run_dir / "train", resume=run.resume, restart=not run.resume, command=run.command,
-                   **run.callbacks.training)
+    output = Path(run.recipe.header.output)
+    in_place = output.resolve() == folder.resolve()
+    result = train(folder, options, output=None if in_place else output, run_dir=run.run_dir / "train", resume=run.resume,
+                   restart=not run.resume, command=run.command, **run.callbacks.training)
+    if not in_place:  # the conversion's record got the recipe; a trained copy of another folder gets it here
+        _store_recipe(output, run.resolved)
     run.callbacks.on_trained(result)
     return {"output": str(result.output), "steps": result.steps, "tokens": result.tokens,
             "after": {k: v for k, v in result.after.items() if isinstance(v, (int, float))}}
@@ -180,8 +210,11 @@ def _run_train(options, run: StageRun) -> dict[str, Any]:
 
 register_stage(Stage(
     "train", "train the routers or gates (LoRA + KL to the dense teacher)",
-    read=_read_train, resolved=_resolved_train, run=_run_train,
-    writes_model=True, changes_input=True, resumable=True,
+    read=_read_train, resolved=_resolved_train, run=_run_train, check=_check_train,
+    writes_model=True, changes_input=True, checkpoints="train",
+    models=lambda options, recipe: [] if options.distillation.teacher == "self" else [options.distillation.teacher],
+    data=lambda options, recipe: [*options.data.train_sources, *options.data.heldout_sources],
+    describe=lambda summary: f"{summary['output']}: {summary['steps']} steps, {summary['tokens']:,} tokens",
 ))
 
 
@@ -207,8 +240,14 @@ def _read_eval(node: Node, recipe: Recipe) -> EvalSettings:
     values = read_values(node, {**option_hints, **_EVAL_EXTRA}, "eval.")
     options = build(EvalOptions, {k: v for k, v in values.items() if k in option_hints}, node.where)
     settings = EvalSettings(options, values.get("models") or [], values.get("card"), values.get("other_data") or "")
+    if options.teacher:  # refused now, not after the conversion and the training
+        from sparsify.sources import check_model_ref
+
+        try:
+            check_model_ref(options.teacher, "eval.teacher")
+        except SparsifyError as error:
+            raise SparsifyError(f"{node.value['teacher'].where}: {error}") from error
     if settings.other_data:
-        from sparsify.option_values import parse_list
         from sparsify.text_files import check_sources
 
         try:
@@ -227,6 +266,7 @@ def _check_eval(settings: EvalSettings, recipe: Recipe, node: Node) -> None:
 
 def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
     import json
+    from dataclasses import replace
 
     from sparsify.atomic_output import write_text_atomically
     from sparsify.eval.compare import compare_markdown
@@ -237,7 +277,8 @@ def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
     measured: dict[str, list[tuple[dict[str, Any], Path]]] = {"held-out": [], "other domain": []}
     for model in models:
         folder = root / _slug(model) if len(models) > 1 else root
-        own = not settings.models and Path(model).is_dir()
+        own = not settings.models and run.made_in_run  # a folder this recipe made; never an input of its
+
         card = own if settings.card is None else settings.card
         run.callbacks.on_status(f"evaluating {model}")
         report = evaluate(model, settings.options, output=folder, card=card, **run.callbacks.evaluation)
@@ -245,8 +286,6 @@ def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
         run.callbacks.on_report(report, folder)
         if settings.other_data:
             run.callbacks.on_status(f"evaluating {model} on {settings.other_data}")
-            from dataclasses import replace
-
             other = replace(settings.options, data=settings.other_data, suite="quality")
             report = evaluate(model, other, output=folder / "other-domain", **run.callbacks.evaluation)
             measured["other domain"].append((report, folder / "other-domain"))
@@ -295,6 +334,9 @@ def _resolved_eval(settings: EvalSettings, recipe: Recipe) -> dict[str, Any]:
 register_stage(Stage(
     "eval", "measure quality, cost and routing against the teacher",
     read=_read_eval, resolved=_resolved_eval, run=_run_eval, check=_check_eval,
+    models=lambda s, recipe: [*s.models, *([s.options.teacher] if s.options.teacher else [])],
+    data=lambda s, recipe: parse_list(s.options.data) + parse_list(s.other_data),
+    describe=lambda summary: summary.get("compare") or ", ".join(summary["reports"]),
 ))
 
 
@@ -309,8 +351,21 @@ def _read_push(node: Node, recipe: Recipe):
 
 
 def _check_push(options, recipe: Recipe, node: Node) -> None:
-    if not (recipe.header.output or recipe.header.model):
-        raise SparsifyError(f"{node.where}: the push stage needs a model folder: 'output:' (or 'model:') at the top of the recipe")
+    if not recipe.header.model and not any(STAGES[section].writes_model for section in recipe.stages):
+        raise SparsifyError(f"{node.where}: the push stage needs a model folder: 'model:' at the top of the recipe (or a stage "
+                            "that makes 'output:')")
+
+
+def _store_recipe(folder: Path, resolved: dict[str, Any]) -> None:
+    """Record the resolved recipe in the folder's sparsify.json (the card shows it), atomically."""
+    import json
+
+    from sparsify.atomic_output import write_text_atomically
+    from sparsify.provenance import FILENAME, read_record
+
+    record = read_record(folder)
+    if record is not None and record.get("recipe") != resolved:
+        write_text_atomically(folder / FILENAME, json.dumps({**record, "recipe": resolved}, indent=2) + "\n")
 
 
 def _prepare_push(options, run: StageRun):
@@ -320,18 +375,13 @@ def _prepare_push(options, run: StageRun):
 
 
 def _run_push(options, run: StageRun) -> dict[str, Any]:
-    import json
-
-    from sparsify.atomic_output import write_text_atomically
     from sparsify.hub import publish
-    from sparsify.provenance import FILENAME, read_record
 
     folder = run.model_folder
-    record = read_record(folder)
-    if record is not None and record.get("recipe") != run.resolved:
+    if run.made_in_run:
         # The card shows the recipe as it is now (the evaluation or push settings may have changed
-        # since the weights were made; those that made the weights are in its fingerprint).
-        write_text_atomically(folder / FILENAME, json.dumps({**record, "recipe": run.resolved}, indent=2) + "\n")
+        # since the weights were made). A folder this recipe did not make keeps the recipe that did.
+        _store_recipe(folder, run.resolved)
     target = run.prepared if run.prepared is not None else _prepare_push(options, run)
     result = publish(folder, target, on_status=run.callbacks.on_status)
     run.callbacks.on_pushed(result)
@@ -342,4 +392,5 @@ register_stage(Stage(
     "push", "upload the model folder to the Hugging Face Hub",
     read=_read_push, resolved=lambda options, recipe: asdict(options), run=_run_push, check=_check_push,
     prepare=_prepare_push,
+    describe=lambda summary: f"{summary['url']} ({'new commit' if summary['changed'] else 'unchanged: nothing uploaded'})",
 ))

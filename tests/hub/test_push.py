@@ -168,3 +168,30 @@ def test_a_recipe_checks_the_push_before_its_first_stage_and_pushes_its_card_wit
     again = run_sparsify(*args, "push.repo_id=alice/recipe-moe", env=hub.env(token=True), cwd=tmp_path)
     assert again.returncode == 0 and "skipped: done" in again.stdout
     assert ALICE_TOKEN not in done.stdout + done.stderr + everything_written(tmp_path / "moe", tmp_path / "moe.run")
+
+
+def test_an_existing_repository_of_the_other_visibility_is_refused_not_changed(hub, folder):
+    hub.login()
+    push(folder, PushOptions(repo_id="alice/fmoe"))
+    with pytest.raises(SparsifyError, match=r"alice/fmoe exists and is private; make it public on the Hub"):
+        push(folder, PushOptions(repo_id="alice/fmoe", private=False))
+    push(folder, PushOptions(repo_id="alice/open", private=False))
+    with pytest.raises(SparsifyError, match=r"alice/open exists and is public; pass --public"):
+        push(folder, PushOptions(repo_id="alice/open"))
+    assert hub.server.repos["alice/fmoe"].private and not hub.server.repos["alice/open"].private
+
+
+def test_a_push_only_recipe_keeps_the_recipe_that_made_the_folder_and_settles(hub, dense_models, tmp_path):
+    from sparsify.recipe.recipe import load_recipe
+    from sparsify.recipe.runner import run_recipe
+
+    made = tmp_path / "moe"
+    run_recipe(load_recipe("smollm2-moe", [f"model={dense_models['llama']}", f"output={made}", "~train", "~eval"]))
+    recipe_file = tmp_path / "publish.yaml"
+    recipe_file.write_text(f"model: {made}\nrun_dir: {tmp_path / 'publish.run'}\npush:\n  repo_id: alice/published\n")
+    hub.login()
+    first = run_recipe(load_recipe(recipe_file))
+    again = run_recipe(load_recipe(recipe_file))
+    assert first.summaries["push"]["changed"] and [p.status for p in again.plan] == ["done"]
+    assert json.loads((made / "sparsify.json").read_text())["recipe"]["name"] == "smollm2-moe"
+    assert "name: smollm2-moe" in hub.server.files("alice/published")["README.md"].decode()

@@ -91,13 +91,17 @@ def test_a_rerun_skips_finished_stages_and_reruns_a_changed_one_and_what_follows
     # A new evaluation stage runs alone; the trained model is not touched.
     weights = (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns
     evaluated = Watch()
-    run_recipe(load_recipe("smollm2-fine-moe", [*overrides[:-3], "upcycle.granularity=4", "upcycle.top_k=2",
-                                                "eval.suite=quality"]), callbacks=evaluated)
+    with_eval = [override for override in overrides if override != "~eval"]
+    run_recipe(load_recipe("smollm2-fine-moe", [*with_eval, "eval.suite=quality", "~eval.other_data"]), callbacks=evaluated)
     assert evaluated.ran == ["eval"] and (tmp_path / "out" / "model.safetensors").stat().st_mtime_ns == weights
     # Changed training settings: training rewrote the converted folder, so conversion runs again first.
     changed = Watch()
     run_recipe(load_recipe("smollm2-fine-moe", [*overrides, "train.lr=2e-3"]), callbacks=changed)
     assert changed.ran == ["upcycle", "train"]
+    # No training at all any more: the folder must be the plain conversion again.
+    untrained = Watch()
+    run_recipe(load_recipe("smollm2-fine-moe", [*overrides, "~train"]), callbacks=untrained)
+    assert untrained.ran == ["upcycle"] and "training" not in json.loads((tmp_path / "out" / "sparsify.json").read_text())
 
 
 @pytest.mark.slow
@@ -128,7 +132,7 @@ def test_refusals_come_before_anything_runs(tmp_path, corpus, dense_models):
         run_recipe(load_recipe("smollm2-fine-moe", tiny(corpus, dense_models["llama"], taken)))
     absent = tmp_path / "absent"
     with pytest.raises(SparsifyError, match=r"the train stage reads the model folder .* which no earlier stage of this recipe makes"):
-        run_recipe(load_recipe("smollm2-fine-moe", tiny(corpus, dense_models["llama"], absent, "~upcycle", "model=" + str(absent))))
+        run_recipe(load_recipe("smollm2-fine-moe", tiny(corpus, dense_models["llama"], absent, "~upcycle", f"model={tmp_path / 'gone'}")))
     assert not absent.exists() and not (tmp_path / "absent.run").exists()
 
 
@@ -153,3 +157,36 @@ def test_a_run_folder_never_takes_an_existing_folder_it_did_not_write_as_its_out
     with pytest.raises(SparsifyError, match=r"b already exists and was not made by this run"):
         run_recipe(load_recipe("smollm2-fine-moe", [*args, f"output={foreign}"]))
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_a_recipe_without_upcycle_trains_model_into_output_once_and_never_in_place(tmp_path, corpus, dense_models):
+    from sparsify.upcycle import upcycle
+
+    converted = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "converted", granularity=4, top_k=2).output
+    before = (converted / "model.safetensors").read_bytes()
+    args = [*tiny(corpus, dense_models["llama"], tmp_path / "trained", "~upcycle", "~eval"), f"model={converted}"]
+    first, again = Watch(), Watch()
+    run_recipe(load_recipe("smollm2-fine-moe", args), callbacks=first)
+    run_recipe(load_recipe("smollm2-fine-moe", args), callbacks=again)
+    assert (first.ran, again.ran) == (["train"], []) and (converted / "model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "trained" / "sparsify.json").read_text())["recipe"]["name"] == "smollm2-fine-moe"
+    with pytest.raises(SparsifyError, match=r"without an upcycle stage, training reads 'model:' .* and writes 'output:', a different folder"):
+        load_recipe("smollm2-fine-moe", [*args, f"output={converted}"])
+
+
+def test_an_evaluation_recipe_never_writes_into_the_models_it_measures(tmp_path, corpus, dense_models):
+    import shutil
+
+    model = Path(shutil.copytree(dense_models["llama"], tmp_path / "dense"))
+    before = sorted(p.name for p in model.iterdir())
+    run_recipe(load_recipe("eval-compare", [f"run_dir={tmp_path / 'run'}", f"model={model}", "~eval.models", f"eval.teacher={model}",
+                                            f"eval.data={corpus['valid']}", "eval.suite=quality", "~eval.other_data", "~eval.tasks",
+                                            *EVAL]))
+    assert sorted(p.name for p in model.iterdir()) == before and (tmp_path / "run" / "eval" / "report.json").exists()
+
+
+def test_a_run_folder_holding_another_recipes_run_is_refused(tmp_path, corpus, dense_models):
+    args = tiny(corpus, dense_models["llama"], tmp_path / "out", "~train", "~eval", "upcycle.granularity=4")
+    run_recipe(load_recipe("smollm2-fine-moe", args))
+    with pytest.raises(SparsifyError, match=r"out\.run holds a run of the recipe 'smollm2-fine-moe', not 'smollm2-moe'"):
+        run_recipe(load_recipe("smollm2-moe", [*tiny(corpus, dense_models["llama"], tmp_path / "out", "~train", "~eval")]))

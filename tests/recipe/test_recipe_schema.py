@@ -177,3 +177,37 @@ def test_recipes_list_and_show(tmp_path):
 def test_a_single_value_for_the_data_group_sets_its_data_and_keeps_its_other_keys(base, corpus):
     recipe = load_recipe(base, [f"train.data={corpus['valid']}"])
     assert recipe.stages["train"].data.data == str(corpus["valid"]) and recipe.stages["train"].data.tokens == "2M"
+
+
+def test_an_option_written_flat_and_in_its_group_is_refused_unless_the_command_line_sets_it(base):
+    base.write_text(base.read_text() + "  lr: 1e-3\n")
+    with pytest.raises(SparsifyError, match=r"recipe\.yaml:10: 'train' sets 'lr' twice \(also at .*recipe\.yaml:9\); keep one"):
+        load_recipe(base)
+    base.write_text(base.read_text().replace("  lr: 1e-3\n", "  batch_size: 2\n"))
+    assert load_recipe(base, ["train.optimisation.batch_size=3"]).stages["train"].optimisation.batch_size == 3
+    assert load_recipe(base, ["train.lr=5e-3"]).stages["train"].optimisation.lr == 5e-3
+
+
+def test_numbers_are_read_exactly_and_infinities_refused(base):
+    assert load_recipe(base, ["train.train_seed=12345678901234567890123"]).stages["train"].optimisation.train_seed == 12345678901234567890123
+    assert load_recipe(base, ["train.eval_every=1e3"]).stages["train"].run.eval_every == 1000
+    with pytest.raises(SparsifyError, match=r"'train\.lr' needs a number, not 'inf'"):
+        load_recipe(base, ["train.lr=inf"])
+
+
+def test_a_bad_evaluation_teacher_is_refused_when_the_recipe_is_read(base, corpus):
+    with pytest.raises(SparsifyError, match=r"command line 'eval\.teacher=/no/such/model': eval\.teacher /no/such/model: no such folder"):
+        load_recipe(base, [f"eval.data={corpus['valid']}", "eval.teacher=/no/such/model"])
+
+
+def test_a_token_given_on_the_command_line_is_never_echoed(base, tmp_path):
+    token = "hf_" + "Zy9x" * 9
+    for override in (f"push.token={token}", f"HF_TOKEN={token}", f"push.repo_id={token}"):
+        done = subprocess.run([*sparsify_command(), "run", str(base), "push.private=true", override, "--print-config"],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 1 and token not in done.stdout + done.stderr and "token" in done.stderr, override
+
+
+def test_a_commit_message_in_brackets_stays_text(base):
+    recipe = load_recipe(base, ["push.repo_id=me/x", "push.commit_message=[WIP] first try"])
+    assert recipe.stages["push"].commit_message == "[WIP] first try"
