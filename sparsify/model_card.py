@@ -281,13 +281,14 @@ def model_index(report: dict[str, Any], name: str, other: dict[str, Any] | None 
     agreement) and speed ratios to the teacher on the held-out text, the same quality figures on the
     other-domain text when `other` is given, and each lm-eval task on its own data. Rows come from
     metric_rows, as in every other table; None when nothing has a value."""
-    results = [{"task": TEXT_GENERATION, "dataset": _eval_dataset(measured), "metrics": metrics}
+    # A copy per result: one shared dict would be dumped as a YAML anchor and aliases (&id001 / *id001).
+    results = [{"task": dict(TEXT_GENERATION), "dataset": _eval_dataset(measured), "metrics": metrics}
                for measured in (report, other) if measured is not None and (metrics := _quality_and_speed(measured))]
     for task, metrics in sorted(((report.get("tasks") or {}).get("model") or {}).items()):
         entries = [{"type": metric, "name": f"{task} {metric}", "value": _number(value)} for metric, value in sorted(metrics.items())
                    if not metric.endswith("_stderr") and _number(value) is not None]
         if entries:
-            results.append({"task": TEXT_GENERATION, "dataset": {"type": task, "name": task}, "metrics": entries})
+            results.append({"task": dict(TEXT_GENERATION), "dataset": {"type": task, "name": task}, "metrics": entries})
     return [{"name": name, "results": results}] if results else None
 
 

@@ -282,3 +282,5 @@ def test_an_other_domain_report_adds_its_quality_to_the_model_index_and_the_card
     by_data = {r.dataset_name for r in card.data.eval_results if r.metric_type == "perplexity"}
     assert by_data == {"held-out text: valid.jsonl.gz", "held-out text: train.jsonl.gz"}
     assert "### Another domain" in card.text and card_metadata_problems(card.data.to_dict()) == []
+    front_matter = (folder / "README.md").read_text().split("---")[1]
+    assert "&id" not in front_matter and "*id" not in front_matter  # plain YAML: no anchors or aliases
