@@ -143,12 +143,16 @@ def read_values(mapping: Node, hints: dict[str, Any], path: str) -> dict[str, An
     return values
 
 
-def build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """`cls(**values)`, then its own checks (validate), with the recipe position on failure."""
+def build(cls: type, values: dict[str, Any], where: str, positions: dict[str, Node] | None = None) -> Any:
+    """`cls(**values)`, then its own checks (validate). A failed check is placed at the key it names
+    (the checks speak of flags, `--top-k`) when `positions` knows it, else at the section."""
     instance = cls(**values)
     if hasattr(instance, "validate"):
         try:
             instance.validate()
         except SparsifyError as error:
-            raise SparsifyError(f"{where}: {error}") from error
+            text = str(error)
+            mentions = {text.find(f"{name.replace('_', '-')} "): name for name in (positions or {}) if f"{name.replace('_', '-')} " in text}
+            place = positions[mentions[min(mentions)]].where if mentions else where  # the key the message names first
+            raise SparsifyError(f"{place}: {error}") from error
     return instance

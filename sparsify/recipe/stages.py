@@ -89,8 +89,8 @@ def _read_upcycle(node: Node, recipe: Recipe) -> UpcycleSettings:
         if key in others:  # an option of another variant: say so rather than "unknown"
             raise SparsifyError(f"{child.where}: 'upcycle.{key}' does not apply to 'to: {to}'")
     values = read_values(node, hints, "upcycle.")
-    options = build(variant.options, {k: v for k, v in values.items() if k in variant_hints}, node.where)
-    conversion = build(ConversionOptions, {k: v for k, v in values.items() if k in conversion_hints}, node.where)
+    options = build(variant.options, {k: v for k, v in values.items() if k in variant_hints}, node.where, node.value)
+    conversion = build(ConversionOptions, {k: v for k, v in values.items() if k in conversion_hints}, node.where, node.value)
     return UpcycleSettings(to, options, conversion)
 
 
@@ -166,7 +166,7 @@ def _read_train(node: Node, recipe: Recipe):
                     continue
             given[name] = where
             values[section][name] = value
-    groups = {section: build(group, values[section], node.where) for section, group in sections.items()}
+    groups = {section: build(group, values[section], node.where, given) for section, group in sections.items()}
     options = TrainOptions(**{s: groups.pop(s) for s in GROUPS}, variants=groups)
     try:
         options.validate()  # the data files and teacher named exist
@@ -238,7 +238,7 @@ def _read_eval(node: Node, recipe: Recipe) -> EvalSettings:
     _mapping(node, "eval")
     option_hints = field_hints(EvalOptions)
     values = read_values(node, {**option_hints, **_EVAL_EXTRA}, "eval.")
-    options = build(EvalOptions, {k: v for k, v in values.items() if k in option_hints}, node.where)
+    options = build(EvalOptions, {k: v for k, v in values.items() if k in option_hints}, node.where, node.value)
     settings = EvalSettings(options, values.get("models") or [], values.get("card"), values.get("other_data") or "")
     if options.teacher:  # refused now, not after the conversion and the training
         from sparsify.sources import check_model_ref
@@ -347,7 +347,7 @@ def _read_push(node: Node, recipe: Recipe):
     from sparsify.hub import PushOptions
 
     _mapping(node, "push")
-    return build(PushOptions, read_values(node, field_hints(PushOptions), "push."), node.where)
+    return build(PushOptions, read_values(node, field_hints(PushOptions), "push."), node.where, node.value)
 
 
 def _check_push(options, recipe: Recipe, node: Node) -> None:

@@ -99,10 +99,13 @@ def test_another_variants_training_group_is_refused(base):
 
 
 def test_option_checks_of_the_dataclasses_apply_with_the_position(base):
-    with pytest.raises(SparsifyError, match=r"recipe\.yaml:3: top-k 9 must be between 1 and the number of experts, 4"):
+    with pytest.raises(SparsifyError, match=r"command line 'upcycle\.top_k=9': top-k 9 must be between 1 and the number of experts, 4"):
         load_recipe(base, ["upcycle.top_k=9"])
-    with pytest.raises(SparsifyError, match=r"--lr 0.0: must be greater than 0"):
+    with pytest.raises(SparsifyError, match=r"command line 'train\.lr=0': --lr 0.0: must be greater than 0"):
         load_recipe(base, ["train.lr=0"])
+    base.write_text(base.read_text().replace("lr: 3e-4", "lr: -1"))
+    with pytest.raises(SparsifyError, match=r"recipe\.yaml:9: --lr -1.0: must be greater than 0"):  # the key's own line
+        load_recipe(base)
 
 
 def test_overrides_set_dotted_keys_flat_or_grouped_and_remove_stages(base, corpus):
