@@ -7,13 +7,13 @@ metric is described once: its section, label, where it lives in the JSON, and ho
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsify.atomic_output import write_text_atomically
 from sparsify.convert import description_hooks, descriptions
 from sparsify.errors import SparsifyError
 
@@ -171,8 +171,8 @@ def table_markdown(rows: list[Row], with_teacher: bool, level: int = 2) -> list[
 
 def write_report(folder: Path, report: dict[str, Any], plots: list[Path]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(folder / "report.md", render_markdown(report, [str(p) for p in plots]))
+    write_text_atomically(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(folder / "report.md", render_markdown(report, [str(p) for p in plots]))
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -216,11 +216,5 @@ def embed_in_card(model_folder: Path, report: dict[str, Any], plots: Sequence[Pa
         text = before + section + rest.split(CARD_END, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    _write_atomically(card, text)
+    write_text_atomically(card, text)
     return card
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(text)
-    os.replace(staging, path)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from sparsify.convert import VARIANTS
-from sparsify.display import TrainingDisplay, err, out, print_eval_report, verdict_cell
+from sparsify.display import TrainingDisplay, err, out, print_eval_report, print_notes, verdict_cell
 from sparsify.errors import SparsifyError
 from sparsify.aliases import ALIASES, DEFAULT_MODEL
 from sparsify.cli_run import _print_pushed, register as register_recipe_commands
@@ -309,8 +309,7 @@ def skip_sweep(
     for row in rows:
         table.add_row(*row)
     out.print(table)
-    for note in result.get("notes", []):
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    print_notes(result.get("notes", []))
     if output:
         out.print(f"sweep: {Path(output) / 'sweep.json'} and sweep.png")
 
@@ -353,8 +352,7 @@ def skip_freeze(
                       f"{sum(deciding) / len(deciding):.1%}" if deciding else "-")
     out.print(table)
     note = shortfall_note("the calibration rates", parse_count(tokens), result.calibration_tokens)
-    if note:
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    print_notes([note] if note else [])
 
 
 # --- info -------------------------------------------------------------------------------------

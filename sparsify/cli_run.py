@@ -31,18 +31,14 @@ def run(
     with the same settings, re-runs a changed stage and everything after it, and resumes an interrupted training run
     from its checkpoint. The run folder keeps state.json, the resolved recipe.yaml, training checkpoints and reports."""
     from sparsify.recipe.recipe import load_recipe
-    from sparsify.recipe.run_state import RunState
-    from sparsify.recipe.runner import check_plan, plan_run
+    from sparsify.recipe.runner import RecipeCallbacks, run_recipe
 
     loaded = load_recipe(recipe, overrides or [])
     if print_config:
         sys.stdout.write(loaded.resolved_yaml())
         return
     if validate:
-        state = RunState.load(loaded.run_dir)
-        plan = plan_run(loaded, state)
-        check_plan(loaded, plan, state)
-        _print_plan(loaded, plan)
+        plan = run_recipe(loaded, callbacks=RecipeCallbacks(on_plan=lambda plan: _print_plan(loaded, plan)), plan_only=True).plan
         out.print(f"[green]valid[/green]: {len(plan)} stage{'s' if len(plan) > 1 else ''}; nothing was run")
         return
     _run(loaded, shlex.join(["sparsify", *sys.argv[1:]]))

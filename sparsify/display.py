@@ -163,10 +163,14 @@ def print_eval_report(report: dict[str, Any], output: Path | None) -> None:
             cells += [row.show(row.teacher, "teacher"), row.show_change()]
         table.add_row(*cells)
     out.print(table)
-    for note in report.get("notes", []):
-        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    print_notes(report.get("notes", []))
     if output:
         out.print(f"report: {Path(output) / 'report.md'} (and report.json)")
+
+
+def print_notes(notes) -> None:
+    for note in notes:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 def print_compare(reports: list[dict[str, Any]], paths: list[Path], title: str = "sparsify compare") -> None:

@@ -55,7 +55,10 @@ def build_record(*, variant: str, source: dict[str, Any], options: Any, plan: An
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    (folder / FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    from sparsify.atomic_output import write_text_atomically
+
+    # Atomic: the record is also rewritten in place in finished folders (a recipe stores itself there).
+    write_text_atomically(folder / FILENAME, json.dumps(record, indent=2) + "\n")
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ fingerprint continues from its checkpoint.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -83,12 +84,14 @@ def folder_fingerprint(ref: str) -> str:
         gguf = None
     path = gguf or Path(ref).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-    if path.is_dir():
+        files = [path]
+    elif path.is_dir():
         files = sorted({f for pattern in _INPUT_FILES for f in path.glob(pattern) if f.is_file()})
-        return hashlib.sha256(json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()[:16]
-    return ref
+    elif glob.has_magic(str(path)):  # data files named by a pattern: the files it matches now
+        files = sorted(Path(f) for f in glob.glob(str(path)))
+    else:
+        return ref
+    return hashlib.sha256(json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()).hexdigest()[:16]
 
 
 def stage_fingerprint(section: str, settings: dict[str, Any], header: dict[str, Any], previous: str | None,

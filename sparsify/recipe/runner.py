@@ -174,9 +174,9 @@ def run_recipe(recipe: Recipe, *, callbacks: RecipeCallbacks | None = None, comm
     if plan_only or all(p.status == "done" for p in plan):
         return result
     resolved = recipe.resolved()
+    replace_output = bool(recipe.header.output) and _made_by_run(state, recipe.header.output)
     context = {p.section: StageRun(recipe, resolved, run_dir, p.model_folder, callbacks, command, resume=p.status == "resume",
-                                   made_in_run=p.made_in_run,
-                                   replace_output=_made_by_run(state, recipe.header.output) if recipe.header.output else False)
+                                   made_in_run=p.made_in_run, replace_output=replace_output)
                for p in plan}
     for planned in plan:  # a bad token or namespace fails now, not after hours of training
         stage = STAGES[planned.section]

@@ -277,8 +277,7 @@ def _run_eval(settings: EvalSettings, run: StageRun) -> dict[str, Any]:
     measured: dict[str, list[tuple[dict[str, Any], Path]]] = {"held-out": [], "other domain": []}
     for model in models:
         folder = root / _slug(model) if len(models) > 1 else root
-        own = not settings.models and run.made_in_run  # a folder this recipe made; never an input of its
-
+        own = not settings.models and run.made_in_run  # only a folder this recipe made, never one it reads, gets the card
         card = own if settings.card is None else settings.card
         run.callbacks.on_status(f"evaluating {model}")
         report = evaluate(model, settings.options, output=folder, card=card, **run.callbacks.evaluation)
@@ -358,14 +357,11 @@ def _check_push(options, recipe: Recipe, node: Node) -> None:
 
 def _store_recipe(folder: Path, resolved: dict[str, Any]) -> None:
     """Record the resolved recipe in the folder's sparsify.json (the card shows it), atomically."""
-    import json
-
-    from sparsify.atomic_output import write_text_atomically
-    from sparsify.provenance import FILENAME, read_record
+    from sparsify.provenance import read_record, write_record
 
     record = read_record(folder)
     if record is not None and record.get("recipe") != resolved:
-        write_text_atomically(folder / FILENAME, json.dumps({**record, "recipe": resolved}, indent=2) + "\n")
+        write_record(folder, {**record, "recipe": resolved})
 
 
 def _prepare_push(options, run: StageRun):
