@@ -2,7 +2,8 @@
 
 Attention projections are ordinary linear layers (`target_modules`); what "experts" means is the
 decisions' to say (an MoE's fused 3D expert parameters through `target_parameters`, a dense or
-skip model's FFN projections).
+skip model's FFN projections). Adapters on fused experts keep peft's layout but run as separate
+low-rank GEMMs when sparsify's experts implementation is active (sparsify/experts/lora.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def add_adapters(model: nn.Module, settings: LoraSettings, decisions: Decisions)
             target_parameters=parameters or None,
         )
         model = get_peft_model(model, config)
+        if parameters:  # fused expert weights: low-rank GEMMs under sparsify's experts implementation
+            from sparsify.experts.lora import factor_expert_adapters
+
+            factor_expert_adapters(model)
     for module in decisions.modules:  # trained in full, with an fp32 master copy (selective precision)
         for param in module.parameters():
             param.data = param.data.float()
