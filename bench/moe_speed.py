@@ -152,6 +152,10 @@ def layer_phase(args, results: Results) -> None:
                         continue
                     try:
                         block = moe_block(hidden, d_ff, layout, implementation).to(DEVICE, torch.bfloat16)
+                        if implementation == "sparsify":  # never time a silent fallback under this name
+                            from sparsify.experts.grouped import supports
+
+                            assert supports(block.experts), "sparsify's experts implementation does not take this layout"
                         set_mode(block, mode)
                         times = time_fwd_bwd(block, x, args.warmup, args.repeats)
                     except Exception as error:  # noqa: BLE001 - a failing candidate is a result too

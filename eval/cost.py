@@ -132,13 +132,19 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
                   warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf") -> dict[str, Any]:
     """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text).
     Decode runs through `generate` ("hf") or the static-cache CUDA-graph engine ("graph",
-    sparsify/engine/graph_decode.py); prefill is always the model's own forward pass."""
+    sparsify/engine/graph_decode.py); prefill is always the model's own forward pass. Each entry
+    names the path it timed: the decode engine and, for an MoE, the experts implementation."""
+    from sparsify.experts import execution_path
+
     device = next(model.parameters()).device
+    experts = execution_path(model)
     results = {}
     for batch in batch_sizes:
         needed = batch * prompt_len
         ids = sample.repeat(needed // len(sample) + 1)[:needed].reshape(batch, prompt_len).to(device)
         entry: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len}
+        if experts is not None:
+            entry["experts_implementation"] = experts
         baseline = _start_peak(device)
         with torch.no_grad():
             prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)

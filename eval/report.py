@@ -98,8 +98,9 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
         for name, entry in (_at(cost, "model", "speed") or {}).items():
             batch = entry["batch"]
             engine = {"hf": "", "graph": " (CUDA graph)"}.get(entry.get("decode_engine", "hf"), " (static cache, eager)")
-            for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s, batch {batch}", ",.0f"),
-                                    ("decode_tokens_per_s", f"decode tokens/s{engine}, batch {batch}", ",.1f")):
+            experts = f" [experts: {entry['experts_implementation']}]" if entry.get("experts_implementation") else ""
+            for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s{experts}, batch {batch}", ",.0f"),
+                                    ("decode_tokens_per_s", f"decode tokens/s{engine}{experts}, batch {batch}", ",.1f")):
                 measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}
                 spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m and m["min"] is not None}
                 problems = {side: m["problem"] for side, m in measured.items() if m and m.get("problem")}

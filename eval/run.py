@@ -43,13 +43,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_for_eval(ref: str, dtype: torch.dtype, device: torch.device):
+    from sparsify.experts import use_fast_experts
     from sparsify.sources import load_model, load_tokenizer
 
     try:
         model = load_model(ref, dtype=dtype)
     except (OSError, ValueError, KeyError) as error:
         raise SparsifyError(f"could not load {ref} as a causal language model ({type(error).__name__}: {error})") from error
-    return model.to(device).eval(), load_tokenizer(ref)
+    model = model.to(device).eval()
+    use_fast_experts(model)  # an MoE runs the experts implementation chosen for this device
+    return model, load_tokenizer(ref)
 
 
 def _describe(ref: str, model) -> dict[str, Any]:

@@ -21,6 +21,10 @@ this does instead:
   as two more grouped GEMMs, Y = X W^T + s (X A_e^T) B_e^T, never W + s B A.
 - Frozen expert weights (router training) get no weight gradient: autograd only computes the
   gradients of inputs that require one.
+- The routed SwiGLU w * silu(g) * u is one fused Triton kernel each way on a GPU
+  (`sparsify.experts.swiglu_kernel`).
+- **Few tokens, no gradients, on a GPU (decode)**: a Triton kernel pair that reads each touched
+  expert's weights once and needs no sort (`sparsify.experts.decode_kernel`).
 """
 
 from __future__ import annotations
@@ -28,17 +32,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsify.experts.lora import ExpertLora, active_expert_lora
+from sparsify.errors import SparsifyError
+from sparsify.experts.lora import PENDING, ExpertLora, active_expert_lora
+from sparsify.experts.swiglu_kernel import weighted_swiglu
 
 
 def supports(experts: torch.nn.Module) -> bool:
-    """The expert layouts this implementation computes: transformers' gated experts with the
-    concatenated [gate; up] weight, (E, out, in) orientation, no biases, no post-expert norm,
-    the default gate (act(gate) * up). Others go to transformers' own implementation."""
-    return (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
-            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_bias", True)
-            and not getattr(experts, "has_post_expert_norm", True) and not getattr(experts, "_is_expert_parallel", False)
-            and type(experts)._apply_gate.__name__ == "_default_apply_gate")
+    """The expert layouts this implementation computes: gated experts with a concatenated [gate; up]
+    weight (E, 2I, H) and down (E, H, I), no biases, no post-expert norm, the default gate
+    (act(gate) * up). Read from the weights and whichever layout flags this transformers version
+    sets (older ones set fewer); others go to transformers' own implementation."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3 or down.dim() != 3:
+        return False
+    count, double_width, hidden = gate_up.shape
+    if down.shape != (count, hidden, double_width // 2) or not hasattr(experts, "act_fn"):
+        return False
+    gate = getattr(type(experts), "_apply_gate", None)
+    return (not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
+            and not getattr(experts, "has_bias", False) and getattr(experts, "has_gate", True)
+            and not getattr(experts, "has_post_expert_norm", False) and not getattr(experts, "_is_expert_parallel", False)
+            and (gate is None or gate.__name__ == "_default_apply_gate"))
 
 
 def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -85,11 +99,6 @@ class _Spread(torch.autograd.Function):
         return per_pair.view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
-def _swiglu(experts: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
-
-
 def _all_experts(experts, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor, lora: ExpertLora | None) -> torch.Tensor:
     """k = E: the dense FFN with per-(token, expert) weights on the intermediate."""
     tokens, hidden = x.shape
@@ -99,7 +108,8 @@ def _all_experts(experts, x: torch.Tensor, top_k_index: torch.Tensor, weights: t
     gate_up = (x @ experts.gate_up_proj.reshape(count * double_width, hidden).t()).view(tokens, count, double_width)
     if lora is not None and lora.gate_up is not None:
         gate_up = gate_up + lora.gate_up.all_experts(x)
-    intermediate = _swiglu(experts, gate_up) * per_expert[..., None]  # (T, E, I)
+    intermediate = weighted_swiglu(gate_up.reshape(tokens * count, double_width), per_expert.reshape(-1),
+                                   experts.act_fn).view(tokens, count, width)
     if tokens < width:  # few tokens (decode): E small GEMMs, summed; never copy the weight
         out = torch.bmm(intermediate.transpose(0, 1), experts.down_proj.transpose(1, 2)).sum(0)
     else:  # one GEMM over every expert's columns; the (H, E*I) copy is smaller than E outputs of (T, H)
@@ -124,17 +134,29 @@ def _sorted_pairs(experts, x, top_k_index, weights, lora: ExpertLora | None) -> 
     gate_up = grouped_mm(rows, experts.gate_up_proj.transpose(1, 2), ends)
     if lora is not None and lora.gate_up is not None:
         gate_up = gate_up + lora.gate_up.grouped(rows, ends)
-    pair_weights = _Reorder.apply(weights.reshape(-1, 1), order, inverse)
-    intermediate = _swiglu(experts, gate_up) * pair_weights
+    pair_weights = _Reorder.apply(weights.reshape(-1, 1), order, inverse).reshape(-1)
+    intermediate = weighted_swiglu(gate_up, pair_weights, experts.act_fn)
     out = grouped_mm(intermediate, experts.down_proj.transpose(1, 2), ends)
     if lora is not None and lora.down is not None:
         out = out + lora.down.grouped(intermediate, ends)
     return _Reorder.apply(out, inverse, order).view(tokens, k, hidden).sum(1)
 
 
+def _few_token_kernel_applies(experts, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Decode-sized inference on a GPU with SiLU experts: the Triton kernel pair (decode_kernel.py)."""
+    from sparsify.experts import decode_kernel
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, experts.gate_up_proj, experts.down_proj))
+    return (not needs_grad and top_k_index.numel() <= decode_kernel.MAX_PAIRS and "SiLU" in type(experts.act_fn).__name__
+            and experts.gate_up_proj.is_contiguous() and experts.down_proj.is_contiguous() and decode_kernel.available(x))
+
+
 def sparsify_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts interface's signature: hidden (T, H), top_k_index (T, k), top_k_weights (T, k)."""
     if not supports(experts):
+        if experts.__dict__.get(PENDING):
+            raise SparsifyError(f"{type(experts).__name__} has LoRA factored for sparsify's experts implementation, which "
+                                "cannot run its layout; set SPARSIFY_EXPERTS=keep")
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
@@ -142,6 +164,10 @@ def sparsify_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: 
     x = hidden_states.to(dtype)
     weights = top_k_weights.to(dtype)
     lora = active_expert_lora(experts, dtype)
+    if lora is None and _few_token_kernel_applies(experts, x, top_k_index, weights):
+        from sparsify.experts.decode_kernel import few_token_experts
+
+        return few_token_experts(experts.gate_up_proj, experts.down_proj, x, top_k_index, weights).to(hidden_states.dtype)
     if top_k_index.shape[-1] == experts.gate_up_proj.shape[0]:
         out = _all_experts(experts, x, top_k_index, weights, lora)
     else:

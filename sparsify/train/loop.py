@@ -25,6 +25,7 @@ from sparsify.atomic_output import check_output_free
 from sparsify.convert import recognised, variant_of_record
 from sparsify.data import DataSpec, TokenFile, block_order, materialise
 from sparsify.errors import SparsifyError
+from sparsify.experts import use_fast_experts
 from sparsify.model_folder import save_model_folder
 from sparsify.option_values import dtype_name
 from sparsify.provenance import read_record
@@ -280,6 +281,7 @@ def _make_optimizer(run: _Run) -> None:
     # process, which would run the schedule num_processes times too fast under DDP.
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
     unwrapped = run.accelerator.unwrap_model(run.model)
+    use_fast_experts(unwrapped)  # on the training device: an MoE's experts implementation (sparsify/experts)
     run.trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
 
 
