@@ -74,12 +74,10 @@ LAYOUTS = (
 )
 
 
-def register_candidates() -> dict[str, str]:
-    """Register sparsify's experts implementation and the candidates whose packages import
-    (sparsify/experts/registry.py); returns name -> why it is unavailable."""
-    from sparsify.experts import register
-
-    return register()
+def describe_error(error: Exception) -> str:
+    """A failing candidate is a result too: its error, first line."""
+    first = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:300]}"
 
 
 def cuda_ms(run) -> float:
@@ -132,7 +130,9 @@ def set_mode(module: torch.nn.Module, mode: str) -> None:
 
 
 def layer_phase(args, results: Results) -> None:
-    missing = register_candidates()
+    from sparsify.experts import register
+
+    missing = register()  # sparsify's implementation and the candidates whose packages import
     for shape in args.shapes.split(","):
         hidden, d_ff = SHAPES[shape]
         x = torch.randn(1, args.tokens, hidden, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -159,7 +159,7 @@ def layer_phase(args, results: Results) -> None:
                         set_mode(block, mode)
                         times = time_fwd_bwd(block, x, args.warmup, args.repeats)
                     except Exception as error:  # noqa: BLE001 - a failing candidate is a result too
-                        results.append({**entry, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
+                        results.append({**entry, "error": describe_error(error)})
                         continue
                     ms = statistics.median(times)
                     results.append({**entry, "ms": ms, "min_ms": min(times), "max_ms": max(times), "vs_dense": dense_ms / ms})
@@ -198,13 +198,28 @@ def router_training_step(model, decisions, ids: torch.Tensor, optimizer) -> None
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_phase(args, results: Results) -> None:
+def router_training(shape: str, layout: Layout | None, implementation: str, batch: int, seq_len: int):
+    """What one step of `sparsify train` works on: the model with LoRA r=16 on attention and
+    experts (FFN for dense) and its routers trainable, its decisions, AdamW, and a batch of ids."""
     from sparsify.convert.moe.decisions import find_decisions
     from sparsify.experts import register
     from sparsify.train.decisions import Decisions
     from sparsify.train.lora import LoraSettings, add_adapters
 
     register()
+    model = build_model(shape, layout)
+    model.config.use_cache = False
+    if layout is not None:
+        model.set_experts_implementation(implementation)
+    decisions = (find_decisions(model, {}) if layout is not None else None) or Decisions()
+    model = add_adapters(model, LoraSettings(16, 32.0), decisions)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, VOCAB, (batch, seq_len), device=DEVICE)
+    return model, decisions, optimizer, ids
+
+
+def train_phase(args, results: Results) -> None:
     for shape in args.shapes.split(","):
         dense_tps = None
         for layout in layouts_named(args.layouts):
@@ -212,20 +227,12 @@ def train_phase(args, results: Results) -> None:
                 entry = {"phase": "train", "shape": shape, "layout": "dense" if layout is None else layout.name,
                          "implementation": implementation, "batch": args.train_batch, "seq_len": args.seq_len, "lora_rank": 16}
                 try:
-                    model = build_model(shape, layout)
-                    model.config.use_cache = False
-                    if layout is not None:
-                        model.set_experts_implementation(implementation)
-                    decisions = (find_decisions(model, {}) if layout is not None else None) or Decisions()
-                    model = add_adapters(model, LoraSettings(16, 32.0), decisions)
-                    model.train()
-                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-                    ids = torch.randint(0, VOCAB, (args.train_batch, args.seq_len), device=DEVICE)
+                    model, decisions, optimizer, ids = router_training(shape, layout, implementation, args.train_batch, args.seq_len)
                     for _ in range(args.warmup):
                         router_training_step(model, decisions, ids, optimizer)
                     times = [cuda_ms(lambda: router_training_step(model, decisions, ids, optimizer)) for _ in range(args.repeats)]
                 except Exception as error:  # noqa: BLE001
-                    results.append({**entry, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
+                    results.append({**entry, "error": describe_error(error)})
                     continue
                 finally:
                     model = optimizer = None
@@ -236,16 +243,28 @@ def train_phase(args, results: Results) -> None:
                                 "tokens_per_s": tokens_per_s, "vs_dense": tokens_per_s / dense_tps if dense_tps else None})
 
 
-def weight_bytes_ratio(model, layout: Layout | None, batch: int, dense_bytes: int) -> dict:
-    """Bytes of weights one decode step reads, against the dense model's: all non-expert weights
-    plus the experts the batch touches on average under uniform routing."""
-    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
-    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
-    if layout is None:
-        return {"bytes": dense_bytes, "vs_dense": 1.0, "experts_touched": None}
-    touched = layout.experts * (1 - (1 - layout.top_k / layout.experts) ** batch)
-    read = other + expert_bytes * touched / layout.experts
-    return {"bytes": read, "vs_dense": read / dense_bytes, "experts_touched": touched}
+@dataclass(frozen=True)
+class WeightBytes:
+    """A model's weight bytes, split into routed experts and everything else."""
+
+    experts: int
+    other: int
+
+    @classmethod
+    def of(cls, model) -> "WeightBytes":
+        split = {True: 0, False: 0}
+        for name, parameter in model.named_parameters():
+            split[".experts." in name] += parameter.numel() * parameter.element_size()
+        return cls(experts=split[True], other=split[False])
+
+    def per_step(self, layout: Layout | None, batch: int, dense: int) -> dict:
+        """Bytes one decode step reads, against dense: all non-expert weights plus the experts the
+        batch touches on average under uniform routing, E * (1 - (1 - k/E)^B) of E."""
+        if layout is None:
+            return {"bytes": dense, "vs_dense": 1.0, "experts_touched": None}
+        touched = layout.experts * (1 - (1 - layout.top_k / layout.experts) ** batch)
+        read = self.other + self.experts * touched / layout.experts
+        return {"bytes": read, "vs_dense": read / dense, "experts_touched": touched}
 
 
 def generate_phase(args, results: Results) -> None:
@@ -262,8 +281,9 @@ def generate_phase(args, results: Results) -> None:
             model = build_model(shape, layout)
             if layout is not None:
                 model.set_experts_implementation(args.generate_implementation)
+            weight_bytes = WeightBytes.of(model)
             if dense_bytes is None:
-                dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                dense_bytes = weight_bytes.experts + weight_bytes.other
             for engine in args.engines.split(","):
                 name = "dense" if layout is None else layout.name
                 try:
@@ -271,7 +291,7 @@ def generate_phase(args, results: Results) -> None:
                                           warmup=1, repeats=args.repeats, pad_token_id=0, decode_engine=engine)
                 except Exception as error:  # noqa: BLE001
                     results.append({"phase": "generate", "shape": shape, "layout": name, "engine": engine,
-                                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"})
+                                    "error": describe_error(error)})
                     continue
                 for key, entry in speed.items():
                     batch = entry["batch"]
@@ -286,7 +306,7 @@ def generate_phase(args, results: Results) -> None:
                                     "prefill_vs_dense": prefill / base[0] if base[0] else None,
                                     "decode_vs_dense": decode / base[1] if base[1] and decode else None,
                                     "decode_valid": entry["decode_tokens_per_s"]["valid"],
-                                    "weight_bytes_per_step": weight_bytes_ratio(model, layout, batch, dense_bytes)})
+                                    "weight_bytes_per_step": weight_bytes.per_step(layout, batch, dense_bytes)})
             del model
             torch.cuda.empty_cache()
 

@@ -23,20 +23,8 @@ def main() -> None:
     parser.add_argument("--implementation", default="sparsify")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
-    from sparsify.convert.moe.decisions import find_decisions
-    from sparsify.experts import register
-    from sparsify.train.lora import LoraSettings, add_adapters
-
-    register()
     layout = next(item for item in moe_speed.LAYOUTS if item.name.startswith(args.layout))
-    model = moe_speed.build_model(args.shape, layout)
-    model.config.use_cache = False
-    model.set_experts_implementation(args.implementation)
-    decisions = find_decisions(model, {})
-    model = add_adapters(model, LoraSettings(16, 32.0), decisions)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    ids = torch.randint(0, moe_speed.VOCAB, (4, 1024), device="cuda")
+    model, decisions, optimizer, ids = moe_speed.router_training(args.shape, layout, args.implementation, batch=4, seq_len=1024)
     for _ in range(3):
         moe_speed.router_training_step(model, decisions, ids, optimizer)
     torch.cuda.synchronize()

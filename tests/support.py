@@ -77,3 +77,37 @@ def tiny_options(corpus, **overrides):
         eval_every=0, eval_tokens="512", checkpoint_every=0, lr=3e-3, router_lr=3e-2, lora_rank=4, lora_alpha=8.0,
     )
     return TrainOptions.of(**{**settings, **overrides})
+
+
+def reference_decode(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding through the model's own forward pass and cache: tokens and per-step logits."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, ids, logits = out.past_key_values, prompt, []
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        ids = torch.cat([ids, token], dim=1)
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1])
+        token = out.logits[:, -1:].argmax(-1)
+    return torch.cat([ids, token], dim=1), logits
+
+
+def engine_decode(model, prompt: torch.Tensor, steps: int, use_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same greedy decoding through sparsify's static-cache engine (eager step or CUDA graph)."""
+    from sparsify.engine.graph_decode import GraphDecoder
+
+    engine = GraphDecoder(model, batch=prompt.shape[0], max_len=prompt.shape[1] + steps + 1, use_graph=use_graph)
+    engine.prefill(prompt)
+    logits = []
+    for _ in range(steps):
+        engine.step()
+        logits.append(engine.last_logits[:, -1].clone())
+    return engine.history[:, : prompt.shape[1] + steps + 1].clone(), logits
+
+
+def record_gate_decisions(model) -> tuple[list[torch.Tensor], list]:
+    """Hooks on every skip gate appending its keep decision: (decisions, hook handles to remove)."""
+    decisions: list[torch.Tensor] = []
+    hooks = [gate.register_forward_hook(lambda m, i, out: decisions.append(out[1])) for _, _, gate in model.skip_gates()]
+    return decisions, hooks

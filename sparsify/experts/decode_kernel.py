@@ -21,19 +21,20 @@ The routing weight is applied to the intermediate, as in `sparsify.experts.group
 
 from __future__ import annotations
 
-import importlib.util
+from functools import cache
 
 import torch
+
+from sparsify.experts.swiglu_kernel import triton_available
 
 MAX_PAIRS = 128  # above this (prefill, training) the sorted grouped path runs instead
 
 
 def available(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return importlib.util.find_spec("triton") is not None
+    return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and triton_available()
 
 
+@cache
 def _kernels():
     import triton
     import triton.language as tl
@@ -44,7 +45,7 @@ def _kernels():
         expert = tl.program_id(0)
         block = tl.program_id(1)
         p = tl.arange(0, PAIRS)
-        mine = (tl.load(pair_expert_ptr + p, mask=p < pairs, other=-1) == expert)
+        mine = tl.load(pair_expert_ptr + p, mask=p < pairs, other=-1) == expert  # the pairs that chose this expert
         if tl.sum(mine.to(tl.int32)) == 0:
             return
         token = p // top_k
@@ -72,7 +73,7 @@ def _kernels():
         expert = tl.program_id(0)
         block = tl.program_id(1)
         p = tl.arange(0, PAIRS)
-        mine = (tl.load(pair_expert_ptr + p, mask=p < pairs, other=-1) == expert)
+        mine = tl.load(pair_expert_ptr + p, mask=p < pairs, other=-1) == expert  # the pairs that chose this expert
         if tl.sum(mine.to(tl.int32)) == 0:
             return
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +91,6 @@ def _kernels():
     return gate_up_swiglu, down
 
 
-_COMPILED = None
 BLOCK_N, BLOCK_K = 32, 128
 
 
@@ -98,12 +98,9 @@ def few_token_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: to
                       weights: torch.Tensor) -> torch.Tensor:
     """x (T, H), top_k_index / weights (T, k), T*k <= MAX_PAIRS; gate_up_proj (E, 2I, H), down_proj
     (E, H, I), contiguous. Returns (T, H). No autograd: inference only."""
-    global _COMPILED
     import triton
 
-    if _COMPILED is None:
-        _COMPILED = _kernels()
-    gate_up_swiglu, down = _COMPILED
+    gate_up_swiglu, down = _kernels()
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
     count, double_width, _ = gate_up_proj.shape

@@ -29,10 +29,13 @@ this does instead:
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError
+from sparsify.experts import decode_kernel
 from sparsify.experts.lora import PENDING, ExpertLora, active_expert_lora
 from sparsify.experts.swiglu_kernel import weighted_swiglu
 
@@ -55,14 +58,21 @@ def supports(experts: torch.nn.Module) -> bool:
             and (gate is None or gate.__name__ == "_default_apply_gate"))
 
 
+@cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """rows (S, K) sorted by group, weight (G, K, N), ends (G,) int32 cumulative row counts ->
     (S, N), rows of group g multiplied by weight[g]. PyTorch's grouped GEMM where it runs (CUDA
     SM80+, CPU with 16-byte aligned operands), else a loop over the groups."""
     kernel = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    aligned = rows.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    capable = rows.device.type != "cuda" or torch.cuda.get_device_capability(rows.device) >= (8, 0)
-    if kernel is not None and capable and (rows.device.type == "cuda" or aligned):
+    if rows.device.type == "cuda":
+        runs = _cuda_capability(rows.device.index or 0) >= (8, 0)
+    else:
+        runs = rows.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    if kernel is not None and runs:
         return kernel(rows, weight, offs=ends)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]]).tolist()
     return torch.cat([rows[s:e] @ weight[g] for g, (s, e) in enumerate(zip(starts, ends.tolist()))])
@@ -144,8 +154,6 @@ def _sorted_pairs(experts, x, top_k_index, weights, lora: ExpertLora | None) -> 
 
 def _few_token_kernel_applies(experts, x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor) -> bool:
     """Decode-sized inference on a GPU with SiLU experts: the Triton kernel pair (decode_kernel.py)."""
-    from sparsify.experts import decode_kernel
-
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, experts.gate_up_proj, experts.down_proj))
     return (not needs_grad and top_k_index.numel() <= decode_kernel.MAX_PAIRS and "SiLU" in type(experts.act_fn).__name__
             and experts.gate_up_proj.is_contiguous() and experts.down_proj.is_contiguous() and decode_kernel.available(x))
@@ -165,9 +173,7 @@ def sparsify_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: 
     weights = top_k_weights.to(dtype)
     lora = active_expert_lora(experts, dtype)
     if lora is None and _few_token_kernel_applies(experts, x, top_k_index, weights):
-        from sparsify.experts.decode_kernel import few_token_experts
-
-        return few_token_experts(experts.gate_up_proj, experts.down_proj, x, top_k_index, weights).to(hidden_states.dtype)
+        return decode_kernel.few_token_experts(experts.gate_up_proj, experts.down_proj, x, top_k_index, weights).to(hidden_states.dtype)
     if top_k_index.shape[-1] == experts.gate_up_proj.shape[0]:
         out = _all_experts(experts, x, top_k_index, weights, lora)
     else:

@@ -13,13 +13,20 @@ GPU only; `weighted_swiglu` falls back to the PyTorch expression elsewhere (same
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 
 import torch
 
 BLOCK = 1024
-_COMPILED = None
 
 
+@cache
+def triton_available() -> bool:
+    """Triton ships with CUDA builds of PyTorch; sparsify does not depend on it otherwise."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@cache
 def _kernels():
     import triton
     import triton.language as tl
@@ -58,13 +65,6 @@ def _kernels():
     return forward, backward
 
 
-def _compiled():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = _kernels()
-    return _COMPILED
-
-
 def _block(width: int) -> int:
     import triton
 
@@ -78,7 +78,7 @@ class _WeightedSwiGLU(torch.autograd.Function):
         width = double_width // 2
         out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
         if rows:
-            _compiled()[0][(rows,)](gate_up, weight, out, width=width, BLOCK=_block(width))
+            _kernels()[0][(rows,)](gate_up, weight, out, width=width, BLOCK=_block(width))
         ctx.save_for_backward(gate_up, weight)
         return out
 
@@ -89,18 +89,14 @@ class _WeightedSwiGLU(torch.autograd.Function):
         grad_gate_up = torch.empty_like(gate_up)
         grad_weight = torch.empty_like(weight)
         if rows:
-            _compiled()[1][(rows,)](gate_up, weight, grad.contiguous(), grad_gate_up, grad_weight, width=double_width // 2,
+            _kernels()[1][(rows,)](gate_up, weight, grad.contiguous(), grad_gate_up, grad_weight, width=double_width // 2,
                                     BLOCK=_block(double_width // 2))
         return grad_gate_up, grad_weight
 
 
-def fused_available(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-
-
 def weighted_swiglu(gate_up: torch.Tensor, weight: torch.Tensor, act_fn=torch.nn.functional.silu) -> torch.Tensor:
     """gate_up (R, 2I) with [g; u] per row, weight (R,) -> (R, I) = weight * act(g) * u."""
-    if fused_available(gate_up) and gate_up.is_contiguous() and "SiLU" in type(act_fn).__name__:
+    if gate_up.device.type == "cuda" and triton_available() and gate_up.is_contiguous() and "SiLU" in type(act_fn).__name__:
         return _WeightedSwiGLU.apply(gate_up, weight.contiguous())
     gate, up = gate_up.chunk(2, dim=-1)
     return act_fn(gate) * up * weight[:, None]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from support import IDS, randomise_gates
+from support import IDS, randomise_gates, record_gate_decisions
 
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
@@ -80,8 +80,7 @@ def test_a_closed_gate_removes_exactly_its_sublayer(sublayer, module, skip_model
 def test_cached_greedy_decoding_equals_recomputation(family, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
     randomise_gates(model, seed=1)
-    decisions = []
-    hooks = [gate.register_forward_hook(lambda m, i, out: decisions.append(out[1])) for _, _, gate in model.skip_gates()]
+    decisions, hooks = record_gate_decisions(model)
     prompt = IDS[:1, :6]
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)[0]

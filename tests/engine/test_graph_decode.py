@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from support import IDS, randomise_gates
+from support import IDS, engine_decode, randomise_gates, record_gate_decisions, reference_decode
 
 from sparsify.errors import SparsifyError
 from sparsify.engine.graph_decode import GraphDecoder, graphs_supported
@@ -24,20 +24,6 @@ def skip_models(dense_weights, tmp_path_factory):
     return {family: upcycle(str(dense_weights[family]), "skip", folder / family).output for family in ("llama", "qwen2", "qwen3")}
 
 
-def _reference_steps(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy decoding through the model's own forward pass and cache: tokens and per-step logits."""
-    out = model(input_ids=prompt, use_cache=True)
-    cache, ids, logits = out.past_key_values, prompt, []
-    token = out.logits[:, -1:].argmax(-1)
-    for _ in range(steps):
-        ids = torch.cat([ids, token], dim=1)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits.append(out.logits[:, -1])
-        token = out.logits[:, -1:].argmax(-1)
-    return torch.cat([ids, token], dim=1), logits
-
-
 def _assert_same_decoding(got: tuple, want: tuple) -> None:
     """Same greedy tokens, and the same logits at every step to 1e-4."""
     assert got[0].tolist() == want[0].tolist()
@@ -45,22 +31,12 @@ def _assert_same_decoding(got: tuple, want: tuple) -> None:
         torch.testing.assert_close(step_got, step_want, rtol=0, atol=1e-4)
 
 
-def _engine_steps(model, prompt: torch.Tensor, steps: int, use_graph: bool = False):
-    engine = GraphDecoder(model, batch=prompt.shape[0], max_len=prompt.shape[1] + steps + 1, use_graph=use_graph)
-    engine.prefill(prompt)
-    logits = []
-    for _ in range(steps):
-        engine.step()
-        logits.append(engine.last_logits[:, -1].clone())
-    return engine.history[:, : prompt.shape[1] + steps + 1].clone(), logits
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_dense_decode_matches_the_models_cached_forward(family, dense_weights):
     model = AutoModelForCausalLM.from_pretrained(dense_weights[family]).eval()
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=8)
-        ids, logits = _engine_steps(model, IDS[:, :6], steps=8)
+        expected_ids, expected = reference_decode(model, IDS[:, :6], steps=8)
+        ids, logits = engine_decode(model, IDS[:, :6], steps=8)
     _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
@@ -68,13 +44,12 @@ def test_dense_decode_matches_the_models_cached_forward(family, dense_weights):
 def test_skip_decode_takes_the_same_decisions_and_tokens_at_batch_1(family, skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models[family]).eval()
     randomise_gates(model, seed=3)
-    decisions = []
-    hooks = [gate.register_forward_hook(lambda m, i, out: decisions.append(out[1])) for _, _, gate in model.skip_gates()]
+    decisions, hooks = record_gate_decisions(model)
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:1, :6], steps=10)
+        expected_ids, expected = reference_decode(model, IDS[:1, :6], steps=10)
         reference_decisions = torch.cat([d.reshape(-1) for d in decisions])
         decisions.clear()
-        ids, logits = _engine_steps(model, IDS[:1, :6], steps=10)
+        ids, logits = engine_decode(model, IDS[:1, :6], steps=10)
     for hook in hooks:
         hook.remove()
     engine_decisions = torch.cat([d.reshape(-1) for d in decisions])  # its prefill is the model's own forward
@@ -87,8 +62,8 @@ def test_batched_skip_decode_masks_per_sequence(skip_models):
     model = AutoModelForCausalLM.from_pretrained(skip_models["qwen2"]).eval()
     randomise_gates(model, seed=4)
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=6)
-        ids, logits = _engine_steps(model, IDS[:, :6], steps=6)
+        expected_ids, expected = reference_decode(model, IDS[:, :6], steps=6)
+        ids, logits = engine_decode(model, IDS[:, :6], steps=6)
     _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
@@ -98,7 +73,7 @@ def test_frozen_gates_decode_like_the_model_and_are_counted(skip_models):
     gates = model.skip_gates()
     model.freeze_gates({f"{layer}.{sublayer}": index % 2 == 1 for index, (layer, sublayer, _) in enumerate(gates[::2])})
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:, :6], steps=6)
+        expected_ids, expected = reference_decode(model, IDS[:, :6], steps=6)
         engine = GraphDecoder(model, batch=2, max_len=13, use_graph=False)
         engine.prefill(IDS[:, :6])
         engine.decisions = []
@@ -131,8 +106,8 @@ def test_graph_replay_equals_the_eager_step_on_gpu(family, skip_models):
     randomise_gates(model, seed=3)
     model.cuda()
     with torch.no_grad():
-        eager_ids, eager = _engine_steps(model, IDS[:1, :6].cuda(), steps=10, use_graph=False)
-        graph_ids, graphed = _engine_steps(model, IDS[:1, :6].cuda(), steps=10, use_graph=True)
+        eager_ids, eager = engine_decode(model, IDS[:1, :6].cuda(), steps=10, use_graph=False)
+        graph_ids, graphed = engine_decode(model, IDS[:1, :6].cuda(), steps=10, use_graph=True)
     _assert_same_decoding((graph_ids, graphed), (eager_ids, eager))
 
 
@@ -154,8 +129,8 @@ def test_measure_speed_times_decode_through_the_engine(skip_models):
 def test_dense_graph_replay_equals_the_models_cached_forward_on_gpu(dense_weights):
     model = AutoModelForCausalLM.from_pretrained(dense_weights["qwen3"]).cuda().eval()
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=8)
-        ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=8, use_graph=True)
+        expected_ids, expected = reference_decode(model, IDS[:, :6].cuda(), steps=8)
+        ids, logits = engine_decode(model, IDS[:, :6].cuda(), steps=8, use_graph=True)
     _assert_same_decoding((ids, logits), (expected_ids, expected))
 
 
@@ -189,6 +164,6 @@ def test_batched_graph_replay_masks_per_sequence_on_gpu(skip_models):
     randomise_gates(model, seed=4)
     model.cuda()
     with torch.no_grad():
-        expected_ids, expected = _reference_steps(model, IDS[:, :6].cuda(), steps=6)
-        ids, logits = _engine_steps(model, IDS[:, :6].cuda(), steps=6, use_graph=True)
+        expected_ids, expected = reference_decode(model, IDS[:, :6].cuda(), steps=6)
+        ids, logits = engine_decode(model, IDS[:, :6].cuda(), steps=6, use_graph=True)
     _assert_same_decoding((ids, logits), (expected_ids, expected))

@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from support import IDS
+from support import IDS, engine_decode, reference_decode
 
-from sparsify.engine.graph_decode import GraphDecoder
 from sparsify.experts import register
 from sparsify.upcycle import upcycle
 
@@ -26,28 +25,6 @@ def moe_models(dense_weights, tmp_path_factory):
     return made
 
 
-def _reference(model, prompt: torch.Tensor, steps: int):
-    out = model(input_ids=prompt, use_cache=True)
-    cache, ids, logits = out.past_key_values, prompt, []
-    token = out.logits[:, -1:].argmax(-1)
-    for _ in range(steps):
-        ids = torch.cat([ids, token], dim=1)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        logits.append(out.logits[:, -1])
-    return torch.cat([ids, token], dim=1), logits
-
-
-def _engine(model, prompt: torch.Tensor, steps: int, use_graph: bool):
-    engine = GraphDecoder(model, batch=prompt.shape[0], max_len=prompt.shape[1] + steps + 1, use_graph=use_graph)
-    engine.prefill(prompt)
-    logits = []
-    for _ in range(steps):
-        engine.step()
-        logits.append(engine.last_logits[:, -1].clone())
-    return engine.history[:, : prompt.shape[1] + steps + 1].clone(), logits
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("variant", ["fine-moe", "moe"])
 def test_moe_models_decode_like_their_cached_forward(family, variant, moe_models):
@@ -56,8 +33,8 @@ def test_moe_models_decode_like_their_cached_forward(family, variant, moe_models
     for implementation in ("grouped_mm", "sparsify"):
         model.set_experts_implementation(implementation)
         with torch.no_grad():
-            want_ids, want = _reference(model, IDS[:, :6], steps=6)
-            got_ids, got = _engine(model, IDS[:, :6], steps=6, use_graph=False)
+            want_ids, want = reference_decode(model, IDS[:, :6], steps=6)
+            got_ids, got = engine_decode(model, IDS[:, :6], steps=6, use_graph=False)
         assert got_ids.tolist() == want_ids.tolist()
         for step_got, step_want in zip(got, want, strict=True):
             torch.testing.assert_close(step_got, step_want, rtol=0, atol=1e-4)
@@ -73,8 +50,8 @@ def test_moe_graph_replay_under_sparsify_experts_matches_the_cached_forward_on_g
     model.set_experts_implementation("sparsify")
     prompt = IDS[:, :6].cuda()
     with torch.no_grad():
-        want_ids, want = _reference(model, prompt, steps=8)
-        got_ids, got = _engine(model, prompt, steps=8, use_graph=True)
+        want_ids, want = reference_decode(model, prompt, steps=8)
+        got_ids, got = engine_decode(model, prompt, steps=8, use_graph=True)
     assert got_ids.tolist() == want_ids.tolist()
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got.float(), step_want.float(), rtol=0, atol=0.02 * step_want.abs().max().item())

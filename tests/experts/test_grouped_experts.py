@@ -76,6 +76,16 @@ def close(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_same_output_and_routing_gradients(eager, fast, tokens: int) -> None:
+    """Both blocks on the same input: equal outputs, input gradients and router gradients."""
+    x, probe = inputs(tokens)
+    expected, expected_dx = run(eager, x, probe)
+    got, got_dx = run(fast, x, probe)
+    close(got, expected, "output")
+    close(got_dx, expected_dx, "input gradient")
+    close(fast.gate.weight.grad, eager.gate.weight.grad, "router gradient")
+
+
 # (experts, top_k, tokens): k = E below and above the expert width (bmm and one-GEMM branches), and k < E,
 # including few tokens over many experts, so some experts get no rows at all.
 CASES = {
@@ -91,12 +101,7 @@ CASES = {
 @pytest.mark.parametrize("experts, top_k, tokens", CASES.values(), ids=CASES.keys())
 def test_sorted_path_matches_eager_outputs_and_gradients(experts, top_k, tokens):
     eager, fast = moe_block(experts, top_k)
-    x, probe = inputs(tokens)
-    expected, expected_dx = run(eager, x, probe)
-    got, got_dx = run(fast, x, probe)
-    close(got, expected, "output")
-    close(got_dx, expected_dx, "input gradient")
-    close(fast.gate.weight.grad, eager.gate.weight.grad, "router gradient")
+    assert_same_output_and_routing_gradients(eager, fast, tokens)
     close(fast.experts.gate_up_proj.grad, eager.experts.gate_up_proj.grad, "gate_up_proj gradient")
     close(fast.experts.down_proj.grad, eager.experts.down_proj.grad, "down_proj gradient")
     if tokens * top_k < experts:  # the case meant to leave experts empty does: their weight gradient is exactly 0
@@ -121,12 +126,7 @@ def test_frozen_expert_weights_still_give_input_and_router_gradients_and_no_weig
     eager, fast = moe_block(experts, top_k)
     for block in (eager, fast):
         block.experts.requires_grad_(False)
-    x, probe = inputs(tokens)
-    expected, expected_dx = run(eager, x, probe)
-    got, got_dx = run(fast, x, probe)
-    close(got, expected, "output")
-    close(got_dx, expected_dx, "input gradient")
-    close(fast.gate.weight.grad, eager.gate.weight.grad, "router gradient")
+    assert_same_output_and_routing_gradients(eager, fast, tokens)
     assert fast.experts.gate_up_proj.grad is None and fast.experts.down_proj.grad is None
 
 
