@@ -154,8 +154,10 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             from sparsify.engine.graph_decode import time_decode_steps
 
             baseline = _start_peak(device)
-            per_token, graphed = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
-            entry["decode_engine"] = "graph" if graphed else "static-cache (eager: no CUDA graphs here)"
+            per_token, engine = time_decode_steps(model, ids, decode_tokens, warmup=warmup, repeats=repeats)
+            entry["decode_engine"] = "graph" if engine.use_graph else "static-cache (eager: no CUDA graphs here)"
+            if experts is not None:  # MoE decode: the fused routed-FFN kernels, or the model's blocks and why
+                entry["decode_moe_sublayer"] = "fused kernels" if engine.routed_ffn_kernels else f"model's block ({engine.routed_ffn_skipped})"
             non_positive = "a decode step time that is not positive"
         elif decode_tokens > 1:
             baseline = _start_peak(device)

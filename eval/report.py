@@ -99,8 +99,9 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
             batch = entry["batch"]
             engine = {"hf": "", "graph": " (CUDA graph)"}.get(entry.get("decode_engine", "hf"), " (static cache, eager)")
             experts = f" [experts: {entry['experts_implementation']}]" if entry.get("experts_implementation") else ""
+            fused = " [MoE sublayer: fused kernels]" if entry.get("decode_moe_sublayer") == "fused kernels" else ""
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s{experts}, batch {batch}", ",.0f"),
-                                    ("decode_tokens_per_s", f"decode tokens/s{engine}{experts}, batch {batch}", ",.1f")):
+                                    ("decode_tokens_per_s", f"decode tokens/s{engine}{experts}{fused}, batch {batch}", ",.1f")):
                 measured = {"model": _at(entry, key), "teacher": _at(cost, "teacher", "speed", name, key)}
                 spread = {side: (m["min"], m["max"]) for side, m in measured.items() if m and m["min"] is not None}
                 problems = {side: m["problem"] for side, m in measured.items() if m and m.get("problem")}

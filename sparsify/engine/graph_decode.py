@@ -35,6 +35,7 @@ from torch import nn
 
 from sparsify.errors import SparsifyError
 from sparsify.engine import decode_kernels
+from sparsify.engine.routed_ffn import RoutedFFN
 from sparsify.convert.skip.modeling_skip import rotate_heads
 
 
@@ -44,6 +45,7 @@ class _Layer:
     block: nn.Module
     attention_gate: nn.Module | None
     ffn_gate: nn.Module | None
+    routed: RoutedFFN | None = None  # an MoE FFN run as three fused kernels (sparsify/engine/routed_ffn.py)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class GraphDecoder:
         self.capture_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.
         self.kernels = self._load_kernels(decoder, evaluated)
+        self.routed_ffn_skipped = self._route_ffns()
         supported = self.device.type == "cuda" and (self.kernels is not None or not self.gated)
         self.use_graph = supported if use_graph is None else use_graph
         if self.use_graph and not supported:
@@ -163,6 +166,27 @@ class GraphDecoder:
             raise SparsifyError(f"the graph decode engine cannot evaluate this model's gates on the GPU: {problem}; use --decode-engine hf")
         warnings.warn(f"decode engine: plain transformers norms, no fused kernels ({problem})", stacklevel=3)
         return None
+
+    def _route_ffns(self) -> str | None:
+        """Give each ungated MoE layer its fused sublayer where it applies; returns why one could
+        not have it (None: every MoE layer has it, or the model has none)."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        missed = None
+        for layer in self.layers:
+            if layer.ffn_gate is not None or not hasattr(layer.block.mlp, "experts"):
+                continue
+            routed, reason = RoutedFFN.of(layer.block, probe)
+            if routed is not None and not routed.fits(self.batch):
+                reason = f"batch {self.batch} x top-{routed.top_k} is more pairs than the decode kernels take"
+                routed = None
+            layer.routed = routed
+            missed = missed or (reason or None)
+        return missed
+
+    @property
+    def routed_ffn_kernels(self) -> bool:
+        """Whether MoE layers decode through the fused routed-FFN kernels."""
+        return any(layer.routed is not None for layer in self.layers)
 
     # -- the step ---------------------------------------------------------------------------------
     def _norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -235,6 +259,9 @@ class GraphDecoder:
                 _add_output(hidden, attention.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1)), mask)
 
             self._run_if(layer.attention_gate, decision, attend)
+            if layer.routed is not None:
+                layer.routed.add_to(hidden)
+                continue
             normed, decision = self._norm_and_decide(block.post_attention_layernorm, hidden, layer.ffn_gate)
             self._run_if(layer.ffn_gate, decision, lambda mask, block=block, normed=normed: _add_output(hidden, block.mlp(normed), mask))
         logits = self.model.lm_head(self._norm(decoder.norm, hidden))
@@ -302,10 +329,11 @@ class GraphDecoder:
 
 
 def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,
-                      use_graph: bool | None = None) -> tuple[list[float], bool]:
+                      use_graph: bool | None = None) -> tuple[list[float], GraphDecoder]:
     """Seconds per decode step, one figure per repeat: each repeat prefills `ids` (untimed), then
-    times `steps` back-to-back steps. The graph is captured once, during the warm-up. Also says
-    whether CUDA graphs were used (not on CPU, nor for gated models without nvcc)."""
+    times `steps` back-to-back steps. The graph is captured once, during the warm-up. Also returns
+    the engine, which says what ran: CUDA graphs or not (not on CPU, nor for gated models without
+    nvcc), fused MoE sublayers or the model's own blocks."""
     import time
 
     engine = GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=use_graph)
@@ -324,4 +352,4 @@ def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup
 
     for _ in range(max(warmup, 1)):
         once()
-    return [once() for _ in range(repeats)], engine.use_graph
+    return [once() for _ in range(repeats)], engine

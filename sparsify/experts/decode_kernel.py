@@ -94,25 +94,39 @@ def _kernels():
 BLOCK_N, BLOCK_K = 32, 128
 
 
+def gate_up_intermediate(gate_up_proj: torch.Tensor, x: torch.Tensor, experts_of_pairs: torch.Tensor,
+                         pair_weights: torch.Tensor) -> torch.Tensor:
+    """Kernel 1 alone: x (T, H); experts_of_pairs (T*k,) int32 and pair_weights (T*k,) in (token,
+    slot) order -> the weighted SwiGLU intermediate (T*k, I), same order."""
+    import triton
+
+    gate_up_swiglu, _ = _kernels()
+    tokens, hidden = x.shape
+    pairs = experts_of_pairs.numel()
+    count, double_width, _ = gate_up_proj.shape
+    width = double_width // 2
+    intermediate = torch.empty(pairs, width, dtype=x.dtype, device=x.device)
+    gate_up_swiglu[(count, triton.cdiv(width, BLOCK_N))](x, gate_up_proj, experts_of_pairs, pair_weights, intermediate, pairs,
+                                                         pairs // tokens, hidden, width, PAIRS=max(16, triton.next_power_of_2(pairs)),
+                                                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return intermediate
+
+
 def few_token_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                       weights: torch.Tensor) -> torch.Tensor:
     """x (T, H), top_k_index / weights (T, k), T*k <= MAX_PAIRS; gate_up_proj (E, 2I, H), down_proj
     (E, H, I), contiguous. Returns (T, H). No autograd: inference only."""
     import triton
 
-    gate_up_swiglu, down = _kernels()
+    _, down = _kernels()
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
-    count, double_width, _ = gate_up_proj.shape
-    width = double_width // 2
+    count = gate_up_proj.shape[0]
     pairs = tokens * top_k
-    padded = max(16, triton.next_power_of_2(pairs))
     experts_of_pairs = top_k_index.reshape(-1).to(torch.int32)
-    x = x.contiguous()
-    intermediate = torch.empty(pairs, width, dtype=x.dtype, device=x.device)
-    gate_up_swiglu[(count, triton.cdiv(width, BLOCK_N))](x, gate_up_proj, experts_of_pairs, weights.reshape(-1), intermediate, pairs, top_k,
-                                                         hidden, width, PAIRS=padded, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    intermediate = gate_up_intermediate(gate_up_proj, x.contiguous(), experts_of_pairs, weights.reshape(-1))
+    width = intermediate.shape[1]
     out = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)
     down[(count, triton.cdiv(hidden, BLOCK_N))](intermediate, down_proj, experts_of_pairs, out, pairs, hidden, width,
-                                                PAIRS=padded, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                                                PAIRS=max(16, triton.next_power_of_2(pairs)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out.view(tokens, top_k, hidden).sum(1)

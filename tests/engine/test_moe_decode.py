@@ -48,6 +48,10 @@ def test_moe_graph_replay_under_sparsify_experts_matches_the_cached_forward_on_g
     model = AutoModelForCausalLM.from_pretrained(moe_models[(family, "fine-moe")], dtype=torch.bfloat16).cuda().eval()
     register()
     model.set_experts_implementation("sparsify")
+    from sparsify.engine.graph_decode import GraphDecoder
+
+    engine = GraphDecoder(model, batch=1, max_len=16)
+    assert engine.routed_ffn_kernels, engine.routed_ffn_skipped  # the fused sublayer (tests/engine/test_routed_ffn.py)
     prompt = IDS[:, :6].cuda()
     with torch.no_grad():
         want_ids, want = reference_decode(model, prompt, steps=8)
