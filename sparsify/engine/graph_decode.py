@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.engine import decode_kernels
+from sparsify.engine import attention_kernels, decode_kernels, fused_sublayers
 from sparsify.engine.routed_ffn import RoutedFFN
 from sparsify.convert.skip.modeling_skip import rotate_heads
 
@@ -46,6 +46,8 @@ class _Layer:
     attention_gate: nn.Module | None
     ffn_gate: nn.Module | None
     routed: RoutedFFN | None = None  # an MoE FFN run as three fused kernels (sparsify/engine/routed_ffn.py)
+    fused_attention: bool = False  # sparsify/engine/fused_sublayers.py
+    fused_mlp: bool = False
 
 
 @dataclass
@@ -117,6 +119,7 @@ class GraphDecoder:
         # The fused kernels serve the eager GPU step too, so eager and replayed steps compute alike.
         self.kernels = self._load_kernels(decoder, evaluated)
         self.routed_ffn_skipped = self._route_ffns()
+        self._plan_fused_sublayers()
         supported = self.device.type == "cuda" and (self.kernels is not None or not self.gated)
         self.use_graph = supported if use_graph is None else use_graph
         if self.use_graph and not supported:
@@ -183,6 +186,16 @@ class GraphDecoder:
             missed = missed or (reason or None)
         return missed
 
+    def _plan_fused_sublayers(self) -> None:
+        """Ungated attention and dense FFN sublayers with fewer kernels, where the engine's own norm
+        kernels run (a GPU) and Triton is there; on CPU the step stays the model's own modules."""
+        if self.kernels is None or not attention_kernels.available(torch.empty(0, dtype=self.dtype, device=self.device)):
+            return
+        for layer in self.layers:
+            block = layer.block
+            layer.fused_attention = layer.attention_gate is None and fused_sublayers.attention_fusable(block.self_attn, self.dtype)
+            layer.fused_mlp = layer.ffn_gate is None and layer.routed is None and fused_sublayers.mlp_fusable(block.mlp)
+
     @property
     def routed_ffn_kernels(self) -> bool:
         """Whether MoE layers decode through the fused routed-FFN kernels."""
@@ -241,6 +254,11 @@ class GraphDecoder:
         visible = (self.slots <= self.position)[None, None, None, :]
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn
+            if layer.fused_attention:
+                fused_sublayers.attend(attention, self._norm(block.input_layernorm, hidden), hidden, self.position, self.cos_table,
+                                       self.sin_table, self.keys[layer.index], self.values[layer.index], visible)
+                self._ffn(layer, hidden)
+                continue
             normed, decision = self._norm_and_decide(block.input_layernorm, hidden, layer.attention_gate)
             shape = (self.batch, 1, -1, attention.head_dim)
             keys = attention.k_proj(normed).view(shape)
@@ -259,16 +277,22 @@ class GraphDecoder:
                 _add_output(hidden, attention.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1)), mask)
 
             self._run_if(layer.attention_gate, decision, attend)
-            if layer.routed is not None:
-                layer.routed.add_to(hidden)
-                continue
-            normed, decision = self._norm_and_decide(block.post_attention_layernorm, hidden, layer.ffn_gate)
-            self._run_if(layer.ffn_gate, decision, lambda mask, block=block, normed=normed: _add_output(hidden, block.mlp(normed), mask))
+            self._ffn(layer, hidden)
         logits = self.model.lm_head(self._norm(decoder.norm, hidden))
         self.position.add_(1)
         self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.history.index_copy_(1, self.position, self.token)
         self.last_logits = logits
+
+    def _ffn(self, layer: _Layer, hidden: torch.Tensor) -> None:
+        block = layer.block
+        if layer.routed is not None:
+            layer.routed.add_to(hidden)
+        elif layer.fused_mlp:
+            fused_sublayers.dense_ffn(block.mlp, self._norm(block.post_attention_layernorm, hidden), hidden)
+        else:
+            normed, decision = self._norm_and_decide(block.post_attention_layernorm, hidden, layer.ffn_gate)
+            self._run_if(layer.ffn_gate, decision, lambda mask: _add_output(hidden, block.mlp(normed), mask))
 
     # -- public -----------------------------------------------------------------------------------
     @torch.no_grad()

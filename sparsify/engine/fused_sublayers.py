@@ -1,0 +1,68 @@
+"""The decode step's ungated attention and dense FFN sublayers with fewer kernels, on a GPU.
+
+Same modules, same weights, no copies: the projections stay the model's own linears (cuBLAS), and
+what lies between them is fused (sparsify/engine/attention_kernels.py):
+
+    attention   norm, q/k/v projections, rope_and_cache (q/k norms, rotary embedding, cache
+                writes: one kernel for ~12), SDPA, o_proj with the residual add folded into the
+                GEMM (addmm_, beta = 1)
+    dense FFN   norm, gate and up projections, silu_mul (one kernel for two), down_proj with the
+                residual add folded into the GEMM
+
+Dense teachers and MoE students both decode through this, so their ratio compares FFNs rather
+than launch overheads the two share. The one numerical difference from the model's own forward:
+the residual add of o_proj and down_proj happens before the projection's output is rounded to
+the activations' dtype (one rounding instead of two).
+
+Gated sublayers (skip models) keep the engine's generic path: their q projection and body kernels
+must stay inside the IF node.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.engine import attention_kernels
+from sparsify.engine.decode_kernels import fusable_norm
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def attention_fusable(attention: nn.Module, dtype: torch.dtype) -> bool:
+    projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
+    norms_ok = all(n is None for n in norms) or all(n is not None and fusable_norm(n, dtype) for n in norms)
+    return all(_plain_linear(p) for p in projections) and norms_ok and attention.head_dim % 2 == 0
+
+
+def mlp_fusable(mlp: nn.Module) -> bool:
+    linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(_plain_linear(m) and m.bias is None for m in linears) and "SiLU" in type(getattr(mlp, "act_fn", None)).__name__)
+
+
+def _add_projection(hidden: torch.Tensor, x: torch.Tensor, projection: nn.Linear) -> None:
+    """hidden += projection(x), the add inside the GEMM where the projection has no bias."""
+    rows = hidden.view(-1, hidden.shape[-1])
+    if projection.bias is None:
+        rows.addmm_(x.reshape(rows.shape[0], -1), projection.weight.t())
+    else:
+        hidden.add_(projection(x.reshape(hidden.shape[0], hidden.shape[1], -1)))
+
+
+def attend(attention: nn.Module, normed: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
+           sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor) -> None:
+    """hidden += attention(normed) for one decode step, writing this step's key and value."""
+    queries = attention_kernels.rope_and_cache(attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed),
+                                               cos_table, sin_table, position, key_cache, value_cache,
+                                               getattr(attention, "q_norm", None), getattr(attention, "k_norm", None))
+    out = F.scaled_dot_product_attention(queries, key_cache, value_cache, attn_mask=visible, scale=attention.scaling, enable_gqa=True)
+    _add_projection(hidden, out.transpose(1, 2), attention.o_proj)
+
+
+def dense_ffn(mlp: nn.Module, normed: torch.Tensor, hidden: torch.Tensor) -> None:
+    """hidden += mlp(normed)."""
+    _add_projection(hidden, attention_kernels.silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed)), mlp.down_proj)

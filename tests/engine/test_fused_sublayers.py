@@ -1,0 +1,65 @@
+"""The decode engine's fused attention and dense FFN sublayers (sparsify/engine/fused_sublayers.py,
+attention_kernels.py): not used on CPU (the step stays the model's own modules there); on a GPU the
+rope-and-cache kernel reproduces the rotary embedding, q/k norms and cache writes exactly, and dense
+models of every family decode through the fused sublayers as through their own cached forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+from support import IDS, engine_decode, reference_decode
+
+from sparsify.convert.skip.modeling_skip import rotate_heads
+from sparsify.engine.graph_decode import GraphDecoder
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def test_on_cpu_the_step_keeps_the_models_own_modules(dense_weights):
+    model = AutoModelForCausalLM.from_pretrained(dense_weights["llama"]).eval()
+    engine = GraphDecoder(model, batch=1, max_len=8)
+    assert not any(layer.fused_attention or layer.fused_mlp for layer in engine.layers)
+
+
+@gpu
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_rope_and_cache_kernel_matches_the_rotary_embedding_on_gpu(head_norms):
+    from sparsify.engine import attention_kernels
+
+    torch.manual_seed(0)
+    dtype, batch, heads, kv_heads, head_dim, max_len, position = torch.bfloat16, 3, 8, 2, 64, 12, 7
+    q, k, v = (torch.randn(batch, 1, n * head_dim, device="cuda", dtype=dtype) for n in (heads, kv_heads, kv_heads))
+    angles = torch.rand(max_len, head_dim // 2, device="cuda") * 3
+    cos, sin = (torch.cat([f(angles), f(angles)], -1).to(dtype) for f in (torch.cos, torch.sin))
+    key_cache, value_cache = torch.zeros(2, batch, kv_heads, max_len, head_dim, device="cuda", dtype=dtype)
+    norms = [Qwen3RMSNorm(head_dim).to("cuda", dtype) for _ in range(2)] if head_norms else [None, None]
+    for norm in norms if head_norms else []:
+        torch.nn.init.normal_(norm.weight)
+    where = torch.tensor([position], device="cuda")
+    queries = attention_kernels.rope_and_cache(q, k, v, cos, sin, where, key_cache, value_cache, *norms)
+    want_q, want_k = q.view(batch, 1, heads, head_dim), k.view(batch, 1, kv_heads, head_dim)
+    if head_norms:
+        want_q, want_k = norms[0](want_q), norms[1](want_k)
+    at = (cos[where][None], sin[where][None])
+    torch.testing.assert_close(queries, rotate_heads(want_q.transpose(1, 2), *at), rtol=0, atol=0)
+    torch.testing.assert_close(key_cache[:, :, position:position + 1], rotate_heads(want_k.transpose(1, 2), *at), rtol=0, atol=0)
+    torch.testing.assert_close(value_cache[:, :, position:position + 1], v.view(batch, 1, kv_heads, head_dim).transpose(1, 2))
+    assert key_cache[:, :, :position].abs().sum() == 0 and value_cache[:, :, position + 1:].abs().sum() == 0
+
+
+@gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_dense_models_decode_through_the_fused_sublayers_like_their_cached_forward_on_gpu(family, dense_weights):
+    model = AutoModelForCausalLM.from_pretrained(dense_weights[family], dtype=torch.bfloat16).cuda().eval()
+    engine = GraphDecoder(model, batch=2, max_len=16)
+    assert all(layer.fused_attention and layer.fused_mlp for layer in engine.layers)
+    prompt = IDS[:, :6].cuda()
+    with torch.no_grad():
+        want_ids, want = reference_decode(model, prompt, steps=8)
+        got_ids, got = engine_decode(model, prompt, steps=8, use_graph=True)
+    assert got_ids.tolist() == want_ids.tolist()
+    for step_got, step_want in zip(got, want, strict=True):
+        torch.testing.assert_close(step_got.float(), step_want.float(), rtol=0, atol=0.02 * step_want.abs().max().item())
