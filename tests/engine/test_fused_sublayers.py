@@ -44,8 +44,11 @@ def test_rope_and_cache_kernel_matches_the_rotary_embedding_on_gpu(head_norms):
     if head_norms:
         want_q, want_k = norms[0](want_q), norms[1](want_k)
     at = (cos[where][None], sin[where][None])
-    torch.testing.assert_close(queries, rotate_heads(want_q.transpose(1, 2), *at), rtol=0, atol=0)
-    torch.testing.assert_close(key_cache[:, :, position:position + 1], rotate_heads(want_k.transpose(1, 2), *at), rtol=0, atol=0)
+    # To one bf16 rounding step: the same operations, rounded alike, except where the kernel's fp32
+    # -> bf16 conversions and PyTorch's land on different sides (seen on the H100 at a few elements).
+    one_step = {"rtol": 0.01, "atol": 0.02}
+    torch.testing.assert_close(queries, rotate_heads(want_q.transpose(1, 2), *at), **one_step)
+    torch.testing.assert_close(key_cache[:, :, position:position + 1], rotate_heads(want_k.transpose(1, 2), *at), **one_step)
     torch.testing.assert_close(value_cache[:, :, position:position + 1], v.view(batch, 1, kv_heads, head_dim).transpose(1, 2))
     assert key_cache[:, :, :position].abs().sum() == 0 and value_cache[:, :, position + 1:].abs().sum() == 0
 
