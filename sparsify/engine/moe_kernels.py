@@ -81,22 +81,18 @@ def _kernels():
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < HIDDEN
         acc = tl.zeros((TOKENS, BLOCK_N), dtype=tl.float32)
-        # One flat loop over (expert, block of I), so the loads of the next expert are in flight
-        # while this one is multiplied (a loop per expert would stall at each expert's first block).
-        # An expert no token chose has every load masked off: it costs an empty iteration, no bytes.
-        K_BLOCKS: tl.constexpr = (WIDTH + BLOCK_K - 1) // BLOCK_K
-        for step in range(EXPERTS * K_BLOCKS):
-            expert = step // K_BLOCKS
-            k = (step % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = k < WIDTH
+        for expert in range(EXPERTS):
             match = (chosen == expert).to(tl.int32)  # (tokens, slots): a token picks an expert at most once
             picked = tl.max(match, axis=1) > 0
-            anyone = tl.max(picked.to(tl.int32), axis=0) > 0
-            pair = t * TOP_K + tl.argmax(match, axis=1)
-            h = tl.load(h_ptr + pair[:, None] * WIDTH + k[None, :], mask=picked[:, None] & k_ok[None, :], other=0.0)
-            d = tl.load(w_ptr + expert * HIDDEN * WIDTH + n[:, None] * WIDTH + k[None, :],  # D_e is (H, I)
-                        mask=anyone & n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(d), acc)
+            if tl.sum(picked.to(tl.int32), axis=0) > 0:  # an expert no token chose is never read
+                pair = t * TOP_K + tl.argmax(match, axis=1)
+                rows = w_ptr + expert * HIDDEN * WIDTH + n[:, None] * WIDTH  # D_e is (H, I)
+                for k0 in range(0, WIDTH, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < WIDTH
+                    h = tl.load(h_ptr + pair[:, None] * WIDTH + k[None, :], mask=picked[:, None] & k_ok[None, :], other=0.0)
+                    d = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc = tl.dot(h, tl.trans(d), acc)
         dtype = hidden_ptr.dtype.element_ty
         where = hidden_ptr + t[:, None] * HIDDEN + n[None, :]
         ok = t_ok[:, None] & n_ok[None, :]
