@@ -82,8 +82,13 @@ def main() -> None:
                 for parameter in layer.mlp.parameters():
                     torch.nn.init.normal_(parameter, std=0.02)
             routed = [RoutedFFN.of(layer, hidden)[0] for layer in layers]
-            for gate_up, down in itertools.product([(32, 128), (16, 128), (32, 256), (64, 64)], [(16, 256), (16, 128), (32, 128), (8, 512)]):
+            # gate_up (BLOCK_N, BLOCK_K); down at <= 4 tokens (multiply-and-sum) and at more (tl.dot)
+            candidates = itertools.product([(32, 128), (32, 256)], [(8, 256), (4, 512), (8, 512), (16, 256)], [(16, 256), (16, 128)])
+            for gate_up, few, down in candidates:
+                if batch > moe_kernels.FEW_TOKENS and few != (8, 256) or batch <= moe_kernels.FEW_TOKENS and down != (16, 256):
+                    continue  # the other path's block sizes do not change this batch's kernels
                 decode_kernel.BLOCK_N, decode_kernel.BLOCK_K = gate_up
+                moe_kernels.FEW_BLOCK_N, moe_kernels.FEW_BLOCK_K = few
                 moe_kernels.DOWN_BLOCK_N, moe_kernels.DOWN_BLOCK_K = down
 
                 def moe_step():
@@ -93,11 +98,11 @@ def main() -> None:
                 try:
                     us = graph_us(moe_step)
                 except Exception as error:  # noqa: BLE001 - a block size that does not compile is a result too
-                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": down,
+                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": few if batch <= 4 else down,
                                     "error": str(error).splitlines()[0][:200]})
                     continue
-                results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": down,
-                                "us_per_sublayer": us, "vs_dense": dense_us / us})
+                results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up,
+                                "down": few if batch <= moe_kernels.FEW_TOKENS else down, "us_per_sublayer": us, "vs_dense": dense_us / us})
     print(json.dumps({"bench": "tune_moe_decode", "device": torch.cuda.get_device_name(), "results": results}, indent=1))
 
 

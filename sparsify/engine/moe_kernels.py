@@ -72,7 +72,7 @@ def _kernels():
     @triton.jit
     def down_add(h_ptr, w_ptr, experts_ptr, hidden_ptr, tokens, HIDDEN: tl.constexpr, WIDTH: tl.constexpr,
                  EXPERTS: tl.constexpr, TOP_K: tl.constexpr, TOKENS: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
         block = tl.program_id(0)
         t = tl.arange(0, TOKENS)
         t_ok = t < tokens
@@ -92,7 +92,10 @@ def _kernels():
                     k_ok = k < WIDTH
                     h = tl.load(h_ptr + pair[:, None] * WIDTH + k[None, :], mask=picked[:, None] & k_ok[None, :], other=0.0)
                     d = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                    acc = tl.dot(h, tl.trans(d), acc)
+                    if USE_DOT:  # enough tokens for the tensor cores' 16-row minimum
+                        acc = tl.dot(h, tl.trans(d), acc)
+                    else:  # a few tokens: multiply-and-sum, so a program can own fewer than 16 outputs
+                        acc += tl.sum(h.to(tl.float32)[:, None, :] * d.to(tl.float32)[None, :, :], axis=2)
         dtype = hidden_ptr.dtype.element_ty
         where = hidden_ptr + t[:, None] * HIDDEN + n[None, :]
         ok = t_ok[:, None] & n_ok[None, :]
@@ -102,7 +105,8 @@ def _kernels():
     return norm_route, down_add
 
 
-DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 256
+DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 256  # 16 tokens or more (tl.dot)
+FEW_TOKENS, FEW_BLOCK_N, FEW_BLOCK_K = 4, 8, 256  # up to FEW_TOKENS tokens: more, narrower programs
 
 
 def norm_route(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor, top_k: int,
@@ -131,7 +135,9 @@ def down_add(intermediate: torch.Tensor, down_proj: torch.Tensor, experts: torch
     tokens, width = hidden.shape
     top_k = experts.shape[1]
     count, _, inner = down_proj.shape
-    kernel[(triton.cdiv(width, DOWN_BLOCK_N),)](intermediate, down_proj, experts, hidden, tokens, HIDDEN=width, WIDTH=inner,
-                                                EXPERTS=count, TOP_K=top_k, TOKENS=max(16, triton.next_power_of_2(tokens)),
-                                                BLOCK_SLOTS=max(2, triton.next_power_of_2(top_k)), BLOCK_N=DOWN_BLOCK_N,
-                                                BLOCK_K=DOWN_BLOCK_K)
+    few = tokens <= FEW_TOKENS
+    block_n, block_k = (FEW_BLOCK_N, FEW_BLOCK_K) if few else (DOWN_BLOCK_N, DOWN_BLOCK_K)
+    padded = triton.next_power_of_2(tokens) if few else max(16, triton.next_power_of_2(tokens))
+    kernel[(triton.cdiv(width, block_n),)](intermediate, down_proj, experts, hidden, tokens, HIDDEN=width, WIDTH=inner, EXPERTS=count,
+                                           TOP_K=top_k, TOKENS=padded, BLOCK_SLOTS=max(2, triton.next_power_of_2(top_k)), BLOCK_N=block_n,
+                                           BLOCK_K=block_k, USE_DOT=not few)
