@@ -98,7 +98,7 @@ def main() -> None:
                 try:
                     us = graph_us(moe_step)
                 except Exception as error:  # noqa: BLE001 - a block size that does not compile is a result too
-                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": few if batch <= 4 else down,
+                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": few if batch <= moe_kernels.FEW_TOKENS else down,
                                     "error": str(error).splitlines()[0][:200]})
                     continue
                 results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up,

@@ -106,7 +106,7 @@ def _kernels():
 
 
 DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 256  # 16 tokens or more (tl.dot)
-FEW_TOKENS, FEW_BLOCK_N, FEW_BLOCK_K = 4, 8, 256  # up to FEW_TOKENS tokens: more, narrower programs
+FEW_TOKENS, FEW_BLOCK_N, FEW_BLOCK_K = 2, 8, 512  # up to FEW_TOKENS tokens: more, narrower programs (bench/tune_moe_decode.py)
 
 
 def norm_route(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor, top_k: int,
