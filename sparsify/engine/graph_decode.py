@@ -10,6 +10,9 @@ never run, with no host synchronisation at all. Dense models go through the same
 skip model and its teacher are timed under one harness. Each RMSNorm is one kernel (eight in
 transformers), and a gated sublayer's norm kernel also evaluates the gate and sets the IF node's
 condition (sparsify/engine/decode_kernels.py), so a gate adds one conditional node and no kernel.
+On a GPU, ungated sublayers run with fewer kernels (sparsify/engine/fused_sublayers.py) and an
+MoE model's routed FFN as three fused kernels (sparsify/engine/routed_ffn.py); on CPU the step is
+the model's own modules.
 
 Decisions are the skip model's own (same gate, same threshold, same KV rule: a skipped
 attention sublayer still writes the token's keys and values). At batch > 1 a sublayer runs when
