@@ -3,8 +3,8 @@ sparsify/experts/decode_kernel.py), chosen by measurement on the GPU machine; pr
 
 Times one routed FFN sublayer (norm+route, gate_up, down+add) at the Llama-1B shape replayed in a
 CUDA graph (so launch latency counts as it does in the engine) for each candidate block size,
-beside the dense FFN sublayer as the engine runs it (its one-kernel RMSNorm, transformers' MLP:
-gate/up/down GEMVs and SwiGLU, the residual add),
+beside the dense FFN sublayer as the engine runs it (sparsify/engine/fused_sublayers.py: its
+one-kernel RMSNorm, the gate and up GEMVs, silu_mul, down with the residual add in the GEMM),
 at batch 1, 4 and 16.
 
     python bench/tune_moe_decode.py --top-k 4,8
@@ -54,7 +54,7 @@ def main() -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
-    from sparsify.engine import decode_kernels, moe_kernels
+    from sparsify.engine import decode_kernels, fused_sublayers, moe_kernels
     from sparsify.engine.routed_ffn import RoutedFFN
     from sparsify.experts import decode_kernel, register
 
@@ -69,7 +69,7 @@ def main() -> None:
 
         def dense_step():
             for layer in dense:
-                hidden.add_(layer.mlp(kernels.rms_norm(layer.post_attention_layernorm, hidden)))
+                fused_sublayers.dense_ffn(layer.mlp, kernels.rms_norm(layer.post_attention_layernorm, hidden), hidden)
 
         dense_us = graph_us(dense_step)
         results.append({"layout": "dense", "batch": batch, "us_per_sublayer": dense_us})
@@ -83,7 +83,7 @@ def main() -> None:
                     torch.nn.init.normal_(parameter, std=0.02)
             routed = [RoutedFFN.of(layer, hidden)[0] for layer in layers]
             # gate_up (BLOCK_N, BLOCK_K); down at <= 4 tokens (multiply-and-sum) and at more (tl.dot)
-            candidates = itertools.product([(32, 128), (32, 256)], [(8, 256), (4, 512), (8, 512), (16, 256)], [(16, 256), (16, 128)])
+            candidates = itertools.product([(32, 128), (32, 256)], [(8, 512), (4, 512), (8, 256)], [(16, 256), (16, 128)])
             for gate_up, few, down in candidates:
                 if batch > moe_kernels.FEW_TOKENS and few != (8, 256) or batch <= moe_kernels.FEW_TOKENS and down != (16, 256):
                     continue  # the other path's block sizes do not change this batch's kernels
