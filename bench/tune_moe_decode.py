@@ -1,4 +1,4 @@
-"""Block sizes for the decode engine's fused MoE sublayer (sparsify/engine/moe_kernels.py and
+"""Block sizes for the decode engine's fused MoE sublayer (its expert kernels in
 sparsify/experts/decode_kernel.py), chosen by measurement on the GPU machine; prints JSON.
 
 Times one routed FFN sublayer (norm+route, gate_up, down+add) at the Llama-1B shape replayed in a
@@ -54,7 +54,7 @@ def main() -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
-    from sparsify.engine import decode_kernels, fused_sublayers, moe_kernels
+    from sparsify.engine import decode_kernels, fused_sublayers
     from sparsify.engine.routed_ffn import RoutedFFN
     from sparsify.experts import decode_kernel, register
 
@@ -85,11 +85,11 @@ def main() -> None:
             # gate_up (BLOCK_N, BLOCK_K); down at <= 4 tokens (multiply-and-sum) and at more (tl.dot)
             candidates = itertools.product([(32, 128), (32, 256)], [(8, 512), (4, 512), (8, 256)], [(16, 256), (16, 128)])
             for gate_up, few, down in candidates:
-                if batch > moe_kernels.FEW_TOKENS and few != (8, 256) or batch <= moe_kernels.FEW_TOKENS and down != (16, 256):
+                if batch > decode_kernel.FEW_TOKENS and few != (8, 256) or batch <= decode_kernel.FEW_TOKENS and down != (16, 256):
                     continue  # the other path's block sizes do not change this batch's kernels
                 decode_kernel.BLOCK_N, decode_kernel.BLOCK_K = gate_up
-                moe_kernels.FEW_BLOCK_N, moe_kernels.FEW_BLOCK_K = few
-                moe_kernels.DOWN_BLOCK_N, moe_kernels.DOWN_BLOCK_K = down
+                decode_kernel.FEW_BLOCK_N, decode_kernel.FEW_BLOCK_K = few
+                decode_kernel.DOWN_BLOCK_N, decode_kernel.DOWN_BLOCK_K = down
 
                 def moe_step():
                     for sublayer in routed:
@@ -98,11 +98,11 @@ def main() -> None:
                 try:
                     us = graph_us(moe_step)
                 except Exception as error:  # noqa: BLE001 - a block size that does not compile is a result too
-                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": few if batch <= moe_kernels.FEW_TOKENS else down,
+                    results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up, "down": few if batch <= decode_kernel.FEW_TOKENS else down,
                                     "error": str(error).splitlines()[0][:200]})
                     continue
                 results.append({"layout": f"G=8 top-{top_k}", "batch": batch, "gate_up": gate_up,
-                                "down": few if batch <= moe_kernels.FEW_TOKENS else down, "us_per_sublayer": us, "vs_dense": dense_us / us})
+                                "down": few if batch <= decode_kernel.FEW_TOKENS else down, "us_per_sublayer": us, "vs_dense": dense_us / us})
     print(json.dumps({"bench": "tune_moe_decode", "device": torch.cuda.get_device_name(), "results": results}, indent=1))
 
 

@@ -23,12 +23,6 @@ from functools import cache
 
 import torch
 
-from sparsify.experts.swiglu_kernel import triton_available
-
-
-def available(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and triton_available()
-
 
 @cache
 def _kernels():

@@ -28,20 +28,16 @@ from sparsify.engine import attention_kernels
 from sparsify.engine.decode_kernels import fusable_norm
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 def attention_fusable(attention: nn.Module, dtype: torch.dtype) -> bool:
     projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
     norms_ok = all(n is None for n in norms) or all(n is not None and fusable_norm(n, dtype) for n in norms)
-    return all(_plain_linear(p) for p in projections) and norms_ok and attention.head_dim % 2 == 0
+    return all(isinstance(p, nn.Linear) for p in projections) and norms_ok and attention.head_dim % 2 == 0
 
 
 def mlp_fusable(mlp: nn.Module) -> bool:
     linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return (all(_plain_linear(m) and m.bias is None for m in linears) and "SiLU" in type(getattr(mlp, "act_fn", None)).__name__)
+    return all(isinstance(m, nn.Linear) and m.bias is None for m in linears) and "SiLU" in type(getattr(mlp, "act_fn", None)).__name__
 
 
 def _add_projection(hidden: torch.Tensor, x: torch.Tensor, projection: nn.Linear) -> None:

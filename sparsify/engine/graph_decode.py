@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.engine import attention_kernels, decode_kernels, fused_sublayers
+from sparsify.engine import decode_kernels, fused_sublayers
 from sparsify.engine.routed_ffn import RoutedFFN
+from sparsify.experts import decode_kernel
 from sparsify.convert.skip.modeling_skip import rotate_heads
 
 
@@ -192,7 +193,7 @@ class GraphDecoder:
     def _plan_fused_sublayers(self) -> None:
         """Ungated attention and dense FFN sublayers with fewer kernels, where the engine's own norm
         kernels run (a GPU) and Triton is there; on CPU the step stays the model's own modules."""
-        if self.kernels is None or not attention_kernels.available(torch.empty(0, dtype=self.dtype, device=self.device)):
+        if self.kernels is None or not decode_kernel.available(torch.empty(0, dtype=self.dtype, device=self.device)):
             return
         for layer in self.layers:
             block = layer.block
@@ -252,8 +253,9 @@ class GraphDecoder:
     def _step(self) -> None:
         decoder = self.model.model
         hidden = decoder.embed_tokens(self.token)
-        cos = self.cos_table.index_select(0, self.position)[None]
-        sin = self.sin_table.index_select(0, self.position)[None]
+        if not all(layer.fused_attention for layer in self.layers):  # the fused kernel reads the tables itself
+            cos = self.cos_table.index_select(0, self.position)[None]
+            sin = self.sin_table.index_select(0, self.position)[None]
         visible = (self.slots <= self.position)[None, None, None, :]
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn

@@ -1,4 +1,5 @@
-"""The MoE FFN sublayer of a decode step as three kernels (sparsify/engine/moe_kernels.py).
+"""The MoE FFN sublayer of a decode step as three kernels: norm+route (sparsify/engine/moe_kernels.py),
+gate_up and down+add (sparsify/experts/decode_kernel.py).
 
 `RoutedFFN.of(layer)` recognises a decoder layer whose FFN is one of transformers' routed blocks
 that sparsify writes (Mixtral, Qwen2-MoE without a shared expert, Qwen3-MoE), running under
@@ -66,7 +67,7 @@ class RoutedFFN:
         count, width = router.weight.shape
         if _next_power_of_2(count) * _next_power_of_2(width) > MAX_ROUTER_ELEMENTS:
             return None, f"{count} experts x hidden {width} is more router than one kernel program holds"
-        if not (moe_kernels.available(hidden) and decode_kernel.available(hidden)):
+        if not decode_kernel.available(hidden):
             return None, "no GPU or no Triton"
         return cls(norm, router, experts, router.top_k, rule(router)), ""
 
@@ -79,7 +80,7 @@ class RoutedFFN:
         normed, experts, weights = moe_kernels.norm_route(rows, self.norm.weight, self.norm.variance_epsilon, self.router.weight,
                                                           self.top_k, self.renormalize)
         intermediate = decode_kernel.gate_up_intermediate(self.experts.gate_up_proj, normed, experts.view(-1), weights.view(-1))
-        moe_kernels.down_add(intermediate, self.experts.down_proj, experts, rows)
+        decode_kernel.down_add(intermediate, self.experts.down_proj, experts, rows)
 
 
 def _next_power_of_2(n: int) -> int:
