@@ -1,4 +1,4 @@
-"""Where one decode step of the CUDA-graph engine spends its GPU time, dense against MoE layouts.
+"""Where one decode step of the CUDA-graph engine (or, with --prefill, one prefill) spends its GPU time, dense against MoE layouts.
 
 The engine's eager GPU step launches the same kernels its graph replays, so a torch.profiler trace
 of eager steps gives each kernel's GPU time; the replayed graph's step time beside it says how much
@@ -6,6 +6,10 @@ of the step is kernels and how much is the gaps between them. Prints JSON: per m
 step, the summed kernel time per step, the kernel count per step and the top kernels.
 
     python bench/profile_decode_step.py --shape llama-1b --layouts "fine-moe G=8 top-4,fine-moe G=8 top-8"
+
+With --prefill it profiles the model's own forward over the prompt (what the engine's prefill and
+`sparsify eval` time): its wall time, the summed kernel time and their ratio, which says whether
+the prefill is bound by the GPU or by the host launching it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import moe_speed  # noqa: E402
 
 
-def kernel_table(engine, steps: int) -> tuple[dict[str, float], int]:
-    """GPU microseconds per step by kernel name, and kernels per step, over `steps` eager steps."""
+def kernel_table(run, steps: int) -> tuple[dict[str, float], int]:
+    """GPU microseconds per call by kernel name, and kernels per call, over `steps` calls of `run`."""
     activity = torch.profiler.ProfilerActivity.CUDA
     with torch.profiler.profile(activities=[activity]) as profile:
         for _ in range(steps):
-            engine._step()
+            run()
         torch.cuda.synchronize()
     per_name: dict[str, float] = collections.defaultdict(float)
     count = 0
@@ -55,10 +59,28 @@ def profile_model(model, batch: int, prompt_len: int, steps: int) -> dict:
     eager.prefill(ids)
     with torch.no_grad():
         eager._step()
-        kernels, count = kernel_table(eager, steps)
-    top = sorted(kernels.items(), key=lambda item: -item[1])
+        kernels, count = kernel_table(eager._step, steps)
     return {"graph_step_us": 1000 * statistics.median(times), "kernel_us_per_step": sum(kernels.values()),
-            "kernels_per_step": count, "top_kernels_us": [[name[:90], round(us, 1)] for name, us in top[:20]]}
+            "kernels_per_step": count, "top_kernels_us": _top(kernels)}
+
+
+def profile_prefill(model, batch: int, prompt_len: int, repeats: int) -> dict:
+    ids = torch.randint(0, moe_speed.VOCAB, (batch, prompt_len), device=moe_speed.DEVICE)
+    with torch.no_grad():
+        def run():
+            return model(input_ids=ids, use_cache=True)
+
+        run()
+        wall = statistics.median(moe_speed.cuda_ms(run) for _ in range(repeats))
+        kernels, count = kernel_table(run, repeats)
+    gpu_us = sum(kernels.values())
+    return {"wall_us": 1000 * wall, "kernel_us": gpu_us, "gpu_busy": gpu_us / (1000 * wall), "kernels": count,
+            "top_kernels_us": _top(kernels)}
+
+
+def _top(kernels: dict[str, float]) -> list:
+    top = sorted(kernels.items(), key=lambda item: -item[1])
+    return [[name[:90], round(us, 1)] for name, us in top[:20]]
 
 
 def main() -> None:
@@ -68,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prefill", action="store_true", help="profile the prompt's forward instead of a decode step")
     args = parser.parse_args()
     from sparsify.experts import register
 
@@ -78,7 +101,11 @@ def main() -> None:
         model = moe_speed.build_model(args.shape, layout)
         if layout is not None:
             model.set_experts_implementation("sparsify")
-        report["models"]["dense" if layout is None else layout.name] = profile_model(model, args.batch, args.prompt_len, args.steps)
+        name = "dense" if layout is None else layout.name
+        if args.prefill:
+            report["models"][name] = profile_prefill(model, args.batch, args.prompt_len, args.steps)
+        else:
+            report["models"][name] = profile_model(model, args.batch, args.prompt_len, args.steps)
         del model
         torch.cuda.empty_cache()
     print(json.dumps(report, indent=2))

@@ -1,20 +1,26 @@
 """Triton kernels for the decode step's attention sublayer and the dense FFN's activation
 (sparsify/engine/graph_decode.py).
 
-At batch 1 a decode step is bound by kernel count, not bytes (bench/profile_decode_step.py: the
-dense Llama-1B step ran ~490 kernels, 30 per layer, at a third of HBM bandwidth). Between its
+At batch 1 a decode step is bound by kernel count and latency, not bytes (bench/profile_decode_step.py:
+the dense Llama-1B step ran ~490 kernels, 30 per layer, at a third of HBM bandwidth). Between its
 projections the attention sublayer spent about a dozen small kernels: rotary embedding of the
 queries and of the keys (multiplies, a negation, a concatenation, an add each), per-head q/k norms
-in Qwen3, two cache writes. `rope_and_cache` is one kernel for all of it:
+in Qwen3, two cache writes. Then cuBLAS ran k_proj and v_proj (2 MB each) at ~5 us apiece, and
+SDPA spent ~10 us on one query row (its own kernel plus the boolean mask's conversion). Here:
 
-    program (sequence, head):  query head -> norm?, rotate, write the query buffer
-                               KV head    -> norm?, rotate the key, write key and value at the step's slot
+    norm_qkv          at 1-2 tokens: the input RMSNorm and q/k/v projections in one launch,
+                      reading the three weights where they are (no concatenated copy)
+    rope_and_cache    program (sequence, head): query head -> norm?, rotate, write the query buffer;
+                      KV head -> norm?, rotate the key, write key and value at the step's slot
+    decode_attention  at 1-2 tokens: program (sequence, head, block of slots), partial softmax
+                      sums merged by the last block to finish (an atomic ticket): one launch
+    silu_mul          transformers' act(gate) * up in one kernel instead of two
 
-reading the position from the device (no host synchronisation, so the graph replays it at every
-step). `silu_mul` is transformers' act(gate) * up in one kernel instead of two.
-
-Rounding follows transformers' modules operation by operation (each product and sum rounded to
-the activations' dtype), so the engine decodes as the model's own forward does.
+Each reads the position from the device (no host synchronisation, so the graph replays it at
+every step). Rounding follows transformers' modules operation by operation (each product and sum
+rounded to the activations' dtype) where they are elementwise; the projections and the attention
+round once from an fp32 sum, as cuBLAS and SDPA do. Block sizes from bench/tune_moe_decode.py
+--attention.
 """
 
 from __future__ import annotations
@@ -84,7 +90,88 @@ def _kernels():
         activated = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
         tl.store(out_ptr + i, (activated * up).to(dtype), mask=ok)
 
-    return rope_and_cache, silu_mul
+    @triton.jit
+    def norm_qkv(x_ptr, norm_ptr, eps, q_w_ptr, k_w_ptr, v_w_ptr, q_b_ptr, k_b_ptr, v_b_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
+                 tokens, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr,
+                 TOKENS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The attention's input RMSNorm and its three projections in one launch: program blocks
+        # [0, q) are q_proj's rows, then k's, then v's. Every program norms the few input rows itself
+        # (a few KB from L2) rather than waiting on a separate norm kernel.
+        block = tl.program_id(0)
+        q_blocks: tl.constexpr = (Q_ROWS + BLOCK_N - 1) // BLOCK_N
+        kv_blocks: tl.constexpr = (KV_ROWS + BLOCK_N - 1) // BLOCK_N
+        if block < q_blocks:
+            w_ptr, b_ptr, out_ptr, rows, first = q_w_ptr, q_b_ptr, q_out_ptr, Q_ROWS, block * BLOCK_N
+        elif block < q_blocks + kv_blocks:
+            w_ptr, b_ptr, out_ptr, rows, first = k_w_ptr, k_b_ptr, k_out_ptr, KV_ROWS, (block - q_blocks) * BLOCK_N
+        else:
+            w_ptr, b_ptr, out_ptr, rows, first = v_w_ptr, v_b_ptr, v_out_ptr, KV_ROWS, (block - q_blocks - kv_blocks) * BLOCK_N
+        dtype = out_ptr.dtype.element_ty
+        t = tl.arange(0, TOKENS)
+        t_ok = t < tokens
+        h = tl.arange(0, BLOCK_H)
+        whole = tl.load(x_ptr + t[:, None] * HIDDEN + h[None, :], mask=t_ok[:, None] & (h < HIDDEN)[None, :], other=0.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / HIDDEN + eps)  # per token, as the norm module computes it
+        n = first + tl.arange(0, BLOCK_N)
+        n_ok = n < rows
+        acc = tl.zeros((TOKENS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < HIDDEN
+            x = tl.load(x_ptr + t[:, None] * HIDDEN + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            gain = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (gain[None, :] * (x * scale[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)  # rounded as the module rounds
+            w = tl.load(w_ptr + n[:, None] * HIDDEN + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += normed[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, axis=2)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + t[:, None] * rows + n[None, :], y.to(dtype), mask=t_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def decode_attention(q_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, partial_ptr, count_ptr, scale, max_len,
+                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        # Program (sequence, query head, split): softmax statistics and the weighted values over one
+        # block of cache slots, written as a partial; the last split of a head to finish (an atomic
+        # ticket) merges the partials and resets the ticket, so one launch does both stages. Slots
+        # past the step's position (read from the device: the graph replays it) are masked unread.
+        sequence = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        row = sequence * HEADS + head
+        kv_head = head // (HEADS // KV_HEADS)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        length = tl.load(position_ptr) + 1
+        slot = split * BLOCK_L + tl.arange(0, BLOCK_L)
+        visible = slot < length
+        ok = visible[:, None] & d_ok[None, :]
+        cache = (sequence * KV_HEADS + kv_head) * max_len * HEAD_DIM + slot[:, None] * HEAD_DIM + d[None, :]
+        q = tl.load(q_ptr + row * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        key = tl.load(keys_ptr + cache, mask=ok, other=0.0).to(tl.float32)
+        scores = tl.where(visible, tl.sum(key * q[None, :], axis=1) * scale, float("-inf"))
+        best = tl.max(scores, axis=0)
+        p = tl.exp(scores - tl.where(best == float("-inf"), 0.0, best))  # a split past the position: all zero
+        value = tl.load(values_ptr + cache, mask=ok, other=0.0).to(tl.float32)
+        partial = partial_ptr + (row * SPLITS + split) * (BLOCK_D + 2)
+        tl.store(partial + d, tl.sum(p[:, None] * value, axis=0))
+        tl.store(partial + BLOCK_D, best)
+        tl.store(partial + BLOCK_D + 1, tl.sum(p, axis=0))
+        ticket = tl.atomic_add(count_ptr + row, 1)  # acq_rel: the stores above are visible to the last split
+        if ticket == SPLITS - 1:
+            s = tl.arange(0, BLOCK_S)
+            s_ok = s < SPLITS
+            partials = partial_ptr + (row * SPLITS + s) * (BLOCK_D + 2)
+            bests = tl.load(partials + BLOCK_D, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            totals = tl.load(partials + BLOCK_D + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
+            sums = tl.load(partials[:, None] + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+            weight = tl.exp(bests - tl.max(bests, axis=0))  # slot 0 is always visible, so the max is finite
+            out = tl.sum(sums * weight[:, None], axis=0) / tl.sum(totals * weight, axis=0)
+            tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+            tl.atomic_xchg(count_ptr + row, 0)
+
+    return rope_and_cache, silu_mul, norm_qkv, decode_attention
 
 
 def rope_and_cache(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
@@ -95,7 +182,7 @@ def rope_and_cache(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     Writes the rotated key and the value at `position`, returns the rotated queries (B, heads, 1, d)."""
     import triton
 
-    kernel, _ = _kernels()
+    kernel = _kernels()[0]
     batch, kv_heads, max_len, head_dim = key_cache.shape
     heads = queries.shape[-1] // head_dim
     out = torch.empty(batch, heads, 1, head_dim, dtype=queries.dtype, device=queries.device)
@@ -110,8 +197,75 @@ def rope_and_cache(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     import triton
 
-    _, kernel = _kernels()
+    kernel = _kernels()[1]
     out = torch.empty_like(gate)
     block = 1024
     kernel[(triton.cdiv(gate.numel(), block),)](gate, up, out, gate.numel(), BLOCK=block)
+    return out
+
+
+FEW_TOKENS = 2  # up to this many rows the q/k/v projections and the attention run as Triton kernels
+QKV_BLOCK_N, QKV_BLOCK_K, QKV_WARPS = 4, 256, 8  # bench/tune_moe_decode.py --attention
+ATTENTION_BLOCK_L, ATTENTION_WARPS = 16, 1
+MAX_SPLITS = 64  # the merge holds every split's partial in registers
+
+
+def norm_qkv_fusable(attention: torch.nn.Module, rows: int) -> bool:
+    """Whether `norm_qkv` serves this attention at `rows` tokens: a few tokens, and q, k and v all
+    with a bias or all without. (The caller has checked the norm: an RMSNorm the engine fuses.)"""
+    biases = [getattr(attention, name).bias is not None for name in ("q_proj", "k_proj", "v_proj")]
+    return rows <= FEW_TOKENS and len(set(biases)) == 1
+
+
+def norm_qkv(norm: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q_proj(norm(x)), k_proj(norm(x)), v_proj(norm(x)) in one launch, reading the weights where
+    they are (no concatenated copy). x (B, 1, H) with B <= FEW_TOKENS; norm an RMSNorm."""
+    import triton
+
+    kernel = _kernels()[2]
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    rows = x.shape[0] * x.shape[1]
+    hidden = x.shape[-1]
+    q_rows, kv_rows = q.weight.shape[0], k.weight.shape[0]
+    outputs = [torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device) for n in (q_rows, kv_rows, kv_rows)]
+    has_bias = q.bias is not None
+    blocks = triton.cdiv(q_rows, QKV_BLOCK_N) + 2 * triton.cdiv(kv_rows, QKV_BLOCK_N)
+    biases = (q.bias, k.bias, v.bias) if has_bias else (q.weight, k.weight, v.weight)  # unused without bias
+    kernel[(blocks,)](x, norm.weight, norm.variance_epsilon, q.weight, k.weight, v.weight, *biases, *outputs, rows, HIDDEN=hidden,
+                      BLOCK_H=triton.next_power_of_2(hidden), Q_ROWS=q_rows, KV_ROWS=kv_rows, TOKENS=triton.next_power_of_2(rows),
+                      HAS_BIAS=has_bias, BLOCK_N=QKV_BLOCK_N, BLOCK_K=QKV_BLOCK_K, num_warps=QKV_WARPS)
+    return outputs[0], outputs[1], outputs[2]
+
+
+class AttentionScratch:
+    """The decode attention kernel's partials and per-head tickets for one cache shape. The tickets
+    start at zero and the kernel leaves them at zero, so one scratch serves every layer and every
+    replay of a graph, as long as its launches run one after another (one stream)."""
+
+    def __init__(self, key_cache: torch.Tensor, heads: int):
+        import triton
+
+        batch, _, max_len, head_dim = key_cache.shape
+        self.block_l = max(ATTENTION_BLOCK_L, triton.next_power_of_2(triton.cdiv(max_len, MAX_SPLITS)))
+        self.splits = triton.cdiv(max_len, self.block_l)
+        self.block_d = triton.next_power_of_2(head_dim)
+        self.partials = torch.empty(batch * heads, self.splits, self.block_d + 2, dtype=torch.float32, device=key_cache.device)
+        self.tickets = torch.zeros(batch * heads, dtype=torch.int32, device=key_cache.device)
+
+
+def decode_attention(queries: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
+                     scale: float, scratch: AttentionScratch) -> torch.Tensor:
+    """queries (B, heads, 1, d) of the step at `position` (1,) on the device; caches (B, kv_heads,
+    max_len, d) holding slots 0..position. Returns softmax(q k^T * scale) v over those slots as
+    (B, 1, heads*d), the layout o_proj takes."""
+    import triton
+
+    kernel = _kernels()[3]
+    batch, heads, _, head_dim = queries.shape
+    _, kv_heads, max_len, _ = key_cache.shape
+    out = torch.empty(batch, 1, heads * head_dim, dtype=queries.dtype, device=queries.device)
+    kernel[(batch, heads, scratch.splits)](queries, key_cache, value_cache, position, out, scratch.partials, scratch.tickets, scale,
+                                           max_len, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_D=scratch.block_d,
+                                           BLOCK_L=scratch.block_l, SPLITS=scratch.splits,
+                                           BLOCK_S=max(2, triton.next_power_of_2(scratch.splits)), num_warps=ATTENTION_WARPS)
     return out

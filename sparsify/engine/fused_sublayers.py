@@ -1,11 +1,13 @@
 """The decode step's ungated attention and dense FFN sublayers with fewer kernels, on a GPU.
 
-Same modules, same weights, no copies: the projections stay the model's own linears (cuBLAS), and
-what lies between them is fused (sparsify/engine/attention_kernels.py):
+Same modules, same weights, no copies: the projections read the model's own linears' weights
+(cuBLAS, or one Triton launch for q/k/v at batch 1-2), and what lies between them is fused
+(sparsify/engine/attention_kernels.py):
 
-    attention   norm, q/k/v projections, rope_and_cache (q/k norms, rotary embedding, cache
-                writes: one kernel for ~12), SDPA, o_proj with the residual add folded into the
-                GEMM (addmm_, beta = 1)
+    attention   norm and q/k/v projections (at one or two tokens one matrix-vector launch for the
+                norm and all three; above, the norm kernel and cuBLAS), rope_and_cache (q/k norms, rotary embedding, cache writes: one kernel for
+                ~12), attention over the cache (a decode kernel at one or two tokens, SDPA
+                above), o_proj with the residual add folded into the GEMM (addmm_, beta = 1)
     dense FFN   norm, gate and up projections, silu_mul (one kernel for two), down_proj with the
                 residual add folded into the GEMM
 
@@ -19,6 +21,8 @@ must stay inside the IF node.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +53,25 @@ def _add_projection(hidden: torch.Tensor, x: torch.Tensor, projection: nn.Linear
         hidden.add_(projection(x.reshape(hidden.shape[0], hidden.shape[1], -1)))
 
 
-def attend(attention: nn.Module, normed: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
-           sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor) -> None:
-    """hidden += attention(normed) for one decode step, writing this step's key and value."""
-    queries = attention_kernels.rope_and_cache(attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed),
-                                               cos_table, sin_table, position, key_cache, value_cache,
+def attend(attention: nn.Module, input_norm: nn.Module, hidden: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
+           sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor,
+           rms_norm: Callable[[nn.Module, torch.Tensor], torch.Tensor], scratch: attention_kernels.AttentionScratch | None = None) -> None:
+    """hidden += attention(input_norm(hidden)) for one decode step, writing this step's key and
+    value; `rms_norm` runs the norm where it is not fused into the projections. With a scratch
+    (batch <= attention_kernels.FEW_TOKENS) the attention runs as the decode kernel, else SDPA."""
+    if attention_kernels.norm_qkv_fusable(attention, hidden.shape[0] * hidden.shape[1]):
+        projected = attention_kernels.norm_qkv(input_norm, attention, hidden)
+    else:
+        normed = rms_norm(input_norm, hidden)
+        projected = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+    queries = attention_kernels.rope_and_cache(*projected, cos_table, sin_table, position, key_cache, value_cache,
                                                getattr(attention, "q_norm", None), getattr(attention, "k_norm", None))
-    out = F.scaled_dot_product_attention(queries, key_cache, value_cache, attn_mask=visible, scale=attention.scaling, enable_gqa=True)
-    _add_projection(hidden, out.transpose(1, 2), attention.o_proj)
+    if scratch is not None:
+        out = attention_kernels.decode_attention(queries, key_cache, value_cache, position, attention.scaling, scratch)
+    else:
+        out = F.scaled_dot_product_attention(queries, key_cache, value_cache, attn_mask=visible, scale=attention.scaling,
+                                             enable_gqa=True).transpose(1, 2)
+    _add_projection(hidden, out, attention.o_proj)
 
 
 def dense_ffn(mlp: nn.Module, normed: torch.Tensor, hidden: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.engine import decode_kernels, fused_sublayers
+from sparsify.engine import attention_kernels, decode_kernels, fused_sublayers
 from sparsify.engine.routed_ffn import RoutedFFN
 from sparsify.experts import decode_kernel
 from sparsify.convert.skip.modeling_skip import rotate_heads
@@ -139,6 +139,11 @@ class GraphDecoder:
         shape = (batch, kv_heads, max_len, attention.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # At batch 1-2 fused attention runs the decode attention kernel; its scratch serves every layer.
+        heads = attention.q_proj.weight.shape[0] // attention.head_dim
+        fused = any(layer.fused_attention for layer in self.layers)
+        self.attention_scratch = (attention_kernels.AttentionScratch(self.keys[0], heads)
+                                  if fused and batch <= attention_kernels.FEW_TOKENS else None)
         with torch.no_grad():
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = decoder.rotary_emb(torch.zeros((), dtype=self.dtype, device=self.device), positions)
@@ -260,8 +265,8 @@ class GraphDecoder:
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn
             if layer.fused_attention:
-                fused_sublayers.attend(attention, self._norm(block.input_layernorm, hidden), hidden, self.position, self.cos_table,
-                                       self.sin_table, self.keys[layer.index], self.values[layer.index], visible)
+                fused_sublayers.attend(attention, block.input_layernorm, hidden, self.position, self.cos_table, self.sin_table,
+                                       self.keys[layer.index], self.values[layer.index], visible, self._norm, self.attention_scratch)
                 self._ffn(layer, hidden)
                 continue
             normed, decision = self._norm_and_decide(block.input_layernorm, hidden, layer.attention_gate)

@@ -22,6 +22,9 @@ from functools import cache
 import torch
 
 
+NUM_WARPS = 8  # bench/tune_moe_decode.py
+
+
 @cache
 def _kernels():
     import triton
@@ -45,23 +48,18 @@ def _kernels():
         logits = tl.sum(router.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype).to(tl.float32)
         logits = tl.where(e_ok, logits, float("-inf"))
         probs = tl.exp(logits - tl.max(logits, axis=0))
-        probs = probs / tl.sum(probs, axis=0)
-        # Top-k by repeated argmax (k is small); the first pass finds the normaliser, the second writes.
-        remaining = tl.where(e_ok, probs, -1.0)
-        total = 0.0
-        for _ in tl.static_range(TOP_K):
-            best = tl.argmax(remaining, axis=0)
-            total += tl.max(remaining, axis=0)
-            remaining = tl.where(e == best, -1.0, remaining)
-        remaining = tl.where(e_ok, probs, -1.0)
-        for slot in tl.static_range(TOP_K):
-            best = tl.argmax(remaining, axis=0)
-            value = tl.max(remaining, axis=0)
-            if RENORMALIZE:
-                value = value / total
-            tl.store(experts_ptr + token * TOP_K + slot, best.to(tl.int32))
-            tl.store(weights_ptr + token * TOP_K + slot, value.to(dtype))
-            remaining = tl.where(e == best, -1.0, remaining)
+        probs = tl.where(e_ok, probs / tl.sum(probs, axis=0), -1.0)  # padding ranks after every expert
+        # Top-k by rank: an expert's slot is the number of experts ahead of it (a higher probability,
+        # or an equal one at a lower index, as torch.topk orders ties here). Two reductions over an
+        # (E, E) comparison instead of 2k arg-max passes, each a cross-warp round trip (~150 ns).
+        ahead = (probs[None, :] > probs[:, None]) | ((probs[None, :] == probs[:, None]) & (e[None, :] < e[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        chosen = e_ok & (rank < TOP_K)
+        value = probs
+        if RENORMALIZE:
+            value = probs / tl.sum(tl.where(chosen, probs, 0.0), axis=0)
+        tl.store(experts_ptr + token * TOP_K + rank, e.to(tl.int32), mask=chosen)
+        tl.store(weights_ptr + token * TOP_K + rank, value.to(dtype), mask=chosen)
 
     return norm_route
 
@@ -79,5 +77,5 @@ def norm_route(hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, rout
     weights = torch.empty(tokens, top_k, dtype=hidden.dtype, device=hidden.device)
     kernel[(tokens,)](hidden, norm_weight, eps, router_weight, normed, experts, weights, HIDDEN=width,
                       BLOCK_H=triton.next_power_of_2(width), EXPERTS=count, BLOCK_E=max(2, triton.next_power_of_2(count)),
-                      TOP_K=top_k, RENORMALIZE=renormalize, num_warps=8 if width > 1024 else 4)
+                      TOP_K=top_k, RENORMALIZE=renormalize, num_warps=NUM_WARPS)
     return normed, experts, weights

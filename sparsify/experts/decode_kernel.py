@@ -15,9 +15,13 @@ experts the batch chose, skipping the others unread, and sums each token's exper
 before one rounding and the add into y (the decode engine passes the residual stream as y, the
 experts implementation a zeroed buffer). No sort, no offsets, no host synchronisation: the whole
 step can be captured in a CUDA graph. Pairs are addressed in their original (token, slot)
-order, so no permutation is undone afterwards. At one or two tokens down_add multiplies and sums
-instead of using tl.dot (whose 16-row minimum would make each program own 16 outputs), so more,
-narrower programs share the weight read; block sizes from bench/tune_moe_decode.py.
+order, so no permutation is undone afterwards.
+
+At one or two tokens (batch-1 decode, the case that decides whether a sparse model is faster) a
+16-row tl.dot wastes most of its tile and serialises the experts, so the pair kernels run instead:
+gate_up_pair is one matrix-vector program per (pair, block of I), and down_add_pairs loads the
+block of every pair's expert in one gather so the k expert reads are in flight together.
+Block sizes and warps from bench/tune_moe_decode.py.
 
 The routing weight is applied to the intermediate, as in `sparsify.experts.grouped`.
 """
@@ -75,7 +79,7 @@ def _kernels():
     @triton.jit
     def down_add(h_ptr, w_ptr, experts_ptr, hidden_ptr, tokens, HIDDEN: tl.constexpr, WIDTH: tl.constexpr,
                  EXPERTS: tl.constexpr, TOP_K: tl.constexpr, TOKENS: tl.constexpr, BLOCK_SLOTS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         block = tl.program_id(0)
         t = tl.arange(0, TOKENS)
         t_ok = t < tokens
@@ -95,22 +99,77 @@ def _kernels():
                     k_ok = k < WIDTH
                     h = tl.load(h_ptr + pair[:, None] * WIDTH + k[None, :], mask=picked[:, None] & k_ok[None, :], other=0.0)
                     d = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                    if USE_DOT:  # enough tokens for the tensor cores' 16-row minimum
-                        acc = tl.dot(h, tl.trans(d), acc)
-                    else:  # a few tokens: multiply-and-sum, so a program can own fewer than 16 outputs
-                        acc += tl.sum(h.to(tl.float32)[:, None, :] * d.to(tl.float32)[None, :, :], axis=2)
+                    acc = tl.dot(h, tl.trans(d), acc)
         dtype = hidden_ptr.dtype.element_ty
         where = hidden_ptr + t[:, None] * HIDDEN + n[None, :]
         ok = t_ok[:, None] & n_ok[None, :]
         residual = tl.load(where, mask=ok, other=0.0).to(tl.float32)
         tl.store(where, (residual + acc.to(dtype).to(tl.float32)).to(dtype), mask=ok)
 
-    return gate_up_swiglu, down_add
+    @triton.jit
+    def gate_up_pair(x_ptr, w_ptr, pair_expert_ptr, pair_weight_ptr, out_ptr, top_k: tl.constexpr, hidden: tl.constexpr,
+                     width: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # A few tokens: one program per (pair, block of I), a matrix-vector product. Products are
+        # summed along K in registers and reduced once at the end.
+        pair = tl.program_id(0)
+        block = tl.program_id(1)
+        expert = tl.load(pair_expert_ptr + pair).to(tl.int64)
+        token = pair // top_k
+        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < width
+        gate_rows = w_ptr + expert * 2 * width * hidden + n[:, None] * hidden
+        up_rows = gate_rows + width * hidden
+        gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < hidden
+            x = tl.load(x_ptr + token * hidden + k, mask=k_ok, other=0.0).to(tl.float32)
+            ok = n_ok[:, None] & k_ok[None, :]
+            gate += tl.load(gate_rows + k[None, :], mask=ok, other=0.0).to(tl.float32) * x[None, :]
+            up += tl.load(up_rows + k[None, :], mask=ok, other=0.0).to(tl.float32) * x[None, :]
+        g = tl.sum(gate, axis=1)
+        h = g * tl.sigmoid(g) * tl.sum(up, axis=1) * tl.load(pair_weight_ptr + pair).to(tl.float32)
+        tl.store(out_ptr + pair * width + n, h.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def down_add_pairs(h_ptr, w_ptr, pair_expert_ptr, hidden_ptr, pairs, HIDDEN: tl.constexpr, WIDTH: tl.constexpr,
+                       TOP_K: tl.constexpr, PAIRS: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        # A few tokens: each program loads its block of every pair's expert at once (a gather over
+        # pairs), so the reads of the k experts are in flight together rather than one after another.
+        block = tl.program_id(0)
+        p = tl.arange(0, PAIRS)
+        p_ok = p < pairs
+        expert = tl.load(pair_expert_ptr + p, mask=p_ok, other=0).to(tl.int64)
+        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < HIDDEN
+        rows = w_ptr + expert[:, None, None] * HIDDEN * WIDTH + n[None, :, None] * WIDTH  # D_e is (H, I)
+        acc = tl.zeros((PAIRS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, WIDTH, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < WIDTH
+            h = tl.load(h_ptr + p[:, None] * WIDTH + k[None, :], mask=p_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            d = tl.load(rows + k[None, None, :], mask=p_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :], other=0.0)
+            acc += tl.sum(h[:, None, :] * d.to(tl.float32), axis=2)
+        dtype = hidden_ptr.dtype.element_ty
+        token = p // TOP_K
+        for t in tl.static_range(TOKENS):
+            y = tl.sum(tl.where((token == t)[:, None], acc, 0.0), axis=0)  # t's experts, summed in fp32
+            ok = n_ok & (t * TOP_K < pairs)
+            residual = tl.load(hidden_ptr + t * HIDDEN + n, mask=ok, other=0.0).to(tl.float32)
+            tl.store(hidden_ptr + t * HIDDEN + n, (residual + y.to(dtype).to(tl.float32)).to(dtype), mask=ok)
+
+    return gate_up_swiglu, down_add, gate_up_pair, down_add_pairs
 
 
-BLOCK_N, BLOCK_K = 32, 128  # gate_up
-DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 256  # 16 tokens or more (tl.dot)
-FEW_TOKENS, FEW_BLOCK_N, FEW_BLOCK_K = 2, 8, 512  # up to FEW_TOKENS tokens: more, narrower programs (bench/tune_moe_decode.py)
+BLOCK_N, BLOCK_K = 32, 128  # gate_up, tl.dot over the pairs
+DOWN_BLOCK_N, DOWN_BLOCK_K = 16, 256  # down_add, tl.dot over the tokens
+# Up to FEW_TOKENS tokens: one matrix-vector program per pair and block (gate_up), every pair's
+# expert gathered at once (down). Block sizes and warps from bench/tune_moe_decode.py.
+FEW_TOKENS = 2
+PAIR_BLOCK_N, PAIR_BLOCK_K, PAIR_WARPS = 8, 256, 8
+PAIRS_DOWN_BLOCK_N, PAIRS_DOWN_BLOCK_K, PAIRS_DOWN_WARPS = 8, 256, 8
 
 
 def gate_up_intermediate(gate_up_proj: torch.Tensor, x: torch.Tensor, experts_of_pairs: torch.Tensor,
@@ -119,15 +178,20 @@ def gate_up_intermediate(gate_up_proj: torch.Tensor, x: torch.Tensor, experts_of
     slot) order -> the weighted SwiGLU intermediate (T*k, I), same order."""
     import triton
 
-    gate_up_swiglu, _ = _kernels()
+    gate_up_swiglu, _, gate_up_pair, _ = _kernels()
     tokens, hidden = x.shape
     pairs = experts_of_pairs.numel()
     count, double_width, _ = gate_up_proj.shape
     width = double_width // 2
     intermediate = torch.empty(pairs, width, dtype=x.dtype, device=x.device)
-    gate_up_swiglu[(count, triton.cdiv(width, BLOCK_N))](x, gate_up_proj, experts_of_pairs, pair_weights, intermediate, pairs,
-                                                         pairs // tokens, hidden, width, PAIRS=max(16, triton.next_power_of_2(pairs)),
-                                                         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    if tokens <= FEW_TOKENS:
+        gate_up_pair[(pairs, triton.cdiv(width, PAIR_BLOCK_N))](x, gate_up_proj, experts_of_pairs, pair_weights, intermediate,
+                                                                pairs // tokens, hidden, width, BLOCK_N=PAIR_BLOCK_N,
+                                                                BLOCK_K=PAIR_BLOCK_K, num_warps=PAIR_WARPS)
+    else:
+        gate_up_swiglu[(count, triton.cdiv(width, BLOCK_N))](x, gate_up_proj, experts_of_pairs, pair_weights, intermediate, pairs,
+                                                             pairs // tokens, hidden, width, PAIRS=max(16, triton.next_power_of_2(pairs)),
+                                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return intermediate
 
 
@@ -136,16 +200,21 @@ def down_add(intermediate: torch.Tensor, down_proj: torch.Tensor, experts: torch
     place; intermediate (T*k, I) in (token, slot) order, experts (T, k) int32."""
     import triton
 
-    _, kernel = _kernels()
+    _, kernel, _, few_kernel = _kernels()
     tokens, width = hidden.shape
     top_k = experts.shape[1]
     count, _, inner = down_proj.shape
-    few = tokens <= FEW_TOKENS
-    block_n, block_k = (FEW_BLOCK_N, FEW_BLOCK_K) if few else (DOWN_BLOCK_N, DOWN_BLOCK_K)
-    padded = triton.next_power_of_2(tokens) if few else max(16, triton.next_power_of_2(tokens))
-    kernel[(triton.cdiv(width, block_n),)](intermediate, down_proj, experts, hidden, tokens, HIDDEN=width, WIDTH=inner, EXPERTS=count,
-                                           TOP_K=top_k, TOKENS=padded, BLOCK_SLOTS=max(2, triton.next_power_of_2(top_k)), BLOCK_N=block_n,
-                                           BLOCK_K=block_k, USE_DOT=not few)
+    if tokens <= FEW_TOKENS:
+        pairs = tokens * top_k
+        few_kernel[(triton.cdiv(width, PAIRS_DOWN_BLOCK_N),)](intermediate, down_proj, experts, hidden, pairs, HIDDEN=width,
+                                                               WIDTH=inner, TOP_K=top_k, PAIRS=max(2, triton.next_power_of_2(pairs)),
+                                                               TOKENS=tokens, BLOCK_N=PAIRS_DOWN_BLOCK_N, BLOCK_K=PAIRS_DOWN_BLOCK_K,
+                                                               num_warps=PAIRS_DOWN_WARPS)
+        return
+    kernel[(triton.cdiv(width, DOWN_BLOCK_N),)](intermediate, down_proj, experts, hidden, tokens, HIDDEN=width, WIDTH=inner,
+                                                EXPERTS=count, TOP_K=top_k, TOKENS=max(16, triton.next_power_of_2(tokens)),
+                                                BLOCK_SLOTS=max(2, triton.next_power_of_2(top_k)), BLOCK_N=DOWN_BLOCK_N,
+                                                BLOCK_K=DOWN_BLOCK_K)
 
 
 def few_token_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,

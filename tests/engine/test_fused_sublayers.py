@@ -1,6 +1,7 @@
 """The decode engine's fused attention and dense FFN sublayers (sparsify/engine/fused_sublayers.py,
 attention_kernels.py): not used on CPU (the step stays the model's own modules there); on a GPU the
-rope-and-cache kernel reproduces the rotary embedding, q/k norms and cache writes exactly, and dense
+rope-and-cache kernel reproduces the rotary embedding, q/k norms and cache writes exactly, the
+one-launch norm + q/k/v projection and the decode attention kernel match the modules and SDPA, and dense
 models of every family decode through the fused sublayers as through their own cached forward."""
 
 from __future__ import annotations
@@ -51,6 +52,51 @@ def test_rope_and_cache_kernel_matches_the_rotary_embedding_on_gpu(head_norms):
     torch.testing.assert_close(key_cache[:, :, position:position + 1], rotate_heads(want_k.transpose(1, 2), *at), **one_step)
     torch.testing.assert_close(value_cache[:, :, position:position + 1], v.view(batch, 1, kv_heads, head_dim).transpose(1, 2))
     assert key_cache[:, :, :position].abs().sum() == 0 and value_cache[:, :, position + 1:].abs().sum() == 0
+
+
+@gpu
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_one_launch_norm_and_qkv_projection_matches_the_modules_on_gpu(bias, tokens):
+    from sparsify.engine import attention_kernels
+
+    torch.manual_seed(0)
+    attention = torch.nn.Module()
+    for name, rows in (("q_proj", 320), ("k_proj", 64), ("v_proj", 64)):  # rows not a multiple of the block
+        setattr(attention, name, torch.nn.Linear(200, rows, bias=bias).to("cuda", torch.bfloat16))
+    norm = Qwen3RMSNorm(200).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(tokens, 1, 200, device="cuda", dtype=torch.bfloat16) * 3
+    assert attention_kernels.norm_qkv_fusable(attention, tokens)
+    got = attention_kernels.norm_qkv(norm, attention, x)
+    normed = norm(x)
+    for out, name in zip(got, ("q_proj", "k_proj", "v_proj")):
+        linear = getattr(attention, name)
+        want = normed.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
+        torch.testing.assert_close(out.float(), want, rtol=0.01, atol=0.02)  # one bf16 rounding of an fp32 sum
+
+
+@gpu
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_len", [(1, 8, 2, 64, 200), (2, 4, 4, 80, 61), (1, 4, 1, 64, 5000)])
+def test_decode_attention_kernel_matches_sdpa_over_the_visible_slots_on_gpu(batch, heads, kv_heads, head_dim, max_len):
+    from sparsify.engine import attention_kernels
+
+    torch.manual_seed(0)
+    queries = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys, values = torch.randn(2, batch, kv_heads, max_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    scratch = attention_kernels.AttentionScratch(keys, heads)
+    assert scratch.splits <= attention_kernels.MAX_SPLITS
+    # One scratch across positions, as the engine's layers and steps share it: its tickets must reset.
+    for position in sorted({0, 1, max_len // 2, max_len - 1}):
+        masked = keys.clone()
+        masked[:, :, position + 1:] = 1e4  # slots past the position must not count
+        got = attention_kernels.decode_attention(queries, masked, values, torch.tensor([position], device="cuda"),
+                                                 head_dim ** -0.5, scratch)
+        visible = (torch.arange(max_len, device="cuda") <= position)[None, None, None, :]
+        want = torch.nn.functional.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), attn_mask=visible,
+                                                                scale=head_dim ** -0.5, enable_gqa=True)
+        torch.testing.assert_close(got.float(), want.transpose(1, 2).reshape(batch, 1, -1), rtol=0.01, atol=0.01)
+    assert scratch.tickets.eq(0).all()
 
 
 @gpu
