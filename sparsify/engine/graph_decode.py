@@ -139,11 +139,13 @@ class GraphDecoder:
         shape = (batch, kv_heads, max_len, attention.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        # At batch 1-2 fused attention runs the decode attention kernel; its scratch serves every layer.
+        # At batch 1-2 (and caches up to MAX_KERNEL_CACHE) fused attention runs the decode attention
+        # kernel; its scratch serves every layer.
         heads = attention.q_proj.weight.shape[0] // attention.head_dim
         fused = any(layer.fused_attention for layer in self.layers)
         self.attention_scratch = (attention_kernels.AttentionScratch(self.keys[0], heads)
-                                  if fused and batch <= attention_kernels.FEW_TOKENS else None)
+                                  if fused and batch <= attention_kernels.FEW_TOKENS and max_len <= attention_kernels.MAX_KERNEL_CACHE
+                                  else None)
         with torch.no_grad():
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = decoder.rotary_emb(torch.zeros((), dtype=self.dtype, device=self.device), positions)

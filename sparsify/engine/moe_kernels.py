@@ -50,9 +50,12 @@ def _kernels():
         probs = tl.exp(logits - tl.max(logits, axis=0))
         probs = tl.where(e_ok, probs / tl.sum(probs, axis=0), -1.0)  # padding ranks after every expert
         # Top-k by rank: an expert's slot is the number of experts ahead of it (a higher probability,
-        # or an equal one at a lower index, as torch.topk orders ties here). Two reductions over an
-        # (E, E) comparison instead of 2k arg-max passes, each a cross-warp round trip (~150 ns).
-        ahead = (probs[None, :] > probs[:, None]) | ((probs[None, :] == probs[:, None]) & (e[None, :] < e[:, None]))
+        # or an equal one at a lower index; torch.topk may order tied experts differently, which
+        # changes only the fp32 summation order). Two reductions over an (E, E) comparison instead
+        # of 2k arg-max passes, each a cross-warp round trip (~150 ns). NaN ranks as padding, so
+        # every slot still gets a distinct, in-range expert (its weight stays NaN, as the model's).
+        ranked = tl.where(probs == probs, probs, -1.0)
+        ahead = (ranked[None, :] > ranked[:, None]) | ((ranked[None, :] == ranked[:, None]) & (e[None, :] < e[:, None]))
         rank = tl.sum(ahead.to(tl.int32), axis=1)
         chosen = e_ok & (rank < TOP_K)
         value = probs
