@@ -4,10 +4,11 @@ Same modules, same weights, no copies: the projections read the model's own line
 (cuBLAS, or one Triton launch for q/k/v at batch 1-2), and what lies between them is fused
 (sparsify/engine/attention_kernels.py):
 
-    attention   norm and q/k/v projections (at one or two tokens one matrix-vector launch for the
-                norm and all three; above, the norm kernel and cuBLAS), rope_and_cache (q/k norms, rotary embedding, cache writes: one kernel for
-                ~12), attention over the cache (a decode kernel at one or two tokens, SDPA
-                above), o_proj with the residual add folded into the GEMM (addmm_, beta = 1)
+    attention   norm and q/k/v projections (at one or two tokens one matrix-vector launch for
+                the norm and all three; above, the norm kernel and cuBLAS), rope_and_cache (q/k
+                norms, rotary embedding, cache writes: one kernel for ~12), attention over the
+                cache (a decode kernel at one or two tokens, SDPA above), o_proj with the
+                residual add folded into the GEMM (addmm_, beta = 1)
     dense FFN   norm, gate and up projections, silu_mul (one kernel for two), down_proj with the
                 residual add folded into the GEMM
 
@@ -54,7 +55,7 @@ def _add_projection(hidden: torch.Tensor, x: torch.Tensor, projection: nn.Linear
 
 
 def attend(attention: nn.Module, input_norm: nn.Module, hidden: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
-           sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor,
+           sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor | None,
            rms_norm: Callable[[nn.Module, torch.Tensor], torch.Tensor], scratch: attention_kernels.AttentionScratch | None = None) -> None:
     """hidden += attention(input_norm(hidden)) for one decode step, writing this step's key and
     value; `rms_norm` runs the norm where it is not fused into the projections. With a scratch

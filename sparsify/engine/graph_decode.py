@@ -263,7 +263,9 @@ class GraphDecoder:
         if not all(layer.fused_attention for layer in self.layers):  # the fused kernel reads the tables itself
             cos = self.cos_table.index_select(0, self.position)[None]
             sin = self.sin_table.index_select(0, self.position)[None]
-        visible = (self.slots <= self.position)[None, None, None, :]
+        # Only SDPA reads the mask: with every layer on the decode attention kernel it is not built.
+        all_on_kernel = self.attention_scratch is not None and all(layer.fused_attention for layer in self.layers)
+        visible = None if all_on_kernel else (self.slots <= self.position)[None, None, None, :]
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn
             if layer.fused_attention:

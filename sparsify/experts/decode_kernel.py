@@ -154,11 +154,10 @@ def _kernels():
             acc += tl.sum(h[:, None, :] * d.to(tl.float32), axis=2)
         dtype = hidden_ptr.dtype.element_ty
         token = p // TOP_K
-        for t in tl.static_range(TOKENS):
+        for t in tl.static_range(TOKENS):  # TOKENS is the exact token count
             y = tl.sum(tl.where((token == t)[:, None], acc, 0.0), axis=0)  # t's experts, summed in fp32
-            ok = n_ok & (t * TOP_K < pairs)
-            residual = tl.load(hidden_ptr + t * HIDDEN + n, mask=ok, other=0.0).to(tl.float32)
-            tl.store(hidden_ptr + t * HIDDEN + n, (residual + y.to(dtype).to(tl.float32)).to(dtype), mask=ok)
+            residual = tl.load(hidden_ptr + t * HIDDEN + n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(hidden_ptr + t * HIDDEN + n, (residual + y.to(dtype).to(tl.float32)).to(dtype), mask=n_ok)
 
     return gate_up_swiglu, down_add, gate_up_pair, down_add_pairs
 
