@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +17,14 @@ SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
 
 # Dense config keys that describe the dense model rather than the converted one.
 DROPPED_CONFIG_KEYS = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype"}
+
+
+# on_progress(stage, done, total): long steps of planning (calibration) report how far they are.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass(frozen=True)

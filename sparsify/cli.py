@@ -58,9 +58,11 @@ def _with_help(f, text: str):
 
 def _option(f, hint: Any, panel: str, default_text: str) -> inspect.Parameter:
     """A keyword-only typer option for one dataclass field; None means "not given"."""
+    flag = "--" + f.name.replace("_", "-")
     option = typer.Option(
         None,
-        "--" + f.name.replace("_", "-"),
+        # A boolean field is a switch both ways (--refit / --no-refit), so its default can be undone.
+        f"{flag}/--no-{flag[2:]}" if _without_none(hint) is bool else flag,
         help=f"{f.metadata.get('help', '')} [dim](default {default_text})[/dim]",
         rich_help_panel=panel,
         show_default=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from sparsify.convert import all_metrics
@@ -118,11 +118,23 @@ class ConversionDisplay:
         self.task = self.progress.add_task("write", total=None)
 
     def callbacks(self) -> dict[str, Any]:
+        planning = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                            TimeRemainingColumn(), console=err, transient=True)
+        stages: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:  # calibration, before any byte is written
+            if stage not in stages:
+                planning.start()
+                stages[stage] = planning.add_task(stage, total=total)
+            planning.update(stages[stage], completed=done)
+
         def on_plan(plan) -> None:
+            stop_quietly(planning)
             self.progress.start()
             self.progress.update(self.task, total=plan.nbytes)
 
-        return {"on_plan": on_plan, "on_bytes": lambda n: self.progress.advance(self.task, n)}
+        self._planning = planning
+        return {"on_plan": on_plan, "on_bytes": lambda n: self.progress.advance(self.task, n), "on_progress": on_progress}
 
     def converted(self, result) -> None:
         from sparsify.info import layout_rows, teacher_verdict
@@ -142,6 +154,8 @@ class ConversionDisplay:
 
     def stop(self) -> None:
         stop_quietly(self.progress)
+        if hasattr(self, "_planning"):
+            stop_quietly(self._planning)
 
 
 def stop_quietly(progress: Progress) -> None:

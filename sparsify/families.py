@@ -20,6 +20,27 @@ FFN_ROLES = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
+class SharedExpert:
+    """Where a target keeps its shared expert (one SwiGLU FFN every token computes, beside the routed
+    ones) and the fixed gate in front of it. The gate's weight is written as zeros, so the gate is a
+    constant (sigmoid(0) = 1/2 for Qwen2-MoE) and the shared expert's down projection is multiplied by
+    `gate_inverse` to cancel it: the conversion stays exact."""
+
+    tensors: dict[str, str]  # role -> name template relative to a layer's prefix
+    size_key: str  # config key of the shared expert's d_ff
+    gate: str  # the gate's weight, shape (1, hidden)
+    gate_inverse: float = 2.0
+
+
+QWEN2_MOE_SHARED = SharedExpert(
+    tensors={"gate": "mlp.shared_expert.gate_proj.weight", "up": "mlp.shared_expert.up_proj.weight",
+             "down": "mlp.shared_expert.down_proj.weight"},
+    size_key="shared_expert_intermediate_size",
+    gate="mlp.shared_expert_gate.weight",
+)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     dense_model_types: tuple[str, ...]
@@ -58,9 +79,11 @@ class Family:
     moe_config_fixed: dict[str, Any] = field(default_factory=dict)
     # Dense config values the target architecture cannot represent: key -> the value we need.
     requires: dict[str, Any] = field(default_factory=dict)
-    # Per-layer tensors the target needs that have no dense counterpart: name -> (shape, fill),
-    # with shape entries "hidden" or ints.
-    moe_extra_tensors: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
+    # The target's shared expert, if it has one; `--shared-experts` needs it. A family whose target has none
+    # has a second entry, listed after it, that maps the same dense types to a target that does.
+    shared_expert: SharedExpert | None = None
+    # Dense config keys the target reads although its config class does not declare them (e.g. head_dim).
+    extra_config_keys: tuple[str, ...] = ()
 
     def layer_name(self, layer: int, template: str, **fmt: int) -> str:
         return self.layer_prefix.format(layer=layer) + template.format(**fmt)
@@ -102,20 +125,14 @@ FAMILIES: tuple[Family, ...] = (
             "top_k": ("num_experts_per_tok",),
             "expert_size": ("moe_intermediate_size",),
         },
-        # Qwen2-MoE always builds a shared expert; size 0 makes it compute nothing.
+        # Qwen2-MoE always builds a shared expert; without --shared-experts it has size 0 and computes nothing.
         moe_config_fixed={
             "norm_topk_prob": True,
-            "shared_expert_intermediate_size": 0,
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "qkv_bias": True,
         },
-        moe_extra_tensors={
-            "mlp.shared_expert.gate_proj.weight": ((0, "hidden"), 0.0),
-            "mlp.shared_expert.up_proj.weight": ((0, "hidden"), 0.0),
-            "mlp.shared_expert.down_proj.weight": (("hidden", 0), 0.0),
-            "mlp.shared_expert_gate.weight": ((1, "hidden"), 0.0),
-        },
+        shared_expert=QWEN2_MOE_SHARED,
     ),
     Family(
         name="qwen3",
@@ -130,6 +147,29 @@ FAMILIES: tuple[Family, ...] = (
         },
         moe_config_fixed={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
     ),
+    Family(
+        name="llama+shared",
+        # Mixtral has no shared expert: with --shared-experts, llama and mistral go to Qwen2-MoE, whose
+        # attention is Llama's when its q/k/v biases are off.
+        dense_model_types=("llama", "mistral"),
+        moe_model_type="qwen2_moe",
+        moe_architecture="Qwen2MoeForCausalLM",
+        moe_config_keys={
+            "experts": ("num_experts",),
+            "top_k": ("num_experts_per_tok",),
+            "expert_size": ("moe_intermediate_size",),
+        },
+        moe_config_fixed={
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": False,
+            "use_sliding_window": False,
+        },
+        requires={"attention_bias": False, "mlp_bias": False, "sliding_window": None},
+        shared_expert=QWEN2_MOE_SHARED,
+        extra_config_keys=("head_dim",),
+    ),
 )
 
 
@@ -137,10 +177,17 @@ def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.dense_model_types)
 
 
-def family_for(model_type: str) -> Family:
-    for family in FAMILIES:
-        if model_type in family.dense_model_types:
-            return family
+def family_for(model_type: str, shared_experts: bool = False) -> Family:
+    """The first family that converts `model_type`; with `shared_experts`, the first whose target has one."""
+    families = [family for family in FAMILIES if model_type in family.dense_model_types]
+    if shared_experts and families:
+        with_shared = [family for family in families if family.shared_expert is not None]
+        if not with_shared:
+            raise SparsifyError(f"{families[0].moe_architecture}, the target of {model_type}, has no shared expert, and no other "
+                                "native target for it does yet; use --shared-experts 0")
+        return with_shared[0]
+    if families:
+        return families[0]
     raise SparsifyError(
         f"architecture '{model_type}' is not supported yet; supported dense model types: "
         f"{', '.join(supported_model_types())}. Adding one is a single entry in sparsify/families.py."

@@ -53,6 +53,17 @@ class ModelSource:
         assert self._write_sidecars is not None
         self._write_sidecars(dest)
 
+    def tokenizer(self):
+        """The source's tokenizer (calibration reads text with it)."""
+        from transformers import AutoTokenizer
+
+        try:
+            if self.kind == "gguf":
+                return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            return AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as error:
+            raise SparsifyError(f"{self.path} has no usable tokenizer ({error})") from error
+
     def provenance(self) -> dict[str, Any]:
         from sparsify.provenance import describe_gguf
 

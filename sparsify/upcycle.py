@@ -52,6 +52,7 @@ def upcycle(
     recipe: dict[str, Any] | None = None,
     on_plan: Callable[[ConversionPlan], None] = lambda plan: None,
     on_bytes: Callable[[int], None] = lambda n: None,
+    on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
     **options: Any,
 ) -> UpcycleResult:
     """Convert `model` (alias, folder, .gguf or Hub id) into variant `to`; options are its option fields."""
@@ -63,7 +64,7 @@ def upcycle(
     dtype_name(dtype)  # a bad --dtype is refused before the source is opened
     source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
     out_dtype = resolve_dtype(dtype, source)
-    plan = variant.hook("plan")(source, opts, out_dtype)
+    plan = variant.hook("plan")(source, opts, out_dtype, on_progress=on_progress)
     check_disk_space(output, plan.nbytes)
     on_plan(plan)
     record = build_record(

@@ -38,6 +38,9 @@ class MoeLayout(Layout):
     family: str = ""
     architecture: str = ""
     expert_scale: int | None = None
+    shared_experts: int = 0  # S of the G partitions form one shared expert
+    shared_expert_size: int = 0  # its d_ff: S * d_ff / G
+    calibration: dict[str, Any] | None = None  # data, tokens, and per-layer figures of a calibrated split or router
     dense_path: DensePath | None = None
 
     @classmethod
@@ -49,13 +52,21 @@ class MoeLayout(Layout):
     def rows(self) -> list[tuple[str, str]]:
         copies = self.copies
         rows = [
-            ("experts", f"{self.experts} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {self.granularity}"),
+            ("experts", f"{self.experts} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {self.granularity}"
+                        + (f" - {self.shared_experts} shared" if self.shared_experts else "")),
             ("active experts per token (top-k)", str(self.top_k)),
             ("expert size", f"{self.expert_size} (dense d_ff {self.dense_d_ff})"),
             ("FFN compute per token vs dense", f"{self.active_ffn_ratio:.2f}x"),
         ]
+        if self.shared_experts:
+            rows.append(("shared expert", f"{self.shared_expert_size} neurons ({self.shared_experts} of {self.granularity} partitions), every token"))
         if self.granularity > 1:  # with whole copies no neurons are split, and the router is plain random
             rows += [("neuron split", f"{self.split['strategy']} (seed {self.split['seed']})"), ("router init", self.router_init)]
+        if self.calibration:
+            c = self.calibration
+            rows.append(("calibration", f"{c['tokens']:,} tokens of {', '.join(c['data'])}"))
+            rows.append(("routed importance kept at step 0", f"{c['mean_routed_share_router']:.1%} by the router, "
+                                                             f"{c['mean_routed_share_best']:.1%} at best (mean over layers)"))
         if self.reinit_ratio:
             rows.append(("Drop-Upcycling", f"{self.reinit_ratio:.0%} of the neurons of copies 1..{copies - 1} re-drawn"))
         return rows

@@ -16,12 +16,20 @@ and no re-initialisation (Drop-Upcycling changes the weights on purpose). With K
 each token's neurons run, so the model cannot be exact; the experts are then scaled by K instead,
 so that the selected partitions add up as in the dense FFN (see `ExpertLayout.expert_scale`). (Megatron instead spreads the factor over all three
 projections; silu is not homogeneous, so that is not exact for SwiGLU. Scaling only `down` is.)
+
+Shared experts (`shared` = S > 0): the first S partitions of the (ordered) neurons form one shared
+expert every token computes; the other R = G-S partitions of each copy are routed, and G above
+becomes R. The shared expert's down projection carries the inverse of the target's fixed gate on
+it (Qwen2-MoE multiplies it by sigmoid(w.x) with w = 0: 1/2), so the sum stays the dense FFN.
+
+The neuron order is contiguous, a seeded permutation, or calibrated (`clustering.py`: shared =
+most important neurons, routed partitions = co-activation clusters, and fitted router rows).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -29,12 +37,16 @@ from sparsify.convert.base import Exactness
 from sparsify.convert.moe.options import ROUTER_INITS, SPLITS
 from sparsify.errors import SparsifyError
 
+if TYPE_CHECKING:
+    from sparsify.convert.moe.clustering import CalibratedSplit
+
 
 @dataclass(frozen=True)
 class ExpertLayout:
     copies: int  # E
     granularity: int  # G
     top_k: int  # K
+    shared: int = 0  # S: partitions that form the shared expert
     split: str = "contiguous"
     reinit_ratio: float = 0.0
     router_init: str = "virtual-group"
@@ -42,16 +54,32 @@ class ExpertLayout:
     seed: int = 0
 
     @property
+    def routed_per_copy(self) -> int:
+        """R = G - S routed partitions per copy."""
+        return self.granularity - self.shared
+
+    @property
     def experts(self) -> int:
-        return self.copies * self.granularity
+        """Routed experts."""
+        return self.copies * self.routed_per_copy
 
     @property
     def expert_scale(self) -> int:
-        """Factor on each expert's down projection. G makes whole copies exact (K = m*G). With
-        K < G a token runs only K partitions; scaling them by K makes the layer output the plain
-        sum of the selected partitions, whereas G would amplify them by G/K. On SmolLM2-135M,
+        """Factor on each routed expert's down projection. R makes whole copies exact (K = m*R). With
+        K < R a token runs only K partitions; scaling them by K makes the layer output the plain
+        sum of the selected partitions, whereas R would amplify them by R/K. On SmolLM2-135M,
         G=8 K=4, held-out perplexity at conversion was 28k with K against 419k with G."""
-        return self.granularity if self.top_k >= self.granularity else self.top_k
+        routed = self.routed_per_copy
+        return routed if self.top_k >= routed else self.top_k
+
+    @property
+    def calibrated(self) -> bool:
+        return self.split == "coactivation" or self.router_init == "calibrated"
+
+    @property
+    def active_ffn_ratio(self) -> float:
+        """FFN compute per token relative to the dense model: S shared and K routed partitions of d_ff/G."""
+        return (self.shared + self.top_k) / self.granularity
 
     def validate(self, d_ff: int) -> None:
         if self.copies < 1 or self.granularity < 1:
@@ -62,10 +90,12 @@ class ExpertLayout:
                 f"granularity {self.granularity} does not divide the FFN size d_ff={d_ff}; "
                 f"choose one of {divisors}"
             )
+        if not 0 <= self.shared < self.granularity:
+            raise SparsifyError(f"--shared-experts {self.shared} must be at least 0 and below the granularity {self.granularity}")
         if not 1 <= self.top_k <= self.experts:
             raise SparsifyError(
-                f"top-k {self.top_k} must be between 1 and the number of experts, {self.experts} "
-                f"({self.copies} copies x granularity {self.granularity})"
+                f"top-k {self.top_k} must be between 1 and the number of routed experts, {self.experts} "
+                f"({self.copies} copies x {self.routed_per_copy} routed partitions)"
             )
         if not 0.0 <= self.reinit_ratio < 1.0:
             raise SparsifyError(f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
@@ -75,16 +105,19 @@ class ExpertLayout:
             raise SparsifyError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
 
     def exactness(self) -> Exactness:
-        k, g = self.top_k, self.granularity
+        k, r = self.top_k, self.routed_per_copy
         if self.reinit_ratio > 0:
             return Exactness(False, f"Drop-Upcycling re-initialised {self.reinit_ratio:.0%} of the neurons of copies 1..{self.copies - 1}")
-        if k % g:
-            if k < g:
-                return Exactness(False, f"top-k {k} < granularity {g}: each token runs {k}/{g} of its FFN neurons")
-            return Exactness(False, f"top-k {k} is not a multiple of granularity {g}: partitions are covered unevenly")
-        if g > 1 and self.router_init != "virtual-group":
-            return Exactness(False, "a random router does not select whole copies; use --router-init virtual-group")
-        return Exactness(True, f"top-k {k} selects {k // g} whole cop{'y' if k == g else 'ies'} of the FFN")
+        if k % r:
+            if k < r:
+                if not self.shared:
+                    return Exactness(False, f"top-k {k} < granularity {r}: each token runs {k}/{r} of its FFN neurons")
+                return Exactness(False, f"top-k {k} < {r} routed partitions: each token runs {k + self.shared}/{self.granularity} "
+                                        f"of its FFN neurons ({self.shared} shared)")
+            return Exactness(False, f"top-k {k} is not a multiple of the {r} routed partitions: partitions are covered unevenly")
+        if r > 1 and self.router_init != "virtual-group":
+            return Exactness(False, "a router without virtual groups does not select whole copies; use --router-init virtual-group")
+        return Exactness(True, f"top-k {k} selects {k // r} whole cop{'y' if k == r else 'ies'} of the FFN")
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -97,10 +130,12 @@ def _generator(seed: int, *keys: int) -> torch.Generator:
 _ROUTER, _SPLIT, _REINIT = 1, 2, 3
 
 
-def neuron_order(layout: ExpertLayout, layer: int, d_ff: int) -> torch.Tensor | None:
+def neuron_order(layout: ExpertLayout, layer: int, d_ff: int, calibrated: CalibratedSplit | None = None) -> torch.Tensor | None:
     """The neuron permutation applied before partitioning (None for contiguous)."""
     if layout.split == "contiguous":
         return None
+    if layout.split == "coactivation":
+        return calibrated.order
     return torch.randperm(d_ff, generator=_generator(layout.seed, _SPLIT, layer))
 
 
@@ -127,8 +162,11 @@ def _reinit(ffn: dict[str, torch.Tensor], layout: ExpertLayout, layer: int, copy
 class LayerExperts:
     """Produces one layer's expert tensors from its dense FFN, lazily and one copy at a time."""
 
-    def __init__(self, layout: ExpertLayout, layer: int, load_ffn: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype):
+    def __init__(self, layout: ExpertLayout, layer: int, load_ffn: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype,
+                 calibrated: CalibratedSplit | None = None, shared_gate_inverse: float = 1.0):
         self.layout, self.layer, self.dtype = layout, layer, dtype
+        self.calibrated = calibrated
+        self.shared_gate_inverse = shared_gate_inverse  # 1 / the target's fixed gate on the shared expert
         self._load_ffn = load_ffn
         self._ffn: dict[str, torch.Tensor] | None = None
         self._copy: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -136,9 +174,12 @@ class LayerExperts:
     def _dense(self) -> dict[str, torch.Tensor]:
         if self._ffn is None:
             ffn = self._load_ffn()
-            order = neuron_order(self.layout, self.layer, ffn["gate"].shape[0])
+            order = neuron_order(self.layout, self.layer, ffn["gate"].shape[0], self.calibrated)
             if order is not None:
                 ffn = {"gate": ffn["gate"][order], "up": ffn["up"][order], "down": ffn["down"][:, order]}
+            refitted = self.calibrated.refitted_down() if self.calibrated is not None else None
+            if refitted is not None:  # already in `order` (refit.py)
+                ffn["down"] = refitted.to(ffn["down"].dtype)
             self._ffn = ffn
         return self._ffn
 
@@ -152,36 +193,50 @@ class LayerExperts:
         return self._copy[1]
 
     def router(self, hidden: int) -> torch.Tensor:
-        """The router's initial weight, (experts, hidden)."""
+        """The router's initial weight, (routed experts, hidden)."""
         layout = self.layout
         gen = _generator(layout.seed, _ROUTER, self.layer)
-        if layout.router_init == "gate-mean":
-            # Logit of partition g = mean gate pre-activation of its neurons: a token goes to the
-            # partitions whose neurons it excites most. Rescaled to router_std; copies 1.. get a
-            # little noise so that they do not tie with copy 0.
-            gate = self._dense()["gate"].float()
-            rows = gate.reshape(layout.granularity, -1, hidden).mean(dim=1)
-            rows = (rows / rows.std() * layout.router_std).repeat(layout.copies, 1)
-            noise = torch.randn(rows.shape, generator=gen) * layout.router_std * 0.1
-            noise[: layout.granularity] = 0
+        routed = layout.routed_per_copy
+        if layout.router_init in ("gate-mean", "calibrated"):
+            if layout.router_init == "calibrated":
+                # Fitted to rank each token's partitions by their output size (clustering.fit_router).
+                rows = self.calibrated.router.float()
+            else:
+                # Logit of partition g = mean gate pre-activation of its neurons: a token goes to the
+                # partitions whose neurons it excites most, rescaled to router_std.
+                gate = self._dense()["gate"].float()[layout.shared * self._partition_size():]
+                rows = gate.reshape(routed, -1, hidden).mean(dim=1)
+                rows = rows / rows.std() * layout.router_std
+            # Copies 1.. get a little noise so that they do not tie with copy 0.
+            rows = rows.repeat(layout.copies, 1)
+            noise = torch.randn(rows.shape, generator=gen) * rows.std() * 0.1
+            noise[:routed] = 0
             return (rows + noise).to(self.dtype)
         if layout.router_init == "virtual-group":
             rows = torch.randn(layout.copies, hidden, generator=gen) * layout.router_std
-            return rows.repeat_interleave(layout.granularity, dim=0).to(self.dtype)
+            return rows.repeat_interleave(routed, dim=0).to(self.dtype)
         return (torch.randn(layout.experts, hidden, generator=gen) * layout.router_std).to(self.dtype)
 
+    def _partition_size(self) -> int:
+        return self._dense()["gate"].shape[0] // self.layout.granularity
+
+    def _neurons(self, weights: dict[str, torch.Tensor], role: str, rows: slice, scale: float) -> torch.Tensor:
+        if role != "down":
+            return weights[role][rows].to(self.dtype).contiguous()
+        piece = weights[role][:, rows].to(self.dtype)
+        # One rounding either way: torch multiplies low-precision floats in fp32.
+        return (piece * scale).contiguous() if scale != 1 else piece.contiguous()
+
     def expert(self, expert: int, role: str) -> torch.Tensor:
-        copy, part = divmod(expert, self.layout.granularity)
-        weight = self._copy_weights(copy)[role]
-        size = weight.shape[0 if role != "down" else 1] // self.layout.granularity
-        rows = slice(part * size, (part + 1) * size)
-        if role == "down":
-            piece = weight[:, rows]
-            if self.layout.expert_scale > 1:
-                # One rounding either way: torch multiplies low-precision floats in fp32.
-                return (piece.to(self.dtype) * self.layout.expert_scale).contiguous()
-            return piece.to(self.dtype).contiguous()
-        return weight[rows].to(self.dtype).contiguous()
+        """Routed expert `expert` = partition S + p of copy c, for (c, p) = divmod(expert, R)."""
+        copy, part = divmod(expert, self.layout.routed_per_copy)
+        size = self._partition_size()
+        start = (self.layout.shared + part) * size
+        return self._neurons(self._copy_weights(copy), role, slice(start, start + size), self.layout.expert_scale)
+
+    def shared_expert(self, role: str) -> torch.Tensor:
+        """The first S partitions of copy 0, as one expert every token computes."""
+        return self._neurons(self._dense(), role, slice(0, self.layout.shared * self._partition_size()), self.shared_gate_inverse)
 
     def release(self) -> None:
         self._ffn = None

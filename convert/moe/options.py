@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sparsify.convert.calibration.options import CalibrationOptions
 from sparsify.option_values import check_rules, require
 
-SPLITS = ("contiguous", "random")
-ROUTER_INITS = ("virtual-group", "random", "gate-mean")
+SPLITS = ("contiguous", "random", "coactivation")
+ROUTER_INITS = ("virtual-group", "random", "gate-mean", "calibrated")
+CALIBRATED_SPLITS = ("coactivation",)
 
 
 @dataclass
@@ -57,47 +59,71 @@ class MoeOptions(ExpertInitOptions):
 
 
 @dataclass
-class FineMoeOptions(ExpertInitOptions):
+class FineMoeOptions(ExpertInitOptions, CalibrationOptions):
     tags: ClassVar[tuple[str, ...]] = ("fine-grained-moe",)
     granularity: int = field(default=8, metadata={"help": "G: split each FFN into G experts of d_ff/G neurons."})
     experts: int = field(default=1, metadata={"help": "E: copies of the FFN; the model gets E*G experts."})
-    top_k: int | None = field(default=None, metadata={"help": "Experts per token; default G (the dense FFN compute)."})
-    split: str = field(
-        default="contiguous",
-        metadata={"help": "How neurons are assigned to partitions: contiguous or random (seeded permutation)."},
+    top_k: int | None = field(default=None, metadata={"help": "Routed experts per token; default all of one copy (the dense FFN compute)."})
+    shared_experts: int = field(
+        default=0,
+        metadata={"help": "S of the G partitions become one shared expert every token computes (the most important neurons "
+                          "by calibration, or the first S partitions); the other G-S are routed. Needs a target with shared "
+                          "experts (Qwen2-MoE for llama, mistral and qwen2)."},
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "How neurons are assigned to partitions: contiguous, random (seeded permutation) or coactivation "
+                          "(neurons that matter for the same calibration tokens go together; needs --calibration-data); "
+                          "default: coactivation with --calibration-data, else contiguous."},
     )
     router_init: str | None = field(
         default=None,
         metadata={
-            "help": "virtual-group (a copy's experts share a router row; exact when G divides top-k), random, or "
-            "gate-mean (partition g's row is the mean of its neurons' gate rows); default: virtual-group when "
-            "G divides top-k, else gate-mean."
+            "help": "virtual-group (a copy's experts share a router row; exact when top-k covers whole copies), random, "
+            "gate-mean (partition g's row is the mean of its neurons' gate rows) or calibrated (rows fitted to rank each "
+            "token's experts by their output size on the calibration text); default: virtual-group when exact, else "
+            "calibrated with --calibration-data, else gate-mean."
         },
     )
+
+    @property
+    def chosen_split(self) -> str:
+        return self.split or ("coactivation" if self.calibrated else "contiguous")
 
     def validate(self) -> None:
         super().validate()
         require(self.granularity >= 1 and self.experts >= 1,
                  f"--granularity and --experts must be at least 1, got {self.granularity} and {self.experts}")
-        experts = self.granularity * self.experts
-        require(self.top_k is None or 1 <= self.top_k <= experts,
-                 f"top-k {self.top_k} must be between 1 and the number of experts, {experts} ({self.experts} copies x granularity {self.granularity})")
-        require(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        require(0 <= self.shared_experts < self.granularity,
+                f"--shared-experts {self.shared_experts} must be at least 0 and below the granularity {self.granularity} "
+                "(at least one partition must stay routed)")
+        routed = (self.granularity - self.shared_experts) * self.experts
+        require(self.top_k is None or 1 <= self.top_k <= routed,
+                 f"top-k {self.top_k} must be between 1 and the number of routed experts, {routed} ({self.experts} copies x "
+                 f"(granularity {self.granularity} - {self.shared_experts} shared))")
+        require(self.split is None or self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
         require(self.router_init is None or self.router_init in ROUTER_INITS,
                  f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
+        needs_data = self.chosen_split in CALIBRATED_SPLITS or self.router_init == "calibrated"
+        require(self.calibrated or not needs_data,
+                f"{'--split ' + self.chosen_split if self.chosen_split in CALIBRATED_SPLITS else '--router-init calibrated'} measures "
+                "the dense model on text: pass --calibration-data FILES (e.g. some of your training text)")
+        self.validate_calibration()
 
     def layout(self):
         from sparsify.convert.moe.experts import ExpertLayout
 
-        top_k = self.granularity if self.top_k is None else self.top_k
-        router_init = self.router_init or ("virtual-group" if top_k % self.granularity == 0 else "gate-mean")
+        routed = self.granularity - self.shared_experts
+        top_k = routed if self.top_k is None else self.top_k
+        default_init = "virtual-group" if top_k % routed == 0 else ("calibrated" if self.calibrated else "gate-mean")
         return ExpertLayout(
             copies=self.experts,
             granularity=self.granularity,
             top_k=top_k,
-            split=self.split,
+            shared=self.shared_experts,
+            split=self.chosen_split,
             reinit_ratio=self.reinit_ratio,
-            router_init=router_init,
+            router_init=self.router_init or default_init,
             router_std=self.router_std,
             seed=self.seed,
         )

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from sparsify.checkpoint_writer import PlannedTensor
-from sparsify.convert.base import DROPPED_CONFIG_KEYS, ConversionPlan, kept_source_tensors, passthrough
+from sparsify.convert.base import DROPPED_CONFIG_KEYS, ConversionPlan, Progress, kept_source_tensors, no_progress, passthrough
+from sparsify.convert.moe.clustering import CalibratedSplit, calibrate_layers
 from sparsify.convert.moe.experts import ExpertLayout, LayerExperts
 from sparsify.convert.moe.describe import DensePath, MoeLayout
 from sparsify.convert.moe.options import FineMoeOptions, MoeOptions
@@ -37,11 +38,15 @@ def moe_config(family: Family, dense_config: Any, layout: ExpertLayout, dtype: t
     known = set(target_defaults) - DROPPED_CONFIG_KEYS
     # Generic PretrainedConfig attributes (id2label, return_dict, ...) at their defaults are noise.
     generic = PretrainedConfig().to_dict()
+    known |= {key for key in family.extra_config_keys if dense.get(key) is not None}
     config = {k: v for k, v in dense.items() if k in known and not (k in generic and generic[k] == v)}
-    moe_values = {"experts": layout.experts, "top_k": layout.top_k, "expert_size": dense_d_ff(dense_config) // layout.granularity}
+    size = dense_d_ff(dense_config) // layout.granularity
+    moe_values = {"experts": layout.experts, "top_k": layout.top_k, "expert_size": size}
     for logical, keys in family.moe_config_keys.items():
         for key in keys:
             config[key] = moe_values[logical]
+    if family.shared_expert is not None:
+        config[family.shared_expert.size_key] = layout.shared * size
     config.update(family.moe_config_fixed)
     config["output_router_logits"] = False
     config["architectures"] = [family.moe_architecture]
@@ -62,7 +67,7 @@ def _layer_ffn_names(family: Family, names: set[str], layers: int) -> dict[int, 
 
 
 def plan_moe_tensors(
-    family: Family, source: Any, layout: ExpertLayout, dtype: torch.dtype
+    family: Family, source: Any, layout: ExpertLayout, dtype: torch.dtype, calibrated: list[CalibratedSplit] | None = None
 ) -> list[PlannedTensor]:
     reader, config = source.tensors, source.config
     names = reader.names()
@@ -78,14 +83,18 @@ def plan_moe_tensors(
         layer = ffn_to_layer[name]
         if layer not in emitted:  # the layer's MoE block goes where its first FFN tensor was
             emitted.add(layer)
-            plan.extend(_layer_plan(family, reader, layout, layer, ffn_names[layer], hidden, d_ff, dtype))
+            plan.extend(_layer_plan(family, reader, layout, layer, ffn_names[layer], hidden, d_ff, dtype,
+                                    calibrated[layer] if calibrated else None))
     return plan
 
 
 def _layer_plan(
-    family: Family, reader: Any, layout: ExpertLayout, layer: int, roles: dict[str, str], hidden: int, d_ff: int, dtype: torch.dtype
+    family: Family, reader: Any, layout: ExpertLayout, layer: int, roles: dict[str, str], hidden: int, d_ff: int, dtype: torch.dtype,
+    calibrated: CalibratedSplit | None,
 ) -> list[PlannedTensor]:
-    experts = LayerExperts(layout, layer, lambda: {role: reader.get(name) for role, name in roles.items()}, dtype)
+    shared = family.shared_expert
+    experts = LayerExperts(layout, layer, lambda: {role: reader.get(name) for role, name in roles.items()}, dtype, calibrated,
+                           shared.gate_inverse if shared else 1.0)
     size = d_ff // layout.granularity
     shapes = {"gate": (size, hidden), "up": (size, hidden), "down": (hidden, size)}
     plan = [
@@ -96,6 +105,13 @@ def _layer_plan(
             lambda: experts.router(hidden),
         )
     ]
+    if shared is not None:
+        width = layout.shared * size
+        shared_shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+        plan += [PlannedTensor(family.layer_name(layer, shared.tensors[role]), shared_shapes[role], dtype,
+                               lambda role=role: experts.shared_expert(role)) for role in FFN_ROLES]
+        # A zero gate is a constant sigmoid(0) = 1/2, cancelled by the shared down projection's factor.
+        plan.append(PlannedTensor(family.layer_name(layer, shared.gate), (1, hidden), dtype, lambda: torch.zeros(1, hidden, dtype=dtype)))
     for expert in range(layout.experts):
         for role in FFN_ROLES:
             plan.append(
@@ -109,9 +125,6 @@ def _layer_plan(
     # Free this layer's dense FFN once its last expert tensor has been produced.
     last = plan[-1]
     plan[-1] = PlannedTensor(last.name, last.shape, last.dtype, lambda: _then_release(last.produce, experts))
-    for name, (shape, fill) in family.moe_extra_tensors.items():
-        concrete = tuple(hidden if s == "hidden" else s for s in shape)
-        plan.append(PlannedTensor(family.layer_name(layer, name), concrete, dtype, lambda c=concrete, f=fill: torch.full(c, f, dtype=dtype)))
     return plan
 
 
@@ -121,7 +134,9 @@ def _then_release(produce, experts: LayerExperts) -> torch.Tensor:
     return tensor
 
 
-def layout_record(family: Family, layout: ExpertLayout, d_ff: int) -> MoeLayout:
+def layout_record(family: Family, layout: ExpertLayout, d_ff: int, calibration: dict[str, Any] | None = None,
+                  refitted: bool = False) -> MoeLayout:
+    size = d_ff // layout.granularity
     return MoeLayout(
         family=family.name,
         architecture=family.moe_architecture,
@@ -129,26 +144,38 @@ def layout_record(family: Family, layout: ExpertLayout, d_ff: int) -> MoeLayout:
         copies=layout.copies,
         granularity=layout.granularity,
         top_k=layout.top_k,
-        expert_size=d_ff // layout.granularity,
+        expert_size=size,
         dense_d_ff=d_ff,
-        active_ffn_ratio=layout.top_k / layout.granularity,
+        active_ffn_ratio=layout.active_ffn_ratio,
         split={"strategy": layout.split, "seed": layout.seed},
         router_init=layout.router_init,
         reinit_ratio=layout.reinit_ratio,
         expert_scale=layout.expert_scale,
-        dense_path=DensePath(list(range(layout.granularity)), 1.0 / layout.expert_scale),
+        shared_experts=layout.shared,
+        shared_expert_size=layout.shared * size,
+        calibration=calibration,
+        # Refitted down projections no longer add up to the dense FFN: training then needs the source as its teacher.
+        dense_path=None if refitted else DensePath(list(range(layout.routed_per_copy)), 1.0 / layout.expert_scale),
     )
 
 
-def plan(source: Any, options: MoeOptions | FineMoeOptions, dtype: torch.dtype) -> ConversionPlan:
+def plan(source: Any, options: MoeOptions | FineMoeOptions, dtype: torch.dtype, on_progress: Progress = no_progress) -> ConversionPlan:
     layout = options.layout()
-    family = family_for(source.config.model_type)
+    family = family_for(source.config.model_type, shared_experts=layout.shared > 0)
     d_ff = dense_d_ff(source.config)
     layout.validate(d_ff)
+    config = moe_config(family, source.config, layout, dtype)  # refuses what the target cannot represent before calibrating
+    calibrated, calibration = None, None
+    refitted = layout.calibrated and options.refit and layout.copies == 1 and not layout.exactness().exact
+    if layout.calibrated:
+        calibrated, refusal = calibrate_layers(source, options, layout, on_progress, refit=refitted)
+        refitted = refitted and refusal is None
+        calibration = {**options.record(), "refit": refitted, **({"refit_skipped": refusal} if refusal else {}), "layers": [split.figures for split in calibrated],
+                       **{f"mean_{key}": sum(split.figures[key] for split in calibrated) / len(calibrated) for key in calibrated[0].figures}}
     return ConversionPlan(
-        config=moe_config(family, source.config, layout, dtype),
-        tensors=plan_moe_tensors(family, source, layout, dtype),
-        layout=layout_record(family, layout, d_ff),
+        config=config,
+        tensors=plan_moe_tensors(family, source, layout, dtype, calibrated),
+        layout=layout_record(family, layout, d_ff, calibration, refitted),
         exactness=layout.exactness(),
         tags=["moe", "mixture-of-experts", *options.tags],
     )

@@ -25,7 +25,7 @@ from sparsify.errors import SparsifyError
 SKIP_BASES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def plan(source: Any, options: SkipOptions, dtype: torch.dtype) -> ConversionPlan:
+def plan(source: Any, options: SkipOptions, dtype: torch.dtype, on_progress: Any = None) -> ConversionPlan:
     config = source.config
     if config.model_type not in SKIP_BASES:
         raise SparsifyError(

@@ -411,12 +411,24 @@ def check_trainable(model_dir: Path, options: TrainOptions) -> None:
         raise SparsifyError(f"{model_dir} is not a model folder (no config.json); sparsify train takes a folder made by `sparsify upcycle`")
     check_weight_files(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    if recognised(config) is None and options.distillation.teacher == "self":
+    record = read_record(model_dir)
+    if recognised(config) is None and options.distillation.teacher == "self" and converted_from(record) is None:
         raise SparsifyError(
             f"{model_dir} is a dense model ({config.get('model_type')}): it has no routers or gates, and as its own teacher LoRA "
             f"would learn nothing. Convert it first (`sparsify upcycle {model_dir} --to fine-moe -o OUT`, then `sparsify train OUT`), "
             "or pass --teacher MODEL to fine-tune it with LoRA against another model"
         )
+
+
+def converted_from(record: dict[str, Any] | None) -> str | None:
+    """The dense model an untrained conversion whose weights do not contain it came from (its teacher), else None."""
+    record = record or {}
+    variant = variant_of_record(record)
+    if variant is None or record.get("training") or not record.get("layout"):
+        return None
+    if variant.layout(record["layout"]).has_dense_path():
+        return None
+    return (record.get("source") or {}).get("ref")
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int:
@@ -486,14 +498,22 @@ def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainabl
 def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     """(student, ids) -> teacher logits. "self": adapters off and the decisions on their dense path
     (routers onto copy 0, skip gates open), from the student's own weights."""
-    if options.distillation.teacher == "self":
+    teacher = options.distillation.teacher
+    if teacher == "self":
         variant = variant_of_record(record)
         layout = variant.layout(record["layout"]) if variant is not None and record.get("layout") else None
-        if decisions.modules and (layout is None or not layout.has_dense_path()):
-            raise SparsifyError(
-                "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
-                "sparsify upcycle); pass --teacher with the original dense model"
-            )
+        if layout is None or not layout.has_dense_path():
+            source = converted_from(record)
+            if source is not None:
+                # A conversion whose weights do not hold the dense model (refitted experts, pruned neurons)
+                # learns from the dense model it was converted from.
+                teacher = source
+            elif decisions.modules:
+                raise SparsifyError(
+                    "this model's weights no longer contain its dense teacher (it was trained before, or not made by "
+                    "sparsify upcycle); pass --teacher with the original dense model"
+                )
+    if teacher == "self":
 
         def self_teacher(model, ids):
             # Switch the inner peft model's adapters off, but run the forward through the
@@ -507,7 +527,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
         return self_teacher
     from sparsify.sources import load_model
 
-    separate = load_model(options.distillation.teacher, dtype=dtype)
+    separate = load_model(teacher, dtype=dtype)
     separate.requires_grad_(False)
 
     def separate_teacher(model, ids):

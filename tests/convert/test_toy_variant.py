@@ -71,7 +71,7 @@ def routing_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
 # --- its implementation -----------------------------------------------------------------------------
 
 
-def plan(source, options: ToyOptions, dtype: torch.dtype) -> ConversionPlan:
+def plan(source, options: ToyOptions, dtype: torch.dtype, on_progress=None) -> ConversionPlan:
     config = {**source.config.to_dict(), "toy_variant": True, "dtype": str(dtype).removeprefix("torch.")}
     tensors = [passthrough(source.tensors, name, dtype) for name in kept_source_tensors(source)]
     layout = ToyLayout(note=options.note, architecture=config["architectures"][0])
