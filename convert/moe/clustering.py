@@ -30,8 +30,7 @@ from sparsify.convert.moe.refit import refit_down, refit_refusal, routed_feature
 
 KMEANS_ITERATIONS = 20
 # Std of the fitted router's logits over calibration tokens: small enough that the chosen experts'
-# softmax weights are near-equal, large enough to survive bf16 (chosen on a split of train, see
-# bench/conversion_quality.py --tune).
+# softmax weights are near-equal, large enough to survive bf16. Set by that reasoning, not tuned yet.
 ROUTER_LOGIT_STD = 0.1
 RIDGE = 1e-2  # ridge strength relative to the mean eigenvalue of X^T X
 
