@@ -80,7 +80,7 @@ class Family:
     # Dense config values the target architecture cannot represent: key -> the value we need.
     requires: dict[str, Any] = field(default_factory=dict)
     # The target's shared expert, if it has one; `--shared-experts` needs it. A family whose target has none
-    # has a second entry, listed after it, that maps the same dense types to a target that does.
+    # may have a second entry, listed after it, that maps the same dense types to a target that does.
     shared_expert: SharedExpert | None = None
     # Dense config keys the target reads although its config class does not declare them (e.g. head_dim).
     extra_config_keys: tuple[str, ...] = ()

@@ -61,7 +61,7 @@ class ModelSource:
             if self.kind == "gguf":
                 return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             return AutoTokenizer.from_pretrained(self.path)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, ImportError) as error:
             raise SparsifyError(f"{self.path} has no usable tokenizer ({error})") from error
 
     def provenance(self) -> dict[str, Any]:

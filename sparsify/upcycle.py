@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -64,7 +65,10 @@ def upcycle(
     dtype_name(dtype)  # a bad --dtype is refused before the source is opened
     source = open_source(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision)
     out_dtype = resolve_dtype(dtype, source)
-    plan = variant.hook("plan")(source, opts, out_dtype, on_progress=on_progress)
+    make_plan = variant.hook("plan")
+    # A plugin variant's plan may predate progress reporting (then it reports none).
+    progress = {"on_progress": on_progress} if "on_progress" in inspect.signature(make_plan).parameters else {}
+    plan = make_plan(source, opts, out_dtype, **progress)
     check_disk_space(output, plan.nbytes)
     on_plan(plan)
     record = build_record(

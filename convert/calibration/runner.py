@@ -3,7 +3,7 @@
 Only one layer's weights are ever materialised (the skeleton is built on the meta device and each
 layer is filled from the source's lazy tensor reader, then emptied again), so calibration keeps the
 conversion's memory bound: the weights of one layer plus the calibration activations
-(tokens x hidden, twice). For every layer the caller gets the FFN's input, i.e. the
+(a few copies of tokens x hidden). For every layer the caller gets the FFN's input, i.e. the
 post-attention-norm hidden states of every calibration token, and the layer's dense FFN weights;
 what it decides from them (a neuron order, router rows, neurons to keep) stays small.
 """
@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from sparsify.convert.base import SKIPPED
 from sparsify.convert.calibration.options import CalibrationOptions
 from sparsify.errors import SparsifyError
 from sparsify.families import FFN_ROLES, family_for
@@ -70,8 +71,8 @@ def _skeleton(config: Any):
 
 def layer_activity(source: Any, blocks: torch.Tensor, device: torch.device | None = None,
                    on_layer: Callable[[int, int], None] = lambda done, total: None) -> Iterator[LayerActivity]:
-    """Yield every dense layer's FFN inputs on `blocks`, layer by layer, computing layer i+1's
-    inputs from layer i's full (dense) outputs after the caller is done with layer i."""
+    """Yield every layer's FFN inputs on `blocks`, layer by layer. Layer i+1's inputs are computed once the
+    caller is done with layer i: from the FFN the caller set as `converted_ffn`, else from the dense one."""
     device = device or calibration_device()
     reader, family = source.tensors, family_for(source.config.model_type)
     model, config = _skeleton(source.config)
@@ -87,7 +88,7 @@ def layer_activity(source: Any, blocks: torch.Tensor, device: torch.device | Non
     names = reader.names()
     for index, layer in enumerate(layers):
         prefix = family.layer_name(index, "")
-        state = {name[len(prefix):]: reader.get(name).to(device, dtype) for name in names if name.startswith(prefix)}
+        state = {name[len(prefix):]: reader.get(name).to(device, dtype) for name in names if name.startswith(prefix) and not SKIPPED.search(name)}
         layer.to_empty(device=device)
         layer.load_state_dict(state, strict=True)
         inputs: list[torch.Tensor] = []
@@ -108,6 +109,7 @@ def layer_activity(source: Any, blocks: torch.Tensor, device: torch.device | Non
         del state
         layer.to("meta")  # frees this layer's weights
         activity = LayerActivity(index, torch.cat(inputs), ffn)
+        inputs.clear()  # the chunks, now copied into one tensor
         yield activity
         if activity.converted_ffn is not None:
             with torch.inference_mode():

@@ -133,6 +133,8 @@ def calibrated_split(activity: LayerActivity, layout: Any, seed: int, fixed_orde
     def features(chunk: torch.Tensor) -> torch.Tensor:
         return routed_features(chunk, ordered, shared * size, size, router, routed_top_k, layout.expert_scale)
 
+    if layout.router_init != "calibrated":
+        return split  # the features model the fitted router only; later layers then see dense activations
     down = ordered["down"]
     if refit:
         down = refit_down(x, ffn, ordered["down"], features)

@@ -52,8 +52,8 @@ class MoeLayout(Layout):
     def rows(self) -> list[tuple[str, str]]:
         copies = self.copies
         rows = [
-            ("experts", f"{self.experts} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {self.granularity}"
-                        + (f" - {self.shared_experts} shared" if self.shared_experts else "")),
+            ("experts", f"{self.experts} = {copies} {'copy' if copies == 1 else 'copies'} x granularity {self.granularity}" if not self.shared_experts
+                        else f"{self.experts} routed = {copies} {'copy' if copies == 1 else 'copies'} x ({self.granularity} - {self.shared_experts} shared)"),
             ("active experts per token (top-k)", str(self.top_k)),
             ("expert size", f"{self.expert_size} (dense d_ff {self.dense_d_ff})"),
             ("FFN compute per token vs dense", f"{self.active_ffn_ratio:.2f}x"),

@@ -108,6 +108,9 @@ class FineMoeOptions(ExpertInitOptions, CalibrationOptions):
         require(self.calibrated or not needs_data,
                 f"{'--split ' + self.chosen_split if self.chosen_split in CALIBRATED_SPLITS else '--router-init calibrated'} measures "
                 "the dense model on text: pass --calibration-data FILES (e.g. some of your training text)")
+        require(not (self.router_init == "calibrated" and self.experts > 1),
+                "--router-init calibrated fits one copy's router: with --experts > 1 the copies' rows tie and top-k picks the "
+                "same partition twice; use --experts 1 (or another --router-init)")
         self.validate_calibration()
 
     def layout(self):
@@ -115,7 +118,7 @@ class FineMoeOptions(ExpertInitOptions, CalibrationOptions):
 
         routed = self.granularity - self.shared_experts
         top_k = routed if self.top_k is None else self.top_k
-        default_init = "virtual-group" if top_k % routed == 0 else ("calibrated" if self.calibrated else "gate-mean")
+        default_init = "virtual-group" if top_k % routed == 0 else ("calibrated" if self.calibrated and self.experts == 1 else "gate-mean")
         return ExpertLayout(
             copies=self.experts,
             granularity=self.granularity,

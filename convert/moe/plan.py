@@ -166,7 +166,8 @@ def plan(source: Any, options: MoeOptions | FineMoeOptions, dtype: torch.dtype, 
     layout.validate(d_ff)
     config = moe_config(family, source.config, layout, dtype)  # refuses what the target cannot represent before calibrating
     calibrated, calibration = None, None
-    refitted = layout.calibrated and options.refit and layout.copies == 1 and not layout.exactness().exact
+    # Refit solves for the fitted router's choices, so it needs that router (and one copy, which it models).
+    refitted = layout.router_init == "calibrated" and options.refit and layout.copies == 1 and not layout.exactness().exact
     if layout.calibrated:
         calibrated, refusal = calibrate_layers(source, options, layout, on_progress, refit=refitted)
         refitted = refitted and refusal is None

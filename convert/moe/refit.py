@@ -67,6 +67,6 @@ def refit_down(x: torch.Tensor, ffn: dict[str, torch.Tensor], dense_down: torch.
         gram += (f.T @ f).double()
         cross += (f.T @ target).double()
     strength = ridge * gram.diagonal().mean()
-    eye = torch.eye(neurons, device=x.device, dtype=torch.float64)
-    solved = torch.linalg.solve(gram + strength * eye, cross + strength * dense_down.T.double())
+    gram.diagonal().add_(strength)  # in place: no d_ff x d_ff identity beside the Gram matrix
+    solved = torch.linalg.solve(gram, cross + strength * dense_down.T.double())
     return solved.T.float()

@@ -42,8 +42,8 @@ def _calibrated(source: Any, options: PruneOptions, kept: int, on_progress: Prog
     from sparsify.convert.calibration.runner import calibration_blocks, layer_activity
 
     blocks = calibration_blocks(source, options)
-    refusal = refit_refusal(blocks.numel(), int(source.config.intermediate_size)) if options.refit else None
-    refit = options.refit and refusal is None
+    refusal = refit_refusal(blocks.numel(), kept) if options.refit else None
+    refit = options.refit and refusal is None and kept < int(source.config.intermediate_size)  # nothing to repair when all stay
     spill = TensorSpill() if refit else None
     layers = []
     on_progress("calibrating", 0, int(source.config.num_hidden_layers))
@@ -62,6 +62,8 @@ def _calibrated(source: Any, options: PruneOptions, kept: int, on_progress: Prog
 def plan(source: Any, options: PruneOptions, dtype: torch.dtype, on_progress: Progress = no_progress) -> ConversionPlan:
     config = source.config
     family = family_for(config.model_type)
+    if getattr(config, "mlp_bias", False):
+        raise SparsifyError("this checkpoint's FFN has biases (mlp_bias=True), which --to prune does not cut yet; it would write a broken model")
     d_ff = int(config.intermediate_size)
     kept = max(1, round(options.keep * d_ff))
     layers = int(config.num_hidden_layers)
@@ -102,11 +104,12 @@ def plan(source: Any, options: PruneOptions, dtype: torch.dtype, on_progress: Pr
             tensors.append(passthrough(source.tensors, name, dtype))
     record = None
     if calibrated is not None:
-        record = {**options.record(), "refit": options.refit and refusal is None, **({"refit_skipped": refusal} if refusal else {})}
+        record = {**options.record(), "refit": options.refit and refusal is None and kept < d_ff, **({"refit_skipped": refusal} if refusal else {})}
+    out_config = pruned_config(config, kept, dtype)
     return ConversionPlan(
-        config=pruned_config(config, kept, dtype),
+        config=out_config,
         tensors=tensors,
-        layout=PruneLayout(architecture=pruned_config(config, kept, dtype)["architectures"][0], dense_d_ff=d_ff, kept_d_ff=kept,
+        layout=PruneLayout(architecture=out_config["architectures"][0], dense_d_ff=d_ff, kept_d_ff=kept,
                            importance="calibration" if calibrated is not None else "weights", calibration=record),
         exactness=Exactness(kept == d_ff, f"{d_ff - kept} of {d_ff} FFN neurons removed for every token" if kept < d_ff else "nothing removed"),
         tags=["pruned", *options.tags],

@@ -428,7 +428,9 @@ def converted_from(record: dict[str, Any] | None) -> str | None:
         return None
     if variant.layout(record["layout"]).has_dense_path():
         return None
-    return (record.get("source") or {}).get("ref")
+    source = record.get("source") or {}
+    # The folder it was read from, if still there (a relative ref may not resolve from here); else what the user typed.
+    return source["path"] if source.get("kind") == "folder" and source.get("path") and Path(source["path"]).is_dir() else source.get("ref")
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int:

@@ -138,9 +138,10 @@ def test_pruning_keeps_the_most_important_neurons_as_a_smaller_dense_model(dense
     (dict(to="fine-moe", granularity=4, shared_experts=4), "--shared-experts 4"),
     (dict(to="fine-moe", granularity=4, shared_experts=1, top_k=4), "routed experts"),
     (dict(to="prune", keep=0), "--keep"),
+    (dict(to="fine-moe", granularity=4, experts=2, top_k=2, router_init="calibrated", calibration_data="{corpus}"), "--experts 1"),
 ])
-def test_bad_calibration_options_get_one_line_errors(dense_weights, tmp_path, options, message):
-    options = dict(options)
+def test_bad_calibration_options_get_one_line_errors(dense_weights, corpus, tmp_path, options, message):
+    options = {k: v.format(corpus=corpus["train"]) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(SparsifyError, match=message) as error:
         upcycle(str(dense_weights["llama"]), options.pop("to"), tmp_path / "out", **options)
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
