@@ -98,9 +98,10 @@ class FineMoeOptions(ExpertInitOptions, CalibrationOptions):
                 f"--shared-experts {self.shared_experts} must be at least 0 and below the granularity {self.granularity} "
                 "(at least one partition must stay routed)")
         routed = (self.granularity - self.shared_experts) * self.experts
+        shape = (f"{self.experts} copies x granularity {self.granularity}" if not self.shared_experts
+                 else f"{self.experts} copies x (granularity {self.granularity} - {self.shared_experts} shared)")
         require(self.top_k is None or 1 <= self.top_k <= routed,
-                 f"top-k {self.top_k} must be between 1 and the number of routed experts, {routed} ({self.experts} copies x "
-                 f"(granularity {self.granularity} - {self.shared_experts} shared))")
+                 f"top-k {self.top_k} must be between 1 and the number of {'routed ' if self.shared_experts else ''}experts, {routed} ({shape})")
         require(self.split is None or self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
         require(self.router_init is None or self.router_init in ROUTER_INITS,
                  f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
