@@ -39,6 +39,10 @@ QWEN2_MOE_SHARED = SharedExpert(
     gate="mlp.shared_expert_gate.weight",
 )
 
+# What every Qwen2-MoE target writes (the qwen2 family's, and llama/mistral's with shared experts).
+QWEN2_MOE_KEYS = {"experts": ("num_experts",), "top_k": ("num_experts_per_tok",), "expert_size": ("moe_intermediate_size",)}
+QWEN2_MOE_ROUTING = {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -120,18 +124,9 @@ FAMILIES: tuple[Family, ...] = (
         dense_model_types=("qwen2",),
         moe_model_type="qwen2_moe",
         moe_architecture="Qwen2MoeForCausalLM",
-        moe_config_keys={
-            "experts": ("num_experts",),
-            "top_k": ("num_experts_per_tok",),
-            "expert_size": ("moe_intermediate_size",),
-        },
+        moe_config_keys=QWEN2_MOE_KEYS,
         # Qwen2-MoE always builds a shared expert; without --shared-experts it has size 0 and computes nothing.
-        moe_config_fixed={
-            "norm_topk_prob": True,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "qkv_bias": True,
-        },
+        moe_config_fixed={**QWEN2_MOE_ROUTING, "qkv_bias": True},
         shared_expert=QWEN2_MOE_SHARED,
     ),
     Family(
@@ -154,18 +149,8 @@ FAMILIES: tuple[Family, ...] = (
         dense_model_types=("llama", "mistral"),
         moe_model_type="qwen2_moe",
         moe_architecture="Qwen2MoeForCausalLM",
-        moe_config_keys={
-            "experts": ("num_experts",),
-            "top_k": ("num_experts_per_tok",),
-            "expert_size": ("moe_intermediate_size",),
-        },
-        moe_config_fixed={
-            "norm_topk_prob": True,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "qkv_bias": False,
-            "use_sliding_window": False,
-        },
+        moe_config_keys=QWEN2_MOE_KEYS,
+        moe_config_fixed={**QWEN2_MOE_ROUTING, "qkv_bias": False, "use_sliding_window": False},
         requires={"attention_bias": False, "mlp_bias": False, "sliding_window": None},
         shared_expert=QWEN2_MOE_SHARED,
         extra_config_keys=("head_dim",),

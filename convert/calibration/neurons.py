@@ -31,6 +31,14 @@ def importance(ffn_input: torch.Tensor, ffn: dict[str, torch.Tensor], chunk: int
         yield h.abs() * down_norms
 
 
+def mean_importance(ffn_input: torch.Tensor, ffn: dict[str, torch.Tensor]) -> torch.Tensor:
+    """E_x |h_n(x)| |down_n|, (d_ff,)."""
+    total = torch.zeros(ffn["gate"].shape[0], device=ffn_input.device)
+    for chunk in importance(ffn_input, ffn):
+        total += chunk.sum(dim=0)
+    return total / ffn_input.shape[0]
+
+
 @dataclass
 class NeuronStatistics:
     mean_importance: torch.Tensor  # (d_ff,): E_x |h_n(x)| |down_n|
@@ -41,10 +49,7 @@ class NeuronStatistics:
         tokens = ffn_input.shape[0]
         # Profiles use evenly spaced tokens: neighbouring tokens of one text are alike, spacing covers more of it.
         sampled = torch.linspace(0, tokens - 1, min(profile_tokens, tokens), device=ffn_input.device).long()
-        total = torch.zeros(ffn["gate"].shape[0], device=ffn_input.device)
-        for chunk in importance(ffn_input, ffn):
-            total += chunk.sum(dim=0)
         shares = next(importance(ffn_input[sampled], ffn, chunk=len(sampled)))
         shares = shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-30)  # every token counts the same
         profiles = F.normalize(shares.T.contiguous(), dim=1)
-        return cls(total / tokens, profiles)
+        return cls(mean_importance(ffn_input, ffn), profiles)

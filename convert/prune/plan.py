@@ -15,7 +15,7 @@ import torch
 
 from sparsify.checkpoint_writer import PlannedTensor
 from sparsify.convert.base import ConversionPlan, Exactness, Progress, kept_source_tensors, no_progress, passthrough
-from sparsify.convert.calibration.neurons import NeuronStatistics, neuron_outputs
+from sparsify.convert.calibration.neurons import mean_importance, neuron_outputs
 from sparsify.convert.calibration.spill import TensorSpill
 from sparsify.convert.moe.refit import refit_down, refit_refusal
 from sparsify.convert.prune.describe import PruneLayout
@@ -49,7 +49,7 @@ def _calibrated(source: Any, options: PruneOptions, kept: int, on_progress: Prog
     on_progress("calibrating", 0, int(source.config.num_hidden_layers))
     for activity in layer_activity(source, blocks, on_layer=lambda done, total: on_progress("calibrating", done, total)):
         x, ffn = activity.ffn_input, activity.ffn
-        index = NeuronStatistics.measure(x, ffn, profile_tokens=1).mean_importance.topk(kept).indices.sort().values
+        index = mean_importance(x, ffn).topk(kept).indices.sort().values
         part = {"gate": ffn["gate"][index], "up": ffn["up"][index], "down": ffn["down"][:, index]}
         down = part["down"]
         if refit:
