@@ -2,7 +2,8 @@
 at 0 training tokens and after a training budget, beside static pruning to the same active fraction.
 
     python bench/conversion_quality.py --data-dir ../shared/data --workdir /tmp/cq --out bench/results/conversion_quality.json \
-        --active 0.25,0.5,0.75 --shared 0,1,2 --methods contiguous,coactivation,prune --train-tokens 0,2M,10M
+        --active 0.25,0.5,0.75 --shared 0,1,2 --methods contiguous,coactivation,prune --train-tokens 0,2M,10M \
+        [--training default,hidden,router-first --tune]
 
 Every row is converted with the product's own library calls (`sparsify.upcycle.upcycle`, `sparsify.train.loop.train`)
 and scored against the dense model on three texts, none of them used for training or calibration:
@@ -36,6 +37,21 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+# Training settings compared by --training, as `sparsify train` options on top of the defaults and --train-flags.
+TRAINING: dict[str, dict[str, Any]] = {
+    "default": {},
+    "router-first": {"router_first": 0.1},  # Router-Tuning: routers alone for the first 10% of the steps
+    "router-first-25": {"router_first": 0.25},
+    "hidden": {"hidden_weight": 1.0},  # per-layer FFN-output loss beside the KL
+    "hidden-0.1": {"hidden_weight": 0.1},
+    "no-balance": {"balance_weight": 0.0},
+    "lr-2x": {"lr": 2e-3, "router_lr": 1e-2},
+    "hidden+router-first": {"hidden_weight": 1.0, "router_first": 0.1},
+}
+# Options that only mean something with routers: a pruned (dense) model trains the same without them.
+ROUTER_ONLY = {"router_first", "balance_weight", "z_weight"}
+
+
 @dataclass
 class Row:
     method: str
@@ -44,11 +60,15 @@ class Row:
     top_k: int
     train_tokens: int
     options: dict[str, Any] = field(default_factory=dict)
+    training: str = "default"
+    granularity: int = 8
 
     @property
     def name(self) -> str:
         shape = f"keep{self.active:g}" if self.options["to"] == "prune" else f"s{self.shared}k{self.top_k}"
-        return f"{self.method}-{shape}@{self.train_tokens}"
+        shape += f"g{self.granularity}" if self.options["to"] != "prune" and self.granularity != 8 else ""
+        suffix = f"+{self.training}" if self.training != "default" and self.train_tokens else ""
+        return f"{self.method}-{shape}@{self.train_tokens}{suffix}"
 
     @property
     def conversion_name(self) -> str:
@@ -60,14 +80,16 @@ def plan_rows(args, calibration: str) -> list[Row]:
 
     rows = []
     budgets = [parse_count(b) for b in parse_list(args.train_tokens)]
-    for budget in budgets:
+    for budget, training in ((b, t) for b in budgets for t in (parse_list(args.training) if b else ["default"])):
         for active in [float(a) for a in parse_list(args.active)]:
             for method in parse_list(args.methods):
                 options = {k: (v.format(calibration=calibration) if isinstance(v, str) else v) for k, v in METHODS[method].items()}
                 options["calibration_tokens"] = args.calibration_tokens
                 if options["to"] == "prune":
+                    if set(TRAINING[training]) <= ROUTER_ONLY and training != "default":
+                        continue  # the same run as the default one
                     options.pop("split", None)
-                    rows.append(Row(method, active, 0, 0, budget, {**options, "keep": active}))
+                    rows.append(Row(method, active, 0, 0, budget, {**options, "keep": active}, training))
                     continue
                 if method == "contiguous":
                     options.pop("calibration_tokens")
@@ -75,7 +97,8 @@ def plan_rows(args, calibration: str) -> list[Row]:
                     top_k = round(active * args.granularity) - shared
                     if top_k >= 1:
                         rows.append(Row(method, active, shared, top_k, budget,
-                                        {**options, "granularity": args.granularity, "top_k": top_k, "shared_experts": shared}))
+                                        {**options, "granularity": args.granularity, "top_k": top_k,
+                                         "shared_experts": shared}, training, args.granularity))
     wanted = set(parse_list(args.only))
     return [row for row in rows if not wanted or row.conversion_name in wanted or row.name in wanted]
 
@@ -140,7 +163,7 @@ def train(row: Row, args, converted: Path, folder: Path, calibration: str) -> di
     from sparsify.train.options import TrainOptions
 
     flags = {"data": calibration, "tokens": str(row.train_tokens), "batch_size": args.train_batch, "eval_every": 0,
-             "checkpoint_every": args.checkpoint_every, **json.loads(args.train_flags)}
+             "checkpoint_every": args.checkpoint_every, **json.loads(args.train_flags), **TRAINING[row.training]}
     options = TrainOptions.of(**flags)
     run_dir = folder.with_name(folder.name + ".run")
     started = time.perf_counter()
@@ -158,6 +181,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         label = f"{row['method']} S={row['shared']}" if row["method"] != "prune" and not row["method"].startswith("prune") else row["method"]
+        label += f" G={row['granularity']}" if row.get("granularity", 8) != 8 and not row["method"].startswith("prune") else ""
+        label += f" +{row['training_setting']}" if row.get("training_setting", "default") != "default" else ""
         lines.setdefault(f"{label}, {row['train_tokens'] / 1e6:g}M tokens", []).append((row["active"], row["scores"]["valid"]["ratio"]))
     figure, axis = plt.subplots(figsize=(8.5, 5.5))
     colours = plt.get_cmap("tab20")
@@ -171,7 +196,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axis.axhline(1.0, color="grey", lw=0.8)
     axis.set_xlabel("active FFN fraction")
     axis.set_ylabel("valid perplexity / teacher's (log)")
-    axis.set_title("SmolLM2-135M -> fine-grained MoE (G=8) vs static pruning")
+    axis.set_title("SmolLM2-135M -> fine-grained MoE (G=8 unless named) vs static pruning")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -191,6 +216,7 @@ def main() -> None:
     parser.add_argument("--train-tokens", default="0")
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-flags", default="{}", help="More training options as JSON, e.g. '{\"lr\": 5e-4}'.")
+    parser.add_argument("--training", default="default", help=f"Training settings to compare (comma-separated): {', '.join(TRAINING)}.")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--calibration-tokens", default="128k")
     parser.add_argument("--eval-tokens", type=int, default=65536)
@@ -234,7 +260,9 @@ def main() -> None:
             scored = args.workdir / row.name.replace("@", "_at_")
             if not (scored / "config.json").exists():
                 trained = train(row, args, converted, scored, calibration)
-        entry = {"name": row.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "method": row.method, "active": row.active, "shared": row.shared, "top_k": row.top_k,
+        entry = {"name": row.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "method": row.method,
+                 "active": row.active, "shared": row.shared, "top_k": row.top_k, "granularity": row.granularity,
+                 "training_setting": row.training, "training_options": TRAINING[row.training],
                  "train_tokens": row.train_tokens, "options": row.options, "layout": {k: v for k, v in layout.items() if k != "calibration"},
                  "calibration": {k: v for k, v in (layout.get("calibration") or {}).items() if k != "layers"},
                  "training": trained, "scores": score(scored, teacher, evaluation, args, device), "seconds": time.perf_counter() - started}

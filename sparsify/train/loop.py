@@ -31,8 +31,10 @@ from sparsify.option_values import dtype_name
 from sparsify.provenance import read_record
 from sparsify.train import losses
 from sparsify.train.decisions import Decisions, find_decisions
+from sparsify.train.hidden import capture_ffn_outputs, check_matching, hidden_state_loss
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
 from sparsify.train.options import TrainOptions
+from sparsify.train.schedule import Phases
 from sparsify.train.state import (
     CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint,
 )
@@ -136,6 +138,18 @@ class _Callbacks:
 
 
 @dataclass
+class _Teacher:
+    """The teacher as the loop uses it: its logits for a batch, and the network whose FFNs compute
+    them (for the hidden-state loss): the student itself on its dense path, or a separate model."""
+
+    logits: Callable[[Any, torch.Tensor], torch.Tensor]  # (student, ids) -> teacher logits, no grad
+    network: Callable[[Any], torch.nn.Module]  # (student) -> the module run by `logits`
+
+    def __call__(self, model, ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(model, ids)
+
+
+@dataclass
 class _Run:
     """What the phases share, filled in as they run."""
 
@@ -153,13 +167,15 @@ class _Run:
     tokens_per_step: int = 0
     model: Any = None
     decisions: Decisions = field(default_factory=Decisions)
-    teacher: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    teacher: _Teacher | None = None
     tokenizer: Any = None
     train_data: TokenFile | None = None
     heldout: TokenFile | None = None
     optimizer: Any = None
     scheduler: Any = None
     trainable_names: set[str] = field(default_factory=set)
+    phases: Phases | None = None
+    adapter_params: list[torch.nn.Parameter] = field(default_factory=list)  # frozen in the router-first phase
     start_step: int = 0
     log: StepLog | None = None
 
@@ -248,6 +264,8 @@ def _load_models(run: _Run) -> None:
     run.callbacks.on_status("loading model")
     run.model, run.decisions = load_student(run.model_dir, run.options, run.dtype, run.record)
     run.teacher = _teacher(run.options, run.record, run.decisions, run.dtype)
+    if run.options.distillation.hidden_weight > 0:
+        check_matching(run.model, run.teacher.network(run.model))
 
 
 def _load_data(run: _Run) -> None:
@@ -263,9 +281,8 @@ def _load_data(run: _Run) -> None:
 
 
 def _make_optimizer(run: _Run) -> None:
-    """AdamW over the decisions (in full, at --router-lr) and the adapters (at --lr), cosine schedule."""
-    from transformers import get_cosine_schedule_with_warmup
-
+    """AdamW over the decisions (in full, at --router-lr) and the adapters (at --lr); each group has a
+    warm-up and cosine schedule, the adapters' starting after the router-first steps (schedule.py)."""
     optimisation = run.options.optimisation
     decision_params = [p for module in run.decisions.modules for p in module.parameters()]
     decision_ids = {id(p) for p in decision_params}
@@ -275,14 +292,22 @@ def _make_optimizer(run: _Run) -> None:
         groups.append({"params": adapter_params, "lr": optimisation.lr})
     if not groups:
         raise SparsifyError("nothing to train: this model has no routers or gates and --lora-rank is 0")
+    if optimisation.router_first and not decision_params:
+        run.callbacks.on_notice("--router-first does nothing here: this model has no routers or gates, so its adapters train from the first step")
+    router_first = optimisation.router_first if decision_params and adapter_params else 0.0
+    run.phases = Phases(run.total_steps, optimisation.warmup, router_first)
+    schedules = ([run.phases.decisions()] if decision_params else []) + ([run.phases.adapters()] if adapter_params else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=optimisation.weight_decay)
-    run.scheduler = get_cosine_schedule_with_warmup(optimizer, round(optimisation.warmup * run.total_steps), run.total_steps)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
     # process, which would run the schedule num_processes times too fast under DDP.
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
     unwrapped = run.accelerator.unwrap_model(run.model)
     use_fast_experts(unwrapped)  # on the training device: an MoE's experts implementation (sparsify/experts)
     run.trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
+    # Looked up again after prepare(): a sharded model holds new parameter objects.
+    decision_ids = {id(p) for module in run.decisions.modules for p in module.parameters()}
+    run.adapter_params = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in decision_ids]
 
 
 def _restore(run: _Run) -> None:
@@ -320,6 +345,9 @@ def _train_steps(run: _Run) -> tuple[list[dict[str, Any]], float, int]:
     for step in range(run.start_step + 1, run.total_steps + 1):
         scheduled = run.decisions.on_step(step, run.total_steps)
         parts_sum = _accumulate_gradients(run, step)
+        if run.phases.adapters_frozen(step):
+            for param in run.adapter_params:  # AdamW skips a parameter without a gradient: no moments, no decay
+                param.grad = None
         max_norm = options.optimisation.max_grad_norm
         grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm > 0 else None
         run.optimizer.step()
@@ -497,9 +525,9 @@ def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainabl
     return merged
 
 
-def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """(student, ids) -> teacher logits. "self": adapters off and the decisions on their dense path
-    (routers onto copy 0, skip gates open), from the student's own weights."""
+def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype) -> _Teacher:
+    """The teacher. "self": adapters off and the decisions on their dense path (routers onto copy 0,
+    skip gates open), from the student's own weights; else a separate frozen model."""
     teacher = options.distillation.teacher
     if teacher == "self":
         variant = variant_of_record(record)
@@ -526,7 +554,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
             with torch.no_grad(), adapters_off, dense:
                 return model(input_ids=ids).logits
 
-        return self_teacher
+        return _Teacher(self_teacher, lambda model: model)
     from sparsify.sources import load_model
 
     separate = load_model(teacher, dtype=dtype)
@@ -538,21 +566,28 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
         with torch.no_grad():
             return separate(ids).logits
 
-    return separate_teacher
+    return _Teacher(separate_teacher, lambda model: separate)
 
 
 def _losses(run: _Run, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The step's loss parts: KL to the teacher, cross-entropy, the decisions' own; and the total."""
+    """The step's loss parts: KL to the teacher, cross-entropy, the FFN outputs' (with --hidden-weight),
+    the decisions' own; and the total."""
     distillation = run.options.distillation
-    teacher_logits = run.teacher(run.model, ids)
-    with run.decisions.watch() as seen:
+    hidden = distillation.hidden_weight > 0
+    with capture_ffn_outputs(run.teacher.network(run.model)) if hidden else nullcontext({}) as teacher_ffn:
+        teacher_logits = run.teacher(run.model, ids)
+    with run.decisions.watch() as seen, capture_ffn_outputs(run.model) if hidden else nullcontext({}) as student_ffn:
         out = run.model(input_ids=ids, **run.decisions.forward_kwargs())
     parts = {
         "kl": losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature),
         "ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0),
     }
+    if hidden:
+        parts["hidden"] = hidden_state_loss(student_ffn, teacher_ffn)
     auxiliary, decision_parts = run.decisions.loss(out, seen)
     total = distillation.kl_weight * parts["kl"] + distillation.ce_weight * parts["ce"] + auxiliary
+    if hidden:
+        total = total + distillation.hidden_weight * parts["hidden"]
     return {**parts, **decision_parts, "total": total}
 
 

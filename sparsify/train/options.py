@@ -70,6 +70,7 @@ class OptimisationOptions:
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the LoRA adapters."})
     router_lr: float = field(default=5e-3, metadata={"help": "Peak learning rate of the routers or gates (trained in full)."})
     warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
+    router_first: float = field(default=0.0, metadata={"help": "Fraction of the steps that train only the routers or gates, adapters frozen; the adapters then warm up and decay over the rest."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     train_seed: int = field(default=0, metadata={"help": "Seed for the data order and the adapter initialisation."})
@@ -82,6 +83,7 @@ class OptimisationOptions:
             ("lr", lambda v: v > 0, _POSITIVE),
             ("router_lr", lambda v: v > 0, _POSITIVE),
             ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
+            ("router_first", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1 (the adapters need some)"),
             ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
             ("max_grad_norm", lambda v: v >= 0, f"{_NON_NEGATIVE} (0 disables clipping)"),
         ))
@@ -114,15 +116,17 @@ class DistillationOptions:
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL-to-teacher loss."})
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the per-layer FFN-output loss against the teacher (MSE over the teacher's mean square, averaged over layers)."})
 
     def validate(self) -> None:
         check_rules(self, (
             ("temperature", lambda v: v > 0, _POSITIVE),
             ("kl_weight", lambda v: v >= 0, _NON_NEGATIVE),
             ("ce_weight", lambda v: v >= 0, _NON_NEGATIVE),
+            ("hidden_weight", lambda v: v >= 0, _NON_NEGATIVE),
         ))
-        if self.kl_weight == 0 and self.ce_weight == 0:
-            raise SparsifyError("--kl-weight and --ce-weight are both 0: nothing would tie the model to its teacher or to the text")
+        if self.kl_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise SparsifyError("--kl-weight, --ce-weight and --hidden-weight are all 0: nothing would tie the model to its teacher or to the text")
 
     def check_inputs(self) -> None:
         if self.teacher != "self":

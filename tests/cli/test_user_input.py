@@ -75,6 +75,8 @@ def test_a_shared_flag_explains_itself_for_each_variant():
     ("weight_decay", -0.1, "--weight-decay -0.1: must be 0 or more"),
     ("temperature", 0.0, "--temperature 0.0: must be greater than 0"),
     ("kl_weight", -1.0, "--kl-weight -1.0: must be 0 or more"),
+    ("hidden_weight", -1.0, "--hidden-weight -1.0: must be 0 or more"),
+    ("router_first", 1.0, "--router-first 1.0: is a fraction"),
     ("balance_weight", -0.01, "--balance-weight"),
     ("z_weight", -1.0, "--z-weight"),
     ("skip_weight", -1.0, "--skip-weight"),
@@ -90,8 +92,8 @@ def test_nonsensical_training_options_are_refused_with_their_flag(corpus, flag, 
     assert words in str(refused.value)
 
 
-def test_both_loss_weights_zero_is_refused(corpus):
-    with pytest.raises(SparsifyError, match="both 0"):
+def test_all_loss_weights_zero_is_refused(corpus):
+    with pytest.raises(SparsifyError, match="all 0"):
         tiny_options(corpus, kl_weight=0.0, ce_weight=0.0).validate()
 
 
