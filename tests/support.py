@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sparsify.kv_cache_names import returned_cache, with_cache
+
 FAMILY_CONFIGS = {
     "llama": dict(
         model_type="llama", tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
@@ -82,12 +84,12 @@ def tiny_options(corpus, **overrides):
 def reference_decode(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy decoding through the model's own forward pass and cache: tokens and per-step logits."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, ids, logits = out.past_key_values, prompt, []
+    cache, ids, logits = returned_cache(out), prompt, []
     token = out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
         ids = torch.cat([ids, token], dim=1)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **with_cache(model, cache))
+        cache = returned_cache(out)
         logits.append(out.logits[:, -1])
         token = out.logits[:, -1:].argmax(-1)
     return torch.cat([ids, token], dim=1), logits

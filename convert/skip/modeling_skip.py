@@ -24,6 +24,7 @@ projection only for the kept ones.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -37,6 +38,17 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", "skip_threshold", "gate_bias_init", "frozen_gates")
 SUBLAYERS = ("attention", "ffn")
+
+
+def _cache_argument(function) -> str:
+    """The name this transformers version gives the KV cache argument: `past_key_values` up to
+    5.23, `cache` from 5.24 (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def _output_cache(outputs):
+    """The cache a base model returned, under either name, without the deprecation warning."""
+    return outputs.get("cache", None) if "cache" in outputs else outputs.get("past_key_values", None)
 
 
 class SkipConfig(PretrainedConfig):
@@ -218,6 +230,8 @@ def _gated_ffn(layer: nn.Module, gate: SkipGate | None, normed: torch.Tensor) ->
 
 def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                          use_cache=False, position_embeddings=None, **kwargs):
+    # transformers >= 5.24 passes the cache as `cache`; earlier versions as `past_key_values`.
+    past_key_values = kwargs.pop("cache", past_key_values)
     # Frozen-open gates are not evaluated at all; frozen-closed ones decide without a host sync.
     differentiable = self.training or torch.is_grad_enabled()
     attention_gate = _consulted(self.sparsify_gates[0], differentiable)
@@ -242,9 +256,10 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
                 self.self_attn, normed, keep, attention_mask, position_embeddings, past_key_values
             )
     if run_attention:
+        cache = {_cache_argument(self.self_attn.forward): past_key_values}
         attended, _ = self.self_attn(
-            hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+            hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+            position_embeddings=position_embeddings, **cache, **kwargs,
         )
         if attention_gate is not None and differentiable:  # (in inference this path means every token kept)
             attended = _straight_through(probability, keep).unsqueeze(-1).to(attended.dtype) * attended
@@ -327,9 +342,11 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        past_key_values = kwargs.pop("cache", past_key_values)
+        cache = {_cache_argument(self.model.forward): past_key_values}
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, **cache, **kwargs,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -337,4 +354,7 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits)
+        if (cache := _output_cache(outputs)) is not None:
+            result[_cache_argument(CausalLMOutputWithPast)] = cache
+        return result

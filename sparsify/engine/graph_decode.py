@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.kv_cache_names import returned_cache
 from sparsify.engine import attention_kernels, decode_kernels, fused_sublayers
 from sparsify.engine.routed_ffn import RoutedFFN
 from sparsify.experts import decode_kernel
@@ -316,7 +317,7 @@ class GraphDecoder:
             raise SparsifyError(f"prompt of shape {tuple(ids.shape)} does not fit a decoder for batch {self.batch}, {self.max_len} tokens")
         out = self.model(input_ids=ids, use_cache=True)
         length = ids.shape[1]
-        for index, layer in enumerate(out.past_key_values.layers):  # transformers 5.x cache layers
+        for index, layer in enumerate(returned_cache(out).layers):  # transformers 5.x cache layers
             self.keys[index][:, :, :length].copy_(layer.keys)
             self.values[index][:, :, :length].copy_(layer.values)
         self.token.copy_(out.logits[:, -1:].argmax(-1))
