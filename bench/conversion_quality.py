@@ -38,6 +38,8 @@ METHODS: dict[str, dict[str, Any]] = {
 
 
 # Training settings compared by --training, as `sparsify train` options on top of the defaults and --train-flags.
+# "default" is whatever `sparsify train` does without flags (since the tuning these rows record: lr 2e-3 and
+# router lr 1e-2 for fine-moe and prune); the lr-* settings name their rates explicitly.
 TRAINING: dict[str, dict[str, Any]] = {
     "default": {},
     "router-first": {"router_first": 0.1},  # Router-Tuning: routers alone for the first 10% of the steps
@@ -45,7 +47,9 @@ TRAINING: dict[str, dict[str, Any]] = {
     "hidden": {"hidden_weight": 1.0},  # per-layer FFN-output loss beside the KL
     "hidden-0.1": {"hidden_weight": 0.1},
     "no-balance": {"balance_weight": 0.0},
-    "lr-2x": {"lr": 2e-3, "router_lr": 1e-2},
+    "lr-1e-3": {"lr": 1e-3, "router_lr": 5e-3},  # the rates used before the tuning (UNTUNED_LEARNING_RATES)
+    "lr-2e-3": {"lr": 2e-3, "router_lr": 1e-2},
+    "lr-4e-3": {"lr": 4e-3, "router_lr": 2e-2},
     "hidden+router-first": {"hidden_weight": 1.0, "router_first": 0.1},
 }
 # Options that only mean something with routers: a pruned (dense) model trains the same without them.
@@ -193,6 +197,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="s" if trained else "o", linestyle="--" if trained else "-",
                   color=colours(methods.index(label.split(",")[0]) % 20), label=label)
     axis.set_yscale("log")
+    axis.set_ylim(0.95, 8)  # the usable range; the contiguous split's untrained points (x6 to x10^5) run off the top
     axis.axhline(1.0, color="grey", lw=0.8)
     axis.set_xlabel("active FFN fraction")
     axis.set_ylabel("valid perplexity / teacher's (log)")
@@ -281,9 +286,10 @@ def report(args, rows: list[dict[str, Any]], device: str) -> None:
               "train_batch": args.train_batch, "train_flags": json.loads(args.train_flags), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot and rows and all("valid" in row["scores"] for row in rows):
+    scored = [row for row in rows if "valid" in row["scores"]]  # tuning rows (--tune) have the tune split only
+    if args.plot and scored:
         try:
-            plot(rows, args.plot)
+            plot(scored, args.plot)
         except ImportError:
             print("matplotlib is not installed: no plot")
     print(json.dumps({"rows": len(rows), "out": str(args.out)}))

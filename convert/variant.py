@@ -50,6 +50,19 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class LearningRates:
+    """Peak learning rates `sparsify train` uses for a variant when --lr / --router-lr are not given:
+    measured on the train split's tune bucket (bench/conversion_quality.py --tune), not guessed."""
+
+    adapters: float  # --lr: the LoRA adapters
+    decisions: float  # --router-lr: the routers or gates, trained in full
+
+
+# Where a variant has no tuned rates: the values first tuned for fine-moe router training (docs/results.md).
+UNTUNED_LEARNING_RATES = LearningRates(adapters=1e-3, decisions=5e-3)
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str  # `--to NAME`, and "variant" in sparsify.json
     summary: str  # one line for `--help`
@@ -61,6 +74,7 @@ class Variant:
     heldout_metrics: tuple[Metric, ...] = ()  # added to the held-out evaluation beside perplexity and KL
     decides: str = "routers"  # what training trains in full, for messages and the card ("skip gates")
     architecture: str | None = None  # module with register(): an own architecture, registered with transformers' Auto classes
+    learning_rates: LearningRates = UNTUNED_LEARNING_RATES  # training's defaults for --lr and --router-lr
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.implementation)

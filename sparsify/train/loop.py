@@ -250,6 +250,8 @@ def _set_up(run: _Run) -> None:
     torch.manual_seed(options.optimisation.train_seed)
     run.dtype = torch.bfloat16 if use_bf16 else torch.float32
     run.record = read_record(run.model_dir) or {}
+    variant = variant_of_record(run.record)
+    run.options = options = options.with_learning_rates(variant.learning_rates if variant is not None else None)
     run.tokens_per_step = options.tokens_per_step_per_process * run.accelerator.num_processes
     run.total_steps = max(1, math.ceil(options.data.train_tokens / run.tokens_per_step))
     start_step = _checkpoint_step(run.checkpoint)

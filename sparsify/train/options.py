@@ -8,10 +8,11 @@ and `TrainOptions.of(**flat)` / `.flat()` convert. Torch-free, like the registry
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from sparsify.convert import train_option_groups
+from sparsify.convert.variant import UNTUNED_LEARNING_RATES, LearningRates
 from sparsify.errors import SparsifyError
 from sparsify.option_values import check_rules, dtype_name, parse_count, parse_list
 
@@ -67,8 +68,8 @@ class DataOptions:
 class OptimisationOptions:
     batch_size: int = field(default=8, metadata={"help": "Blocks per micro-batch per device."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the LoRA adapters."})
-    router_lr: float = field(default=5e-3, metadata={"help": "Peak learning rate of the routers or gates (trained in full)."})
+    lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the LoRA adapters; auto: the rate tuned for the model's variant (2e-3 fine-moe and prune, else 1e-3)."})
+    router_lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the routers or gates (trained in full); auto: the rate tuned for the model's variant (1e-2 fine-moe, else 5e-3)."})
     warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
     router_first: float = field(default=0.0, metadata={"help": "Fraction of the steps that train only the routers or gates, adapters frozen; the adapters then warm up and decay over the rest."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -80,8 +81,8 @@ class OptimisationOptions:
         check_rules(self, (
             ("batch_size", lambda v: v >= 1, "must be at least 1"),
             ("grad_accum", lambda v: v >= 1, "must be at least 1"),
-            ("lr", lambda v: v > 0, _POSITIVE),
-            ("router_lr", lambda v: v > 0, _POSITIVE),
+            ("lr", lambda v: v is None or v > 0, _POSITIVE),
+            ("router_lr", lambda v: v is None or v > 0, _POSITIVE),
             ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
             ("router_first", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1 (the adapters need some)"),
             ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
@@ -190,6 +191,15 @@ class TrainOptions:
     def flat(self) -> dict[str, Any]:
         """Every option by its flag name: what sparsify.json and checkpoints record."""
         return {name: value for group in self.groups().values() for name, value in asdict(group).items()}
+
+    def with_learning_rates(self, rates: LearningRates | None) -> TrainOptions:
+        """--lr and --router-lr where given, else the variant's tuned rates (the untuned ones without a variant):
+        what the run uses, records in sparsify.json and compares on --resume."""
+        rates = rates or UNTUNED_LEARNING_RATES
+        given = self.optimisation
+        resolved = replace(given, lr=rates.adapters if given.lr is None else given.lr,
+                           router_lr=rates.decisions if given.router_lr is None else given.router_lr)
+        return replace(self, optimisation=resolved)
 
     def validate(self) -> None:
         """Refuse bad options before any model or data is loaded (nothing is read but file names)."""

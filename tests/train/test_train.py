@@ -182,6 +182,8 @@ def test_upcycle_with_train_through_the_cli(dense_models, corpus, tmp_path):
     assert "training ->" in stdout and "KL(teacher || student)" in stdout
     record = json.loads((output / "sparsify.json").read_text())
     assert record["variant"] == "fine-moe" and record["training"][0]["steps"] == 8
+    # No --lr / --router-lr given: the run used (and recorded) fine-moe's tuned rates.
+    assert (record["training"][0]["options"]["lr"], record["training"][0]["options"]["router_lr"]) == (2e-3, 1e-2)
     assert "Routers trained" in (output / "README.md").read_text()
     shown = subprocess.run([*sparsify_command(), "info", str(output)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert "training" in shown.stdout and "1,024 tokens" in shown.stdout
