@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sparsify.kv_cache_names import returned_cache, with_cache
+from sparsify.convert.skip.modeling_skip import cache_argument, returned_cache
 
 FAMILY_CONFIGS = {
     "llama": dict(
@@ -88,7 +88,7 @@ def reference_decode(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Ten
     token = out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
         ids = torch.cat([ids, token], dim=1)
-        out = model(input_ids=token, use_cache=True, **with_cache(model, cache))
+        out = model(input_ids=token, use_cache=True, **{cache_argument(model.forward): cache})
         cache = returned_cache(out)
         logits.append(out.logits[:, -1])
         token = out.logits[:, -1:].argmax(-1)

@@ -40,15 +40,17 @@ SKIP_FIELDS = ("base_model_type", "gate_attention", "gate_ffn", "gated_layers", 
 SUBLAYERS = ("attention", "ffn")
 
 
-def _cache_argument(function) -> str:
-    """The name this transformers version gives the KV cache argument: `past_key_values` up to
-    5.23, `cache` from 5.24 (the old name still works there, with a deprecation warning)."""
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache` (the
+# old name still works there, with a deprecation warning); 5.17-5.23 know only the old one. sparsify's
+# decode engine and tests use these two as well.
+def cache_argument(function) -> str:
+    """The name `function` (a forward, an output class) gives the KV cache."""
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
-def _output_cache(outputs):
-    """The cache a base model returned, under either name, without the deprecation warning."""
-    return outputs.get("cache", None) if "cache" in outputs else outputs.get("past_key_values", None)
+def returned_cache(outputs):
+    """The cache a forward pass returned, under either name."""
+    return outputs.get("cache", outputs.get("past_key_values"))
 
 
 class SkipConfig(PretrainedConfig):
@@ -256,7 +258,7 @@ def _gated_layer_forward(self, hidden_states, attention_mask=None, position_ids=
                 self.self_attn, normed, keep, attention_mask, position_embeddings, past_key_values
             )
     if run_attention:
-        cache = {_cache_argument(self.self_attn.forward): past_key_values}
+        cache = {cache_argument(self.self_attn.forward): past_key_values}
         attended, _ = self.self_attn(
             hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
             position_embeddings=position_embeddings, **cache, **kwargs,
@@ -343,7 +345,7 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
         past_key_values = kwargs.pop("cache", past_key_values)
-        cache = {_cache_argument(self.model.forward): past_key_values}
+        cache = {cache_argument(self.model.forward): past_key_values}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             use_cache=use_cache, **cache, **kwargs,
@@ -355,6 +357,6 @@ class SkipForCausalLM(SkipPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         result = CausalLMOutputWithPast(loss=loss, logits=logits)
-        if (cache := _output_cache(outputs)) is not None:
-            result[_cache_argument(CausalLMOutputWithPast)] = cache
+        if (cache := returned_cache(outputs)) is not None:
+            result[cache_argument(CausalLMOutputWithPast)] = cache
         return result

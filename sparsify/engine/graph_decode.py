@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.kv_cache_names import returned_cache
 from sparsify.engine import attention_kernels, decode_kernels, fused_sublayers
 from sparsify.engine.routed_ffn import RoutedFFN
 from sparsify.experts import decode_kernel
-from sparsify.convert.skip.modeling_skip import rotate_heads
+from sparsify.convert.skip.modeling_skip import returned_cache, rotate_heads
 
 
 @dataclass
