@@ -32,6 +32,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "contiguous": {"to": "fine-moe", "split": "contiguous"},  # sparsify's conversion before calibration: partitions in order
     "coactivation": {"to": "fine-moe", "split": "coactivation", "calibration_data": "{calibration}"},
     "coactivation-norefit": {"to": "fine-moe", "split": "coactivation", "calibration_data": "{calibration}", "refit": False},
+    # The same split on the sigmoid-routed target (GLM-4.5-MoE), whose selection bias training moves to balance load.
+    "coactivation-sigmoid": {"to": "fine-moe", "split": "coactivation", "calibration_data": "{calibration}", "routing": "sigmoid"},
     "prune": {"to": "prune", "calibration_data": "{calibration}"},
     "prune-norefit": {"to": "prune", "calibration_data": "{calibration}", "refit": False},
 }
@@ -46,14 +48,18 @@ TRAINING: dict[str, dict[str, Any]] = {
     "router-first-25": {"router_first": 0.25},
     "hidden": {"hidden_weight": 1.0},  # per-layer FFN-output loss beside the KL
     "hidden-0.1": {"hidden_weight": 0.1},
-    "no-balance": {"balance_weight": 0.0},
+    "no-balance": {"balance_weight": 0.0},  # for sigmoid routers: loss-free balancing alone
     "lr-1e-3": {"lr": 1e-3, "router_lr": 5e-3},  # the rates used before the tuning (UNTUNED_LEARNING_RATES)
     "lr-2e-3": {"lr": 2e-3, "router_lr": 1e-2},
     "lr-4e-3": {"lr": 4e-3, "router_lr": 2e-2},
     "hidden+router-first": {"hidden_weight": 1.0, "router_first": 0.1},
+    "no-bias": {"bias_rate": 0.0},  # sigmoid routers: selection biases fixed at 0 (the balance loss alone)
+    "bias-1e-4": {"bias_rate": 1e-4},
 }
 # Options that only mean something with routers: a pruned (dense) model trains the same without them.
-ROUTER_ONLY = {"router_first", "balance_weight", "z_weight"}
+ROUTER_ONLY = {"router_first", "balance_weight", "z_weight", "bias_rate"}
+# Options that only mean something with a selection bias (sigmoid routing).
+BIAS_ONLY = {"bias_rate"}
 
 
 @dataclass
@@ -95,6 +101,8 @@ def plan_rows(args, calibration: str) -> list[Row]:
                     options.pop("split", None)
                     rows.append(Row(method, active, 0, 0, budget, {**options, "keep": active}, training))
                     continue
+                if set(TRAINING[training]) <= BIAS_ONLY and training != "default" and options.get("routing") != "sigmoid":
+                    continue  # no selection bias: the same run as the default one
                 if method == "contiguous":
                     options.pop("calibration_tokens")
                 for shared in [int(s) for s in parse_list(args.shared)]:
@@ -251,6 +259,9 @@ def main() -> None:
     teacher = load_model(args.model, dtype=dtype).to(device).eval()
     sets = ["tune"] if args.tune else parse_list(args.sets)
     evaluation = texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens, sets)
+    teacher_file = args.workdir / "teacher_tasks.json"
+    if args.tasks and not args.tune and not teacher_file.exists():  # the teacher's accuracy, beside which the rows' reads
+        teacher_file.write_text(json.dumps(tasks(teacher, args)))
     log = args.workdir / "rows.jsonl"
     done = {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
     for row in plan_rows(args, calibration):
@@ -284,6 +295,9 @@ def report(args, rows: list[dict[str, Any]], device: str) -> None:
     result = {"benchmark": "conversion_quality", "model": args.model, "device": device,
               "granularity": args.granularity, "eval_tokens": args.eval_tokens, "calibration_tokens": args.calibration_tokens,
               "train_batch": args.train_batch, "train_flags": json.loads(args.train_flags), "rows": rows}
+    teacher_file = args.workdir / "teacher_tasks.json"
+    if teacher_file.exists():
+        result["teacher_tasks"] = json.loads(teacher_file.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     scored = [row for row in rows if "valid" in row["scores"]]  # tuning rows (--tune) have the tune split only

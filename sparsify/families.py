@@ -22,14 +22,32 @@ FFN_ROLES = ("gate", "up", "down")
 @dataclass(frozen=True)
 class SharedExpert:
     """Where a target keeps its shared expert (one SwiGLU FFN every token computes, beside the routed
-    ones) and the fixed gate in front of it. The gate's weight is written as zeros, so the gate is a
-    constant (sigmoid(0) = 1/2 for Qwen2-MoE) and the shared expert's down projection is multiplied by
-    `gate_inverse` to cancel it: the conversion stays exact."""
+    ones) and the fixed gate in front of it, if any. A gate's weight is written as zeros, so the gate is
+    a constant (sigmoid(0) = 1/2 for Qwen2-MoE) and the shared expert's down projection is multiplied
+    by `gate_inverse` to cancel it: the conversion stays exact."""
 
     tensors: dict[str, str]  # role -> name template relative to a layer's prefix
-    size_key: str  # config key of the shared expert's d_ff
-    gate: str  # the gate's weight, shape (1, hidden)
-    gate_inverse: float = 2.0
+    size_key: str  # config key of the shared expert's size
+    gate: str | None = None  # the gate's weight, shape (1, hidden); None: the shared expert is added as it is
+    gate_inverse: float = 1.0
+    size_in_experts: bool = False  # size_key counts routed-expert widths (GLM's n_shared_experts), not neurons
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a target's router turns logits into expert choices and weights (convert/moe/routing.py does the math).
+
+    softmax: weights are the softmax of the logits over the chosen top-k (renormalised).
+    sigmoid: scores are sigmoid(logits); experts are chosen by score + a per-expert selection bias that
+    only moves load (DeepSeek-V3's auxiliary-loss-free balancing, which `sparsify train` updates), and
+    weighted by their scores renormalised over the top-k."""
+
+    kind: str = "softmax"
+    selection_bias: str | None = None  # name template of the bias tensor, relative to a layer's prefix
+    float32: bool = False  # the target keeps its router weights in fp32 whatever the model's dtype
+
+
+SOFTMAX = Routing()
 
 
 QWEN2_MOE_SHARED = SharedExpert(
@@ -37,7 +55,25 @@ QWEN2_MOE_SHARED = SharedExpert(
              "down": "mlp.shared_expert.down_proj.weight"},
     size_key="shared_expert_intermediate_size",
     gate="mlp.shared_expert_gate.weight",
+    gate_inverse=2.0,
 )
+
+# GLM-4.5's MoE (Glm4MoeForCausalLM): Llama attention with optional q/k norms (Qwen3's) and q/k/v
+# biases (Qwen2's), a plain shared expert, and a sigmoid router with a per-expert selection bias. It is
+# the one native target with a selection bias whose attention can be any of our dense families'.
+GLM4_MOE_SHARED = SharedExpert(
+    tensors={"gate": "mlp.shared_experts.gate_proj.weight", "up": "mlp.shared_experts.up_proj.weight",
+             "down": "mlp.shared_experts.down_proj.weight"},
+    size_key="n_shared_experts",
+    size_in_experts=True,
+)
+GLM4_MOE_ROUTING = Routing(kind="sigmoid", selection_bias="mlp.gate.e_score_correction_bias", float32=True)
+GLM4_MOE_KEYS = {"experts": ("n_routed_experts",), "top_k": ("num_experts_per_tok",), "expert_size": ("moe_intermediate_size",)}
+# Every layer an MoE layer, one expert group, weights renormalised and unscaled (what makes the
+# conversion exact, as with softmax: see convert/moe/experts.py), full-width RoPE (GLM's default rotates
+# half of each head), and no multi-token-prediction layer, which we have no weights for.
+GLM4_MOE_FIXED = {"first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                  "routed_scaling_factor": 1.0, "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0}
 
 # What every Qwen2-MoE target writes (the qwen2 family's, and llama/mistral's with shared experts).
 QWEN2_MOE_KEYS = {"experts": ("num_experts",), "top_k": ("num_experts_per_tok",), "expert_size": ("moe_intermediate_size",)}
@@ -88,6 +124,9 @@ class Family:
     shared_expert: SharedExpert | None = None
     # Dense config keys the target reads although its config class does not declare them (e.g. head_dim).
     extra_config_keys: tuple[str, ...] = ()
+    routing: Routing = SOFTMAX
+    # Values merged into the target's rope_parameters (transformers 5 keeps e.g. partial_rotary_factor there).
+    rope_fixed: dict[str, Any] = field(default_factory=dict)
 
     def layer_name(self, layer: int, template: str, **fmt: int) -> str:
         return self.layer_prefix.format(layer=layer) + template.format(**fmt)
@@ -155,28 +194,80 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert=QWEN2_MOE_SHARED,
         extra_config_keys=("head_dim",),
     ),
+    # Sigmoid routing with a selection bias (--routing sigmoid): GLM-4.5-MoE for every family. Listed
+    # last, so that softmax stays the default wherever a softmax target exists.
+    Family(
+        name="llama+sigmoid",
+        dense_model_types=("llama", "mistral"),
+        moe_model_type="glm4_moe",
+        moe_architecture="Glm4MoeForCausalLM",
+        moe_config_keys=GLM4_MOE_KEYS,
+        moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": False},
+        # GLM's o_proj never has a bias, and it has no sliding window.
+        requires={"attention_bias": False, "mlp_bias": False, "sliding_window": None},
+        shared_expert=GLM4_MOE_SHARED,
+        extra_config_keys=("head_dim",),
+        routing=GLM4_MOE_ROUTING,
+        rope_fixed={"partial_rotary_factor": 1.0},
+    ),
+    Family(
+        name="qwen2+sigmoid",
+        dense_model_types=("qwen2",),
+        moe_model_type="glm4_moe",
+        moe_architecture="Glm4MoeForCausalLM",
+        moe_config_keys=GLM4_MOE_KEYS,
+        # Qwen2 has biases on q, k and v and none on o: GLM's attention_bias=True exactly.
+        moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": False, "attention_bias": True},
+        requires={"use_sliding_window": False},
+        shared_expert=GLM4_MOE_SHARED,
+        extra_config_keys=("head_dim",),
+        routing=GLM4_MOE_ROUTING,
+        rope_fixed={"partial_rotary_factor": 1.0},
+    ),
+    Family(
+        name="qwen3+sigmoid",
+        # Qwen3-MoE has no shared expert: with --shared-experts, qwen3 comes here (GLM's use_qk_norm is
+        # Qwen3's per-head RMSNorm on q and k before RoPE).
+        dense_model_types=("qwen3",),
+        moe_model_type="glm4_moe",
+        moe_architecture="Glm4MoeForCausalLM",
+        moe_config_keys=GLM4_MOE_KEYS,
+        moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": True},
+        requires={"attention_bias": False, "use_sliding_window": False},
+        shared_expert=GLM4_MOE_SHARED,
+        extra_config_keys=("head_dim",),
+        routing=GLM4_MOE_ROUTING,
+        rope_fixed={"partial_rotary_factor": 1.0},
+    ),
 )
+
+ROUTING_KINDS = ("softmax", "sigmoid")
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.dense_model_types)
 
 
-def family_for(model_type: str, shared_experts: bool = False) -> Family:
-    """The first family that converts `model_type`; with `shared_experts`, the first whose target has one."""
+def family_for(model_type: str, shared_experts: bool = False, routing: str | None = None) -> Family:
+    """The first family that converts `model_type`; with `shared_experts`, the first whose target has one;
+    with `routing`, the first whose router works that way."""
     families = [family for family in FAMILIES if model_type in family.dense_model_types]
-    if shared_experts and families:
-        with_shared = [family for family in families if family.shared_expert is not None]
-        if not with_shared:
-            raise SparsifyError(f"{families[0].moe_architecture}, the target of {model_type}, has no shared expert, and no other "
-                                "native target for it does yet; use --shared-experts 0")
-        return with_shared[0]
-    if families:
-        return families[0]
-    raise SparsifyError(
-        f"architecture '{model_type}' is not supported yet; supported dense model types: "
-        f"{', '.join(supported_model_types())}. Adding one is a single entry in sparsify/families.py."
-    )
+    if not families:
+        raise SparsifyError(
+            f"architecture '{model_type}' is not supported yet; supported dense model types: "
+            f"{', '.join(supported_model_types())}. Adding one is a single entry in sparsify/families.py."
+        )
+    if routing is not None and routing not in ROUTING_KINDS:
+        raise SparsifyError(f"--routing must be one of {', '.join(ROUTING_KINDS)}, got '{routing}'")
+    fitting = [f for f in families if (routing is None or f.routing.kind == routing) and (not shared_experts or f.shared_expert)]
+    if fitting:
+        return fitting[0]
+    if routing is not None and shared_experts:
+        others = sorted({f.routing.kind for f in families if f.shared_expert} - {routing})
+        hint = f"use --routing {others[0]}" if others else "use --shared-experts 0"
+        raise SparsifyError(f"no native target of {model_type} has a shared expert and {routing} routing; {hint}")
+    raise SparsifyError(f"{families[0].moe_architecture}, the target of {model_type}, has no shared expert, and no other "
+                        "native target for it does yet; use --shared-experts 0")
 
 
 def check_representable(family: Family, dense_config: dict[str, Any]) -> None:

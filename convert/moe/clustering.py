@@ -30,7 +30,8 @@ from sparsify.convert.moe.refit import refit_down, refit_refusal, routed_feature
 
 KMEANS_ITERATIONS = 20
 # Std of the fitted router's logits over calibration tokens: small enough that the chosen experts'
-# softmax weights are near-equal, large enough to survive bf16. Set by that reasoning, not tuned yet.
+# weights are near-equal (softmax or renormalised sigmoid), large enough to survive bf16. Set by that
+# reasoning, not tuned yet.
 ROUTER_LOGIT_STD = 0.1
 RIDGE = 1e-2  # ridge strength relative to the mean eigenvalue of X^T X
 
@@ -131,7 +132,7 @@ def calibrated_split(activity: LayerActivity, layout: Any, seed: int, fixed_orde
     routed_top_k = min(top_k, granularity - shared)
 
     def features(chunk: torch.Tensor) -> torch.Tensor:
-        return routed_features(chunk, ordered, shared * size, size, router, routed_top_k, layout.expert_scale)
+        return routed_features(chunk, ordered, shared * size, size, router, routed_top_k, layout.expert_scale, layout.routing)
 
     if layout.router_init != "calibrated":
         return split  # the features model the fitted router only; later layers then see dense activations

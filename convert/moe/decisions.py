@@ -1,11 +1,15 @@
 """Routers in training: fp32 router math, the dense path that turns the student back into its
-teacher, and the auxiliary losses (Switch load balancing, ST-MoE z-loss).
+teacher, the auxiliary losses (Switch load balancing, ST-MoE z-loss) and, for routers with a
+selection bias, loss-free balancing.
 
-Each native router's forward is replaced by one that does the router math in fp32 even when the
-model runs in bf16 (selective precision, as in Switch/ST-MoE): a bf16 router loses the small logit
-differences that decide top-k. Its outputs have the same meaning as the native ones, (logits,
-weights of the chosen experts, their indices), so the native experts (any implementation) run
-unchanged.
+Each native router's forward is replaced by one that does the router math (routing.py, softmax or
+sigmoid as the target does) in fp32 even when the model runs in bf16 (selective precision, as in
+Switch/ST-MoE): a bf16 router loses the small logit differences that decide top-k. Its outputs have
+the same meaning as the native ones, (logits, weights of the chosen experts, their indices), so the
+native experts (any implementation) run unchanged. While training it also keeps what the losses need
+(each call's logits and choices) and counts each expert's load for the selection bias, which moves
+after every optimizer step towards equal load (Wang et al. 2024, as in DeepSeek-V3): balance without
+a gradient that competes with the distillation loss.
 
 On the dense path every router instead picks copy 0's G experts with weight 1/G each. Those
 experts' down projections were scaled by G at conversion, so the layer computes exactly the dense
@@ -24,6 +28,7 @@ from torch import nn
 
 from sparsify.convert.moe.describe import MoeLayout
 from sparsify.convert.moe.options import MoeTrainOptions
+from sparsify.convert.moe.routing import balance_bias_step, distribution, expert_load, route, selection_bias, settings_of
 from sparsify.errors import SparsifyError
 from sparsify.train.decisions import Decisions
 
@@ -32,28 +37,31 @@ from sparsify.train.decisions import Decisions
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch Transformer auxiliary loss, averaged over layers: E * sum_e f_e * P_e, where f_e is the
-    fraction of top-k assignments that go to expert e and P_e its mean router probability.
-    It is 1 for perfectly uniform routing and grows with imbalance."""
+def load_balancing_loss(routed: list[tuple[torch.Tensor, torch.Tensor]], kind: str = "softmax") -> torch.Tensor:
+    """Switch Transformer auxiliary loss, averaged over router calls: E * sum_e f_e * P_e, where f_e is
+    the fraction of top-k assignments that went to expert e and P_e its mean router probability (for
+    sigmoid routers the normalised scores, as DeepSeek-V3's). It is 1 for perfectly uniform routing and
+    grows with imbalance. `routed` holds (logits, chosen indices) per call."""
     losses = []
-    for logits in router_logits:
-        probs = F.softmax(logits.float(), dim=-1)
+    for logits, chosen in routed:
+        probs = distribution(logits, kind)
         experts = probs.shape[-1]
-        chosen = probs.topk(top_k, dim=-1).indices
-        fraction = F.one_hot(chosen, experts).float().sum(dim=(0, 1)) / chosen.numel()
+        fraction = expert_load(chosen, experts).float() / chosen.numel()
         losses.append(experts * (fraction * probs.mean(dim=0)).sum())
     return torch.stack(losses).mean()
 
 
-def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def router_z_loss(routed: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """ST-MoE z-loss: mean squared log-partition of the router logits; keeps them small and stable."""
-    return torch.stack([torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in router_logits]).mean()
+    return torch.stack([torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits, _ in routed]).mean()
 
 
 def find_routers(model: nn.Module) -> list[nn.Module]:
-    """The `gate` of every sparse MoE block (MixtralSparseMoeBlock, ...); empty for a dense model."""
-    return [m.gate for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
+    """The router (`gate`) of every routed block (MixtralSparseMoeBlock, Glm4MoeMoE, ...): a block
+    with a `gate` that holds a 2-D weight beside fused `experts`; empty for a dense model."""
+    return [m.gate for m in model.modules()
+            if isinstance(getattr(m, "gate", None), nn.Module) and getattr(m.gate, "weight", torch.empty(0)).dim() == 2
+            and hasattr(getattr(m, "experts", None), "gate_up_proj")]
 
 
 def _forward(self: nn.Module, hidden_states: torch.Tensor):
@@ -65,17 +73,26 @@ def _forward(self: nn.Module, hidden_states: torch.Tensor):
         experts, weight = self.sparsify_dense_path
         index = experts.to(logits.device).expand(logits.shape[0], -1)
         return logits, torch.full(index.shape, weight, device=logits.device), index
-    probs = F.softmax(logits, dim=-1)
-    top_probs, top_index = probs.topk(self.top_k, dim=-1)
-    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises; Qwen when configured
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    return logits, top_probs, top_index
+    bias = selection_bias(self)
+    weights, index = route(logits, self.sparsify_settings, None if bias is None else bias.float())
+    if self.training and torch.is_grad_enabled():  # training steps only: not held-out evaluation, not the teacher
+        if self.sparsify_seen is not None:
+            self.sparsify_seen.append((logits, index))
+        if bias is not None:
+            if self.sparsify_load.device != bias.device:  # the model moved to its training device after prepare_routers
+                self.sparsify_load = self.sparsify_load.to(bias.device)
+            self.sparsify_load += expert_load(index.detach(), logits.shape[-1])
+    return logits, weights, index
 
 
 def prepare_routers(model: nn.Module) -> list[nn.Module]:
     routers = find_routers(model)
     for router in routers:
         router.sparsify_dense_path = None
+        router.sparsify_seen = None
+        router.sparsify_settings = settings_of(router)
+        bias = selection_bias(router)
+        router.sparsify_load = None if bias is None else torch.zeros(bias.shape, dtype=torch.long, device=bias.device)
         router.forward = types.MethodType(_forward, router)
     return routers
 
@@ -99,12 +116,14 @@ def dense_path(routers: list[nn.Module], layout: MoeLayout | dict[str, Any]) -> 
 
 
 class Routers(Decisions):
-    """An MoE's routers: trained in full, with the balance and z auxiliary losses."""
+    """An MoE's routers: trained in full, with the balance and z auxiliary losses, and their selection
+    biases (if the target has them) moved towards equal load after every step."""
 
     def __init__(self, routers: list[nn.Module], options: MoeTrainOptions):
         super().__init__(routers)
         self.options = options
-        self.top_k = int(routers[0].top_k)
+        self.kind = routers[0].sparsify_settings.kind
+        self.biased = [router for router in routers if selection_bias(router) is not None]
 
     def expert_lora_targets(self) -> tuple[list[str], list[str]]:
         return [], list(EXPERT_PARAMETERS)
@@ -112,16 +131,48 @@ class Routers(Decisions):
     def teacher_path(self, layout: MoeLayout):
         return dense_path(self.modules, layout)
 
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {"output_router_logits": True}
+    @contextmanager
+    def watch(self) -> Iterator[list[Any]]:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for router in self.modules:
+            router.sparsify_seen = seen
+        try:
+            yield seen
+        finally:
+            for router in self.modules:
+                router.sparsify_seen = None
 
     def loss(self, output: Any, seen: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {"balance": load_balancing_loss(output.router_logits, self.top_k), "z": router_z_loss(output.router_logits)}
+        if not seen:  # a forward pass that routed nothing through the training path (e.g. every token on the dense path)
+            return super().loss(output, seen)
+        parts = {"balance": load_balancing_loss(seen, self.kind), "z": router_z_loss(seen)}
         return self.options.balance_weight * parts["balance"] + self.options.z_weight * parts["z"], parts
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Move every selection bias by --bias-rate towards equal load, from the loads counted in this step."""
+        if not self.biased:
+            return {}
+        loads = torch.stack([router.sparsify_load for router in self.biased])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)  # every process sees other tokens; the biases must stay identical
+        if not loads.any():
+            return {}
+        with torch.no_grad():
+            for router, load in zip(self.biased, loads):
+                if self.options.bias_rate > 0:
+                    balance_bias_step(router.e_score_correction_bias, load, self.options.bias_rate)
+                router.sparsify_load.zero_()
+        imbalance = (loads.max(dim=1).values.float() / loads.float().mean(dim=1).clamp_min(1e-9)).mean()
+        bias = torch.stack([router.e_score_correction_bias.abs().mean() for router in self.biased]).mean()
+        return {"load_max_over_mean": float(imbalance), "selection_bias_abs": float(bias)}
+
+    def updated_buffers(self) -> list[tuple[nn.Module, str]]:
+        return [(router, "e_score_correction_bias") for router in self.biased]
 
     def restore_dtype(self, dtype: torch.dtype) -> None:
         for router in self.modules:
-            router.weight.data = router.weight.data.to(dtype)
+            if router not in self.biased:  # the sigmoid targets keep their routers in fp32
+                router.weight.data = router.weight.data.to(dtype)
 
 
 def find_decisions(model: nn.Module, options: dict[str, Any]) -> Routers | None:

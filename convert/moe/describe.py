@@ -36,6 +36,7 @@ class MoeLayout(Layout):
     router_init: str
     reinit_ratio: float
     family: str = ""
+    routing: str = "softmax"  # the router kind (convert/moe/routing.py): softmax, or sigmoid with a selection bias
     architecture: str = ""
     expert_scale: int | None = None
     shared_experts: int = 0  # S of the G partitions form one shared expert
@@ -58,6 +59,8 @@ class MoeLayout(Layout):
             ("expert size", f"{self.expert_size} (dense d_ff {self.dense_d_ff})"),
             ("FFN compute per token vs dense", f"{self.active_ffn_ratio:.2f}x"),
         ]
+        if self.routing != "softmax":  # softmax is every other target's; only the exception is worth a row
+            rows.append(("routing", "sigmoid, per-expert selection bias (loss-free balancing)"))
         if self.shared_experts:
             rows.append(("shared expert", f"{self.shared_expert_size} neurons ({self.shared_experts} of {self.granularity} partitions), every token"))
         if self.granularity > 1:  # with whole copies no neurons are split, and the router is plain random

@@ -6,7 +6,8 @@ We make E copies of the FFN and split each into G partitions: E*G experts, exper
 partition g, at index c*G + g. Each expert's down projection is multiplied by G.
 
 The native targets route as  y = sum_{i in topK(p)} (p_i / sum_{j in topK} p_j) * expert_i(x),
-with p = softmax(router . x). Router rows are "virtual groups" (as in NVIDIA's Megatron-Core
+with p = softmax(router . x), or p = sigmoid(router . x) for the sigmoid targets (routing.py): the
+argument below only needs the renormalised weights to sum to 1, so it holds for both. Router rows are "virtual groups" (as in NVIDIA's Megatron-Core
 upcycling): all G experts of copy c share one random row r_c, so they tie and are selected
 together. If K = m*G, the top-K set is m whole copies, each of whose G experts gets the same weight
 w_c, with G * sum_c w_c = 1. Then
@@ -20,7 +21,8 @@ projections; silu is not homogeneous, so that is not exact for SwiGLU. Scaling o
 Shared experts (`shared` = S > 0): the first S partitions of the (ordered) neurons form one shared
 expert every token computes; the other R = G-S partitions of each copy are routed, and G above
 becomes R. The shared expert's down projection carries the inverse of the target's fixed gate on
-it (Qwen2-MoE multiplies it by sigmoid(w.x) with w = 0: 1/2), so the sum stays the dense FFN.
+it (Qwen2-MoE multiplies it by sigmoid(w.x) with w = 0: 1/2; GLM-4.5-MoE has no gate), so the sum
+stays the dense FFN.
 
 The neuron order is contiguous, a seeded permutation, or calibrated (`clustering.py`: shared =
 most important neurons, routed partitions = co-activation clusters, and fitted router rows).
@@ -52,6 +54,7 @@ class ExpertLayout:
     router_init: str = "virtual-group"
     router_std: float = 0.02
     seed: int = 0
+    routing: str = "softmax"  # the target's router kind (routing.py); set by the plan once the target is chosen
 
     @property
     def routed_per_copy(self) -> int:
@@ -103,6 +106,9 @@ class ExpertLayout:
             raise SparsifyError(f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
         if self.router_init not in ROUTER_INITS:
             raise SparsifyError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
+        if self.routing == "sigmoid" and self.experts < 2:
+            # The sigmoid targets rank expert groups by their two best scores: one routed expert cannot be ranked.
+            raise SparsifyError("sigmoid routing needs at least 2 routed experts; lower --shared-experts or use --routing softmax")
 
     def exactness(self) -> Exactness:
         k, r = self.top_k, self.routed_per_copy

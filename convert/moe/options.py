@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from sparsify.convert.calibration.options import CalibrationOptions
+from sparsify.families import ROUTING_KINDS
 from sparsify.option_values import check_rules, require
 
 SPLITS = ("contiguous", "random", "coactivation")
@@ -27,11 +28,20 @@ class ExpertInitOptions:
     )
     router_std: float = field(default=0.02, metadata={"help": "Std of the random router initialisation."})
     seed: int = field(default=0, metadata={"help": "Seed for the router, the neuron split and re-initialisation."})
+    routing: str | None = field(
+        default=None,
+        metadata={"help": "Router kind, which picks the target architecture: softmax (Mixtral, Qwen2-MoE, Qwen3-MoE) or "
+                          "sigmoid (GLM-4.5-MoE: sigmoid scores plus a per-expert selection bias that sparsify train moves to "
+                          "balance load, with no auxiliary loss needed). Default: softmax where the family has such a target "
+                          "(qwen3 with --shared-experts has only sigmoid)."},
+    )
 
     def validate(self) -> None:
         """What can be checked without the model (called before it is opened); the plan checks the rest."""
         require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
         require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
+        require(self.routing is None or self.routing in ROUTING_KINDS,
+                f"--routing must be one of {', '.join(ROUTING_KINDS)}, got '{self.routing}'")
 
 
 @dataclass
@@ -68,7 +78,7 @@ class FineMoeOptions(ExpertInitOptions, CalibrationOptions):
         default=0,
         metadata={"help": "S of the G partitions become one shared expert every token computes (the most important neurons "
                           "by calibration, or the first S partitions); the other G-S are routed. Needs a target with shared "
-                          "experts (Qwen2-MoE for llama, mistral and qwen2)."},
+                          "experts: Qwen2-MoE for llama, mistral and qwen2; GLM-4.5-MoE for qwen3 or with --routing sigmoid."},
     )
     split: str | None = field(
         default=None,
@@ -140,6 +150,12 @@ class MoeTrainOptions:
     section: ClassVar[str] = "moe"
     balance_weight: float = field(default=0.01, metadata={"help": "Weight of the Switch load-balancing loss."})
     z_weight: float = field(default=0.001, metadata={"help": "Weight of the router z-loss."})
+    bias_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Loss-free balancing, for routers with a selection bias (--routing sigmoid): after every step each "
+                          "expert's bias moves by this much towards equal load (DeepSeek-V3's rate); 0 keeps the biases fixed."},
+    )
 
     def validate(self) -> None:
-        check_rules(self, (("balance_weight", lambda v: v >= 0, "must be 0 or more"), ("z_weight", lambda v: v >= 0, "must be 0 or more")))
+        check_rules(self, (("balance_weight", lambda v: v >= 0, "must be 0 or more"), ("z_weight", lambda v: v >= 0, "must be 0 or more"),
+                           ("bias_rate", lambda v: v >= 0, "must be 0 or more")))

@@ -10,6 +10,7 @@ each layer's three FFN weights become one router and E*G experts, produced lazil
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,8 +47,10 @@ def moe_config(family: Family, dense_config: Any, layout: ExpertLayout, dtype: t
         for key in keys:
             config[key] = moe_values[logical]
     if family.shared_expert is not None:
-        config[family.shared_expert.size_key] = layout.shared * size
+        config[family.shared_expert.size_key] = layout.shared * (1 if family.shared_expert.size_in_experts else size)
     config.update(family.moe_config_fixed)
+    if family.rope_fixed:
+        config["rope_parameters"] = {**(config.get("rope_parameters") or {}), **family.rope_fixed}
     config["output_router_logits"] = False
     config["architectures"] = [family.moe_architecture]
     config["model_type"] = family.moe_model_type
@@ -92,26 +95,32 @@ def _layer_plan(
     family: Family, reader: Any, layout: ExpertLayout, layer: int, roles: dict[str, str], hidden: int, d_ff: int, dtype: torch.dtype,
     calibrated: CalibratedSplit | None,
 ) -> list[PlannedTensor]:
-    shared = family.shared_expert
+    shared, routing = family.shared_expert, family.routing
     experts = LayerExperts(layout, layer, lambda: {role: reader.get(name) for role, name in roles.items()}, dtype, calibrated,
                            shared.gate_inverse if shared else 1.0)
     size = d_ff // layout.granularity
     shapes = {"gate": (size, hidden), "up": (size, hidden), "down": (hidden, size)}
+    router_dtype = torch.float32 if routing.float32 else dtype
     plan = [
         PlannedTensor(
             family.layer_name(layer, family.moe_router),
             (layout.experts, hidden),
-            dtype,
-            lambda: experts.router(hidden),
+            router_dtype,
+            lambda: experts.router(hidden).to(router_dtype),
         )
     ]
+    if routing.selection_bias is not None:
+        # Zero at conversion (it only ever moves load; `sparsify train` balances with it).
+        plan.append(PlannedTensor(family.layer_name(layer, routing.selection_bias), (layout.experts,), torch.float32,
+                                  lambda: torch.zeros(layout.experts, dtype=torch.float32)))
     if shared is not None:
         width = layout.shared * size
         shared_shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
         plan += [PlannedTensor(family.layer_name(layer, shared.tensors[role]), shared_shapes[role], dtype,
                                lambda role=role: experts.shared_expert(role)) for role in FFN_ROLES]
-        # A zero gate is a constant sigmoid(0) = 1/2, cancelled by the shared down projection's factor.
-        plan.append(PlannedTensor(family.layer_name(layer, shared.gate), (1, hidden), dtype, lambda: torch.zeros(1, hidden, dtype=dtype)))
+        if shared.gate is not None:
+            # A zero gate is a constant sigmoid(0) = 1/2, cancelled by the shared down projection's factor.
+            plan.append(PlannedTensor(family.layer_name(layer, shared.gate), (1, hidden), dtype, lambda: torch.zeros(1, hidden, dtype=dtype)))
     for expert in range(layout.experts):
         for role in FFN_ROLES:
             plan.append(
@@ -149,6 +158,7 @@ def layout_record(family: Family, layout: ExpertLayout, d_ff: int, calibration: 
         active_ffn_ratio=layout.active_ffn_ratio,
         split={"strategy": layout.split, "seed": layout.seed},
         router_init=layout.router_init,
+        routing=layout.routing,
         reinit_ratio=layout.reinit_ratio,
         expert_scale=layout.expert_scale,
         shared_experts=layout.shared,
@@ -161,7 +171,8 @@ def layout_record(family: Family, layout: ExpertLayout, d_ff: int, calibration: 
 
 def plan(source: Any, options: MoeOptions | FineMoeOptions, dtype: torch.dtype, on_progress: Progress = no_progress) -> ConversionPlan:
     layout = options.layout()
-    family = family_for(source.config.model_type, shared_experts=layout.shared > 0)
+    family = family_for(source.config.model_type, shared_experts=layout.shared > 0, routing=options.routing)
+    layout = replace(layout, routing=family.routing.kind)
     d_ff = dense_d_ff(source.config)
     layout.validate(d_ff)
     config = moe_config(family, source.config, layout, dtype)  # refuses what the target cannot represent before calibrating

@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 from sparsify.convert.moe.decisions import find_routers
+from sparsify.convert.moe.routing import distribution, settings_of
 from sparsify.eval.probes import Probe
 
 
 class ExpertRoutingProbe(Probe):
-    """Native MoE routers (Mixtral, Qwen2-MoE, Qwen3-MoE): tokens per expert, balance, entropy."""
+    """Native MoE routers (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5-MoE): tokens per expert, balance, entropy."""
 
     kind = "moe"
 
     def __init__(self, routers: list[nn.Module]):
         super().__init__(routers)
         self.routers = routers
+        self.kinds = [settings_of(router).kind for router in routers]
         self.reset()
 
     @classmethod
@@ -34,7 +36,7 @@ class ExpertRoutingProbe(Probe):
     def _record(self, layer: int, output: Any) -> None:
         logits, _, chosen = output
         self.counts[layer] += torch.bincount(chosen.reshape(-1).cpu(), minlength=self.counts[layer].numel())
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = distribution(logits, self.kinds[layer])
         self.entropy_sums[layer] += float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).sum())
         self.tokens[layer] += logits.shape[0]
 

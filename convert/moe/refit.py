@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from sparsify.convert.calibration.neurons import TOKENS_PER_CHUNK
+from sparsify.convert.moe.routing import RouterSettings, dense_weights
 
 REFIT_RIDGE = 1e-3  # relative to the mean diagonal of F^T F; one value tried so far (with 128k tokens it helps at every setting measured)
 # Each output row of D has d_ff unknowns: with fewer calibration tokens than a few times d_ff the regression
@@ -36,20 +37,14 @@ def refit_refusal(tokens: int, d_ff: int) -> str | None:
     return None
 
 
-def routing_weights(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(tokens, experts): the native routers' weights, softmax over the logits, top-k, renormalised; 0 elsewhere."""
-    probs = torch.softmax(x @ router.T, dim=-1)
-    top, index = probs.topk(top_k, dim=-1)
-    return torch.zeros_like(probs).scatter_(1, index, top / top.sum(dim=-1, keepdim=True))
-
-
 def routed_features(x: torch.Tensor, ffn: dict[str, torch.Tensor], shared_width: int, size: int, router: torch.Tensor | None,
-                    top_k: int, scale: float) -> torch.Tensor:
-    """f(x) (tokens, d_ff) for neurons in partition order (shared first, then expert after expert)."""
+                    top_k: int, scale: float, routing: str = "softmax") -> torch.Tensor:
+    """f(x) (tokens, d_ff) for neurons in partition order (shared first, then expert after expert), with
+    the target's routing weights (`routing`: its router kind, see routing.py)."""
     h = torch.nn.functional.silu(x @ ffn["gate"].T) * (x @ ffn["up"].T)
     if router is None:
         return h
-    weights = routing_weights(x, router, top_k) * scale
+    weights = dense_weights(x @ router.T, RouterSettings(routing, top_k)) * scale
     return torch.cat([h[:, :shared_width], h[:, shared_width:] * weights.repeat_interleave(size, dim=1)], dim=1)
 
 

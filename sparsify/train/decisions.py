@@ -58,6 +58,16 @@ class Decisions:
         returns values to log."""
         return {}
 
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called after every optimizer step, before a checkpoint may be written: updates outside the
+        optimizer (an MoE's selection biases); returns values to log."""
+        return {}
+
+    def updated_buffers(self) -> list[tuple[nn.Module, str]]:
+        """Buffers (module, name) the decisions change outside the optimizer, e.g. an MoE's selection
+        biases: checkpointed and saved with the trained parameters."""
+        return []
+
     def restore_dtype(self, dtype: torch.dtype) -> None:
         """Before saving a merged model: back from the fp32 training copy where the format wants it."""
 

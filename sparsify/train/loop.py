@@ -307,6 +307,10 @@ def _make_optimizer(run: _Run) -> None:
     unwrapped = run.accelerator.unwrap_model(run.model)
     use_fast_experts(unwrapped)  # on the training device: an MoE's experts implementation (sparsify/experts)
     run.trainable_names = {name for name, param in unwrapped.named_parameters() if param.requires_grad}
+    # Buffers the decisions move outside the optimizer (selection biases) are saved with the parameters.
+    owned = {(id(module), buffer) for module, buffer in run.decisions.updated_buffers()}
+    run.trainable_names |= {f"{prefix}.{name}" for prefix, module in unwrapped.named_modules() for name, _ in module.named_buffers(recurse=False)
+                            if (id(module), name) in owned}
     # Looked up again after prepare(): a sharded model holds new parameter objects.
     decision_ids = {id(p) for module in run.decisions.modules for p in module.parameters()}
     run.adapter_params = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in decision_ids]
@@ -355,6 +359,7 @@ def _train_steps(run: _Run) -> tuple[list[dict[str, Any]], float, int]:
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        updated = run.decisions.after_step(step)
         tokens_done += run.tokens_per_step
         elapsed = time.perf_counter() - started
         entry = {
@@ -362,6 +367,7 @@ def _train_steps(run: _Run) -> tuple[list[dict[str, Any]], float, int]:
             "tokens": step * run.tokens_per_step,
             **{name: round(value, 6) for name, value in parts_sum.items()},
             **scheduled,
+            **updated,
             "lr": run.scheduler.get_last_lr()[-1],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": round(tokens_done / elapsed, 1),

@@ -70,13 +70,15 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy the trained parameters (and the buffers the decisions update, e.g. selection biases) into `model`."""
     params = dict(model.named_parameters())
+    tensors = {**dict(model.named_buffers()), **params}
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing or any(n not in params for n in state):
+    if missing or any(n not in tensors for n in state):
         raise SparsifyError("the checkpoint's trainable parameters do not match this model and these --lora-* options")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            tensors[name].copy_(value)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -105,14 +105,15 @@ def test_shared_experts_go_to_qwen2_moe_and_stay_exact_when_every_routed_expert_
     torch.testing.assert_close(_logits(result.output), _logits(dense_weights[family]), rtol=0, atol=1e-4)
 
 
-def test_coactivation_split_with_shared_experts_is_recorded_and_closer_than_contiguous(dense_models, corpus, tmp_path):
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_coactivation_split_with_shared_experts_is_recorded_and_closer_than_contiguous(dense_models, corpus, tmp_path, routing):
     calibration = dict(calibration_data=str(corpus["train"]), calibration_tokens="2k", calibration_seq_len=128)
-    common = dict(granularity=4, top_k=1, shared_experts=1)
+    common = dict(granularity=4, top_k=1, shared_experts=1, routing=routing)
     teacher = _logits(dense_models["llama"])
     plain = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "plain", **common)
     calibrated = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "calibrated", **common, **calibration)
     record = json.loads((calibrated.output / "sparsify.json").read_text())["layout"]
-    assert record["split"]["strategy"] == "coactivation" and record["router_init"] == "calibrated"
+    assert record["split"]["strategy"] == "coactivation" and record["router_init"] == "calibrated" and record["routing"] == routing
     assert record["shared_experts"] == 1 and record["calibration"]["tokens"] == 2000 and record["calibration"]["refit"] is True
     assert len(record["calibration"]["layers"]) == 2 and record["dense_path"] is None  # refitted: the source is the teacher
     assert 0 < record["calibration"]["mean_routed_share_router"] <= record["calibration"]["mean_routed_share_best"] + 1e-6
@@ -147,10 +148,15 @@ def test_bad_calibration_options_get_one_line_errors(dense_weights, corpus, tmp_
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family, message", [("qwen3", "has no shared expert"), ("mistral", "sliding_window")])
-def test_shared_experts_are_refused_where_no_native_target_represents_them(dense_weights, tmp_path, family, message):
-    with pytest.raises(SparsifyError, match=message):
-        upcycle(str(dense_weights[family]), "fine-moe", tmp_path / "out", granularity=4, shared_experts=1)
+@pytest.mark.parametrize("family, routing, message", [
+    ("qwen3", "softmax", "no native target of qwen3 has a shared expert and softmax routing; use --routing sigmoid"),
+    ("mistral", None, "sliding_window"),
+    ("mistral", "sigmoid", "sliding_window"),
+])
+def test_shared_experts_are_refused_where_no_native_target_represents_them(dense_weights, tmp_path, family, routing, message):
+    with pytest.raises(SparsifyError, match=message) as error:
+        upcycle(str(dense_weights[family]), "fine-moe", tmp_path / "out", granularity=4, shared_experts=1, routing=routing)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
 
 
 def test_training_takes_the_source_as_teacher_when_the_weights_no_longer_hold_it(dense_models, corpus, tmp_path):

@@ -28,11 +28,16 @@ print(type(model).__name__, tokenizer("hello world")["input_ids"])
 
 
 @pytest.mark.parametrize(
-    "family,architecture",
-    [("llama", "MixtralForCausalLM"), ("mistral", "MixtralForCausalLM"), ("qwen2", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")],
+    "family,architecture,options",
+    [("llama", "MixtralForCausalLM", {}), ("mistral", "MixtralForCausalLM", {}), ("qwen2", "Qwen2MoeForCausalLM", {}),
+     ("qwen3", "Qwen3MoeForCausalLM", {}),
+     # The sigmoid-routed target with shared experts, for each attention it stands in for.
+     ("llama", "Glm4MoeForCausalLM", dict(routing="sigmoid", shared_experts=1, top_k=6)),
+     ("qwen2", "Glm4MoeForCausalLM", dict(routing="sigmoid", shared_experts=1, top_k=6)),
+     ("qwen3", "Glm4MoeForCausalLM", dict(shared_experts=1, top_k=6))],
 )
-def test_loads_without_sparsify(dense_models, tmp_path, family, architecture):
-    result = upcycle(str(dense_models[family]), "fine-moe", tmp_path / "out", granularity=4, experts=2)
+def test_loads_without_sparsify(dense_models, tmp_path, family, architecture, options):
+    result = upcycle(str(dense_models[family]), "fine-moe", tmp_path / "out", granularity=4, experts=2, **options)
     ids = [[1, 42, 4242, 17, 9000, 3]]
     done = subprocess.run(
         [sys.executable, "-c", VANILLA, str(result.output), json.dumps(ids), str(tmp_path / "logits.pt")],

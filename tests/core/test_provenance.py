@@ -197,7 +197,8 @@ def test_fine_moe_rows_say_1_copy_and_show_the_split_and_router_init():
     rows = dict(layout_rows("fine-moe", layout))
     assert rows["experts"] == "4 = 1 copy x granularity 4"
     assert (rows["neuron split"], rows["router init"]) == ("contiguous (seed 0)", "virtual-group")
-    assert "Drop-Upcycling" not in rows
+    assert "Drop-Upcycling" not in rows and "routing" not in rows
+    assert dict(layout_rows("fine-moe", {**layout, "routing": "sigmoid"}))["routing"].startswith("sigmoid, per-expert selection bias")
 
 
 def test_drop_upcycling_shows_the_share_of_re_drawn_neurons():

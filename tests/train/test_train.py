@@ -31,13 +31,15 @@ def test_parse_count():
         parse_count("lots")
 
 
-def test_load_balancing_loss_is_minimal_for_a_uniform_router():
-    uniform = load_balancing_loss((torch.zeros(64, 8),), top_k=2)
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_load_balancing_loss_is_minimal_for_a_uniform_router(kind):
+    even = torch.arange(64 * 2).view(64, 2) % 8  # every expert chosen equally often
+    uniform = load_balancing_loss([(torch.zeros(64, 8), even)], kind)
     assert uniform.item() == pytest.approx(1.0)
     generator = torch.Generator().manual_seed(0)
     for scale in (0.5, 2.0, 8.0):
         skewed = torch.randn(64, 8, generator=generator) * scale + torch.linspace(0, scale, 8)
-        assert load_balancing_loss((skewed,), top_k=2) > uniform
+        assert load_balancing_loss([(skewed, skewed.topk(2, dim=-1).indices)], kind) > uniform
 
 
 def test_kl_is_zero_for_identical_and_positive_for_different_logits():
