@@ -190,9 +190,9 @@ def layouts_named(names: str) -> list[Layout | None]:
 
 
 def router_training_step(model, decisions, ids: torch.Tensor, optimizer) -> None:
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        output = model(input_ids=ids, labels=ids, **decisions.forward_kwargs())
-        loss = output.loss + decisions.loss(output, [])[0]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), decisions.watch() as seen:
+        output = model(input_ids=ids, labels=ids)
+        loss = output.loss + decisions.loss(output, seen)[0]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

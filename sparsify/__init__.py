@@ -37,6 +37,13 @@ def register_architectures() -> None:
             if error.name not in ("torch", "transformers"):  # else: nothing to register with
                 _warn_unregistered(error)
             continue
+        except ImportError as error:
+            if "partially initialized" not in str(error):
+                _warn_unregistered(error)
+            # Else a variant's own modeling file is what imported transformers (someone imported it
+            # first): its architecture module registers itself whenever it is imported, as every
+            # sparsify command that loads the variant does.
+            continue
         except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
             _warn_unregistered(error)
             continue

@@ -72,8 +72,11 @@ GLM4_MOE_KEYS = {"experts": ("n_routed_experts",), "top_k": ("num_experts_per_to
 # Every layer an MoE layer, one expert group, weights renormalised and unscaled (what makes the
 # conversion exact, as with softmax: see convert/moe/experts.py), full-width RoPE (GLM's default rotates
 # half of each head), and no multi-token-prediction layer, which we have no weights for.
+# GLM's config defaults partial_rotary_factor to 0.5 when it is missing; transformers 5 reads it from
+# rope_parameters, and older readers from the top level, so it is written in both places.
+GLM4_MOE_ROPE = {"partial_rotary_factor": 1.0}
 GLM4_MOE_FIXED = {"first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-                  "routed_scaling_factor": 1.0, "partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0}
+                  "routed_scaling_factor": 1.0, "num_nextn_predict_layers": 0, **GLM4_MOE_ROPE}
 
 # What every Qwen2-MoE target writes (the qwen2 family's, and llama/mistral's with shared experts).
 QWEN2_MOE_KEYS = {"experts": ("num_experts",), "top_k": ("num_experts_per_tok",), "expert_size": ("moe_intermediate_size",)}
@@ -208,7 +211,7 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert=GLM4_MOE_SHARED,
         extra_config_keys=("head_dim",),
         routing=GLM4_MOE_ROUTING,
-        rope_fixed={"partial_rotary_factor": 1.0},
+        rope_fixed=GLM4_MOE_ROPE,
     ),
     Family(
         name="qwen2+sigmoid",
@@ -222,7 +225,7 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert=GLM4_MOE_SHARED,
         extra_config_keys=("head_dim",),
         routing=GLM4_MOE_ROUTING,
-        rope_fixed={"partial_rotary_factor": 1.0},
+        rope_fixed=GLM4_MOE_ROPE,
     ),
     Family(
         name="qwen3+sigmoid",
@@ -237,7 +240,7 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert=GLM4_MOE_SHARED,
         extra_config_keys=("head_dim",),
         routing=GLM4_MOE_ROUTING,
-        rope_fixed={"partial_rotary_factor": 1.0},
+        rope_fixed=GLM4_MOE_ROPE,
     ),
 )
 

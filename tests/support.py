@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import transformers  # noqa: F401 - first: importing modeling_skip before it would register sparsify's architectures mid-import
 
 from sparsify.convert.skip.modeling_skip import cache_argument, returned_cache
 

@@ -91,6 +91,7 @@ def prepare_routers(model: nn.Module) -> list[nn.Module]:
         router.sparsify_dense_path = None
         router.sparsify_seen = None
         router.sparsify_settings = settings_of(router)
+        router.sparsify_dtype = router.weight.dtype  # as loaded: bf16, or fp32 where the target keeps routers in fp32
         bias = selection_bias(router)
         router.sparsify_load = None if bias is None else torch.zeros(bias.shape, dtype=torch.long, device=bias.device)
         router.forward = types.MethodType(_forward, router)
@@ -170,9 +171,9 @@ class Routers(Decisions):
         return [(router, "e_score_correction_bias") for router in self.biased]
 
     def restore_dtype(self, dtype: torch.dtype) -> None:
+        """Back to the dtype each router was loaded in (fp32 where the target keeps routers in fp32)."""
         for router in self.modules:
-            if router not in self.biased:  # the sigmoid targets keep their routers in fp32
-                router.weight.data = router.weight.data.to(dtype)
+            router.weight.data = router.weight.data.to(router.sparsify_dtype)
 
 
 def find_decisions(model: nn.Module, options: dict[str, Any]) -> Routers | None:

@@ -108,7 +108,7 @@ class ExpertLayout:
             raise SparsifyError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got '{self.router_init}'")
         if self.routing == "sigmoid" and self.experts < 2:
             # The sigmoid targets rank expert groups by their two best scores: one routed expert cannot be ranked.
-            raise SparsifyError("sigmoid routing needs at least 2 routed experts; lower --shared-experts or use --routing softmax")
+            raise SparsifyError("sigmoid routing needs at least 2 routed experts; raise --experts or --granularity, lower --shared-experts, or use --routing softmax")
 
     def exactness(self) -> Exactness:
         k, r = self.top_k, self.routed_per_copy

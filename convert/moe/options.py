@@ -31,9 +31,9 @@ class ExpertInitOptions:
     routing: str | None = field(
         default=None,
         metadata={"help": "Router kind, which picks the target architecture: softmax (Mixtral, Qwen2-MoE, Qwen3-MoE) or "
-                          "sigmoid (GLM-4.5-MoE: sigmoid scores plus a per-expert selection bias that sparsify train moves to "
-                          "balance load, with no auxiliary loss needed). Default: softmax where the family has such a target "
-                          "(qwen3 with --shared-experts has only sigmoid)."},
+                          "sigmoid (GLM-4.5-MoE: sigmoid scores plus a per-expert selection bias that sparsify train moves "
+                          "towards equal load, --bias-rate; the balance loss stays on unless --balance-weight 0). Default: "
+                          "softmax where the family has such a target (qwen3 with --shared-experts has only sigmoid)."},
     )
 
     def validate(self) -> None:

@@ -84,13 +84,18 @@ def dense_weights(logits: torch.Tensor, settings: RouterSettings) -> torch.Tenso
 
 
 def expert_load(index: torch.Tensor, experts: int) -> torch.Tensor:
-    """Top-k assignments per expert in `index` (tokens, top_k)."""
-    return torch.bincount(index.reshape(-1), minlength=experts)
+    """Top-k assignments per expert in `index` (tokens, top_k). A scatter, not bincount: on a GPU
+    bincount reads its size back to the host, a synchronisation per router call."""
+    flat = index.reshape(-1)
+    return torch.zeros(experts, dtype=torch.long, device=index.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def balance_bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
     """Loss-free balancing (Wang et al. 2024; DeepSeek-V3): each expert's selection bias moves by
-    `rate` towards the mean load, up if it was under-loaded, down if over-loaded."""
+    `rate` towards the mean load, up if it was under-loaded, down if over-loaded. The scale that
+    matters is the spread of the scores: a calibrated router's logits have std 0.1
+    (clustering.ROUTER_LOGIT_STD), sigmoid scores about 0.025, so at 1e-3 per step the bias can
+    override the fitted ranking within a few dozen steps; 1e-4 scored the same within noise (docs/results.md)."""
     load = load.float()
     bias.add_(rate * torch.sign(load.mean() - load))
 

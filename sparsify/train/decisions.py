@@ -36,10 +36,6 @@ class Decisions:
         """A context in which the student (adapters off) computes its dense teacher exactly."""
         raise SparsifyError("this model has no dense path inside its weights; pass --teacher MODEL")
 
-    def forward_kwargs(self) -> dict[str, Any]:
-        """Extra arguments of the training forward pass (e.g. output_router_logits)."""
-        return {}
-
     @contextmanager
     def watch(self) -> Iterator[list[Any]]:
         """Collect what the decision modules did in the forward passes run inside the block."""

@@ -585,7 +585,7 @@ def _losses(run: _Run, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     with capture_ffn_outputs(run.teacher.network(run.model)) if hidden else nullcontext({}) as teacher_ffn:
         teacher_logits = run.teacher(run.model, ids)
     with run.decisions.watch() as seen, capture_ffn_outputs(run.model) if hidden else nullcontext({}) as student_ffn:
-        out = run.model(input_ids=ids, **run.decisions.forward_kwargs())
+        out = run.model(input_ids=ids)
     parts = {
         "kl": losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature),
         "ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0),

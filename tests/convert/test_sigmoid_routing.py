@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from sparsify.convert.moe.routing import RouterSettings, route
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
 
@@ -24,8 +23,9 @@ def _logits(folder) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family, qk_norm, attention_bias", [("llama", False, False), ("qwen2", False, True), ("qwen3", True, False)])
-@pytest.mark.parametrize("options", [dict(granularity=4, shared_experts=1, top_k=3), dict(granularity=4, experts=2, top_k=8)],
-                         ids=["shared", "two-copies"])
+@pytest.mark.parametrize("options", [dict(granularity=4, shared_experts=1, top_k=3), dict(granularity=4, experts=2, top_k=8),
+                                     dict(granularity=4, experts=3, top_k=4)],
+                         ids=["shared", "two-copies", "router-picks-one-of-three-copies"])
 def test_sigmoid_targets_reproduce_the_teacher(dense_weights, tmp_path, family, qk_norm, attention_bias, options):
     result = upcycle(str(dense_weights[family]), "fine-moe", tmp_path / "out", routing="sigmoid", **options)
     assert result.plan.exactness.exact, result.plan.exactness.reason
@@ -61,19 +61,25 @@ def test_bad_routing_options_get_one_line_errors(dense_weights, tmp_path, option
 
 
 @pytest.mark.parametrize("groups, top_groups", [(1, 1), (4, 2)])
-def test_sigmoid_route_equals_the_native_router(groups, top_groups):
+def test_training_router_forward_equals_the_native_router(groups, top_groups):
+    """sparsify's fp32 training forward (prepare_routers) chooses and weighs as Glm4MoeTopkRouter does."""
     from transformers import AutoConfig
-    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+    from sparsify.convert.moe.decisions import prepare_routers
 
     config = AutoConfig.for_model("glm4_moe", hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=groups,
-                                  topk_group=top_groups, routed_scaling_factor=2.5, norm_topk_prob=True)
-    router = Glm4MoeTopkRouter(config)
+                                  topk_group=top_groups, routed_scaling_factor=2.5, norm_topk_prob=True, moe_intermediate_size=8,
+                                  n_shared_experts=1)
+    block = Glm4MoeMoE(config)
     generator = torch.Generator().manual_seed(0)
-    router.weight.data = torch.randn(16, 32, generator=generator)
-    router.e_score_correction_bias.copy_(torch.randn(16, generator=generator) * 0.3)
+    block.gate.weight.data = torch.randn(16, 32, generator=generator)
+    block.gate.e_score_correction_bias.copy_(torch.randn(16, generator=generator) * 0.3)
     hidden = torch.randn(50, 32, generator=generator)
-    logits, native_weights, native_index = router(hidden)
-    weights, index = route(logits, RouterSettings("sigmoid", 4, True, 2.5, groups, top_groups), router.e_score_correction_bias)
+    native_logits, native_weights, native_index = block.gate(hidden)
+    (router,) = prepare_routers(block)
+    logits, weights, index = router(hidden)
+    torch.testing.assert_close(logits, native_logits)
     order, native_order = index.sort(dim=-1), native_index.sort(dim=-1)
     assert torch.equal(order.values, native_order.values)
     torch.testing.assert_close(weights.gather(1, order.indices), native_weights.gather(1, native_order.indices))

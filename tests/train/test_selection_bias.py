@@ -43,6 +43,23 @@ def sigmoid_student(dense_models, tmp_path_factory):
                    routing="sigmoid").output
 
 
+def test_after_step_lowers_the_bias_of_the_busiest_expert_in_its_own_layer(sigmoid_student):
+    from transformers import AutoModelForCausalLM
+
+    from sparsify.convert.moe.decisions import Routers, prepare_routers
+    from sparsify.convert.moe.options import MoeTrainOptions
+
+    routers = prepare_routers(AutoModelForCausalLM.from_pretrained(sigmoid_student))
+    decisions = Routers(routers, MoeTrainOptions(bias_rate=0.01))
+    routers[0].sparsify_load += torch.tensor([9, 1, 2])  # expert 0 busy in layer 0
+    routers[1].sparsify_load += torch.tensor([1, 2, 9])  # expert 2 busy in layer 1
+    logged = decisions.after_step(1)
+    assert routers[0].e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01])
+    assert routers[1].e_score_correction_bias.tolist() == pytest.approx([0.01, 0.01, -0.01])
+    assert logged["load_max_over_mean"] == pytest.approx(9 / 4) and logged["selection_bias_abs"] == pytest.approx(0.01)
+    assert not any(router.sparsify_load.any() for router in routers)  # counted afresh for the next step
+
+
 def _biases(folder) -> list[torch.Tensor]:
     with safe_open(str(folder / "model.safetensors"), "pt") as weights:
         return [weights.get_tensor(BIAS.format(layer=layer)) for layer in range(2)]

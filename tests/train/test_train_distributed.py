@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from support import sparsify_command
 
-TWO_PROCESSES = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def _two_processes() -> list[str]:
+    """`sparsify train` in two CPU processes (gloo), launched by torchrun: `accelerate launch --cpu` starts
+    a single process whatever --num_processes says (its multi-CPU path needs mpirun)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "-m", "sparsify"]
 
 
-def _accelerate() -> str:
-    return str(Path(sparsify_command()[0]).with_name("accelerate"))
+def _two_process_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
 def _flags(corpus) -> list[str]:
@@ -42,9 +51,8 @@ def _log(run_dir: Path) -> list[dict]:
 def test_ddp_on_cpu_evaluates_like_one_process_and_saves_a_native_model(students, corpus, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ddp = subprocess.run(
-        [_accelerate(), "launch", "--cpu", *TWO_PROCESSES, "-m", "sparsify", "train", str(students["half"]),
-         "-o", str(tmp_path / "ddp"), *_flags(corpus)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [*_two_processes(), "train", str(students["half"]), "-o", str(tmp_path / "ddp"), *_flags(corpus)],
+        capture_output=True, text=True, env=_two_process_env(), timeout=900,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run(
@@ -58,10 +66,40 @@ def test_ddp_on_cpu_evaluates_like_one_process_and_saves_a_native_model(students
         assert ddp_log[0]["eval"][key] == pytest.approx(single_log[0]["eval"][key], rel=1e-5), key
     assert ddp_log[0]["eval"]["tokens"] == 288
     # Two processes take twice the tokens per step; the schedule runs once, not once per process.
-    assert ddp_log[-2]["step"] == 8 and ddp_log[-2]["total_steps"] == 8 and ddp_log[-2]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert ddp_log[1]["tokens"] == 2 * single_log[1]["tokens"] == 256
+    assert ddp_log[-2]["step"] == 4 and ddp_log[-2]["total_steps"] == 4 and ddp_log[-2]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert ddp.stdout.count("held-out perplexity") <= 1  # only the main process reports
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
 
+
+
+def test_ddp_counts_every_process_load_before_moving_the_selection_biases(dense_models, corpus, tmp_path):
+    """Two processes at batch 4 see, step for step, the same blocks as one process at batch 8
+    (sparsify.data.block_order); with the loads summed across processes, the biases after the step agree."""
+    from safetensors import safe_open
+
+    from sparsify.upcycle import upcycle
+
+    student = upcycle(str(dense_models["llama"]), "fine-moe", tmp_path / "sigmoid", granularity=4, top_k=1, shared_experts=1,
+                      routing="sigmoid").output
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    flags = [*_flags(corpus), "--tokens", "256", "--bias-rate", "0.01"]
+    ddp = subprocess.run([*_two_processes(), "train", str(student), "-o", str(tmp_path / "ddp"), *flags],
+                         capture_output=True, text=True, env=_two_process_env(), timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([*sparsify_command(), "train", str(student), "-o", str(tmp_path / "single"), *flags, "--batch-size", "8"],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def biases(folder: Path) -> torch.Tensor:
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            return torch.stack([weights.get_tensor(f"model.layers.{layer}.mlp.gate.e_score_correction_bias") for layer in range(2)])
+
+    # The loads behind the step are both processes' together: those of one process at batch 8.
+    load = [[e["load_max_over_mean"] for e in _log(tmp_path / f"{run}.run") if "kl" in e] for run in ("ddp", "single")]
+    assert len(load[0]) == 1 and load[0] == load[1]
+    assert biases(tmp_path / "ddp").abs().min() == pytest.approx(0.01)  # one step moved every bias
+    torch.testing.assert_close(biases(tmp_path / "ddp"), biases(tmp_path / "single"), rtol=0, atol=0)
 
 FSDP_ROUND_TRIP = r"""
 import sys
