@@ -32,6 +32,17 @@ class Decisions:
         """(module names, parameter names) peft adapts for `--lora-targets experts`."""
         return list(DENSE_FFN_MODULES), []
 
+    def expert_weights(self, model: nn.Module) -> list[nn.Parameter]:
+        """The weights `--train-experts full` trains: fused routed experts (3-D gate_up/down) and every
+        FFN projection (a dense model's FFN, an MoE's shared experts)."""
+        weights = []
+        for name, module in model.named_modules():
+            if hasattr(module, "gate_up_proj") and getattr(module, "gate_up_proj").dim() == 3:
+                weights += [module.gate_up_proj, module.down_proj]
+            elif name.rsplit(".", 1)[-1] in DENSE_FFN_MODULES and isinstance(module, nn.Linear):
+                weights.append(module.weight)
+        return weights
+
     def teacher_path(self, layout: Any) -> ContextManager[None]:
         """A context in which the student (adapters off) computes its dense teacher exactly."""
         raise SparsifyError("this model has no dense path inside its weights; pass --teacher MODEL")

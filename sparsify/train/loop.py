@@ -287,18 +287,22 @@ def _make_optimizer(run: _Run) -> None:
     warm-up and cosine schedule, the adapters' starting after the router-first steps (schedule.py)."""
     optimisation = run.options.optimisation
     decision_params = [p for module in run.decisions.modules for p in module.parameters()]
-    decision_ids = {id(p) for p in decision_params}
-    adapter_params = [p for p in run.model.parameters() if p.requires_grad and id(p) not in decision_ids]
+    expert_params = run.decisions.expert_weights(run.model) if run.options.lora.full_experts else []
+    special = {id(p) for p in decision_params + expert_params}
+    adapter_params = [p for p in run.model.parameters() if p.requires_grad and id(p) not in special]
     groups = [{"params": decision_params, "lr": optimisation.router_lr}] if decision_params else []
     if adapter_params:
         groups.append({"params": adapter_params, "lr": optimisation.lr})
+    if expert_params:  # on the adapters' schedule (frozen with them during --router-first)
+        groups.append({"params": expert_params, "lr": optimisation.expert_lr})
     if not groups:
-        raise SparsifyError("nothing to train: this model has no routers or gates and --lora-rank is 0")
+        raise SparsifyError("nothing to train: this model has no routers or gates, --lora-rank is 0 and --train-experts is not full")
     if optimisation.router_first and not decision_params:
         run.callbacks.on_notice("--router-first does nothing here: this model has no routers or gates, so its adapters train from the first step")
     router_first = optimisation.router_first if decision_params and adapter_params else 0.0
     run.phases = Phases(run.total_steps, optimisation.warmup, router_first)
-    schedules = ([run.phases.decisions()] if decision_params else []) + ([run.phases.adapters()] if adapter_params else [])
+    schedules = ([run.phases.decisions()] if decision_params else []) + ([run.phases.adapters()] if adapter_params else []) \
+        + ([run.phases.adapters()] if expert_params else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=optimisation.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
@@ -456,13 +460,14 @@ def check_trainable(model_dir: Path, options: TrainOptions) -> None:
         )
 
 
-def converted_from(record: dict[str, Any] | None) -> str | None:
-    """The dense model an untrained conversion whose weights do not contain it came from (its teacher), else None."""
+def converted_from(record: dict[str, Any] | None, weights_change: bool = False) -> str | None:
+    """The dense model an untrained conversion came from, as its teacher, where its own weights do not
+    hold it (or will not, `weights_change`: its experts train in full); else None."""
     record = record or {}
     variant = variant_of_record(record)
     if variant is None or record.get("training") or not record.get("layout"):
         return None
-    if variant.layout(record["layout"]).has_dense_path():
+    if variant.layout(record["layout"]).has_dense_path() and not weights_change:
         return None
     source = record.get("source") or {}
     # The folder it was read from, if still there (a relative ref may not resolve from here); else what the user typed.
@@ -520,7 +525,7 @@ def load_student(model_dir: Path, options: TrainOptions, dtype: torch.dtype, rec
         model.config.use_cache = False
     decisions = find_decisions(model, read_record(model_dir) if record is None else record, options.variants)
     lora = options.lora
-    return add_adapters(model, LoraSettings(lora.lora_rank, lora.lora_alpha, lora.targets), decisions), decisions
+    return add_adapters(model, LoraSettings(lora.lora_rank, lora.lora_alpha, lora.adapter_targets, lora.full_experts), decisions), decisions
 
 
 def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainable: dict[str, torch.Tensor], record: dict[str, Any]):
@@ -530,6 +535,9 @@ def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainabl
     load_trainable_state(student, trainable)
     merged = merge_adapters(student)
     decisions.restore_dtype(dtype)
+    if options.lora.full_experts:  # back from their fp32 master copy
+        for weight in decisions.expert_weights(merged):
+            weight.data = weight.data.to(dtype)
     return merged
 
 
@@ -540,12 +548,16 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
     if teacher == "self":
         variant = variant_of_record(record)
         layout = variant.layout(record["layout"]) if variant is not None and record.get("layout") else None
-        if layout is None or not layout.has_dense_path():
-            source = converted_from(record)
+        full = options.lora.full_experts
+        if layout is None or not layout.has_dense_path() or full:
+            source = converted_from(record, weights_change=full)
             if source is not None:
-                # A conversion whose weights do not hold the dense model (refitted experts, pruned neurons)
-                # learns from the dense model it was converted from.
+                # A conversion whose weights do not hold the dense model (refitted experts, pruned neurons,
+                # experts that train themselves) learns from the dense model it was converted from.
                 teacher = source
+            elif full:
+                raise SparsifyError("--train-experts full trains the weights the dense teacher would be computed from; "
+                                    "pass --teacher with the dense model")
             elif decisions.modules:
                 raise SparsifyError(
                     "this model's weights no longer contain its dense teacher (it was trained before, or not made by "

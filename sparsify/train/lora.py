@@ -26,10 +26,12 @@ class LoraSettings:
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = TARGETS
+    full_experts: bool = False  # the expert weights themselves train (then "experts" is no LoRA target)
 
 
 def add_adapters(model: nn.Module, settings: LoraSettings, decisions: Decisions) -> nn.Module:
-    """Wrap `model` with peft LoRA; afterwards only adapters and the decisions require grad (in fp32)."""
+    """Wrap `model` with peft LoRA; afterwards only adapters, the decisions and (with `full_experts`)
+    the expert weights require grad, all in fp32."""
     from peft import LoraConfig, get_peft_model
 
     unknown = set(settings.targets) - set(TARGETS)
@@ -40,7 +42,7 @@ def add_adapters(model: nn.Module, settings: LoraSettings, decisions: Decisions)
     if settings.targets and settings.rank > 0:
         modules = list(ATTENTION_MODULES) if "attention" in settings.targets else []
         parameters: list[str] = []
-        if "experts" in settings.targets:
+        if "experts" in settings.targets and not settings.full_experts:
             expert_modules, parameters = decisions.expert_lora_targets()
             modules += expert_modules
         config = LoraConfig(
@@ -57,6 +59,10 @@ def add_adapters(model: nn.Module, settings: LoraSettings, decisions: Decisions)
             factor_expert_adapters(model)
     for module in decisions.modules:  # trained in full, with an fp32 master copy (selective precision)
         for param in module.parameters():
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    if settings.full_experts:
+        for param in decisions.expert_weights(model):
             param.data = param.data.float()
             param.requires_grad_(True)
     for param in model.parameters():

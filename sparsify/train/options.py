@@ -17,6 +17,7 @@ from sparsify.errors import SparsifyError
 from sparsify.option_values import check_rules, dtype_name, parse_count, parse_list
 
 LORA_TARGETS = ("attention", "experts")
+EXPERT_TRAINING = ("lora", "full")
 _POSITIVE, _NON_NEGATIVE = "must be greater than 0", "must be 0 or more"
 
 
@@ -70,6 +71,7 @@ class OptimisationOptions:
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the LoRA adapters; auto: the rate tuned for the model's variant (2e-3 fine-moe and prune, else 1e-3)."})
     router_lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the routers or gates (trained in full); auto: the rate tuned for the model's variant (1e-2 fine-moe, else 5e-3)."})
+    expert_lr: float = field(default=1e-4, metadata={"help": "Peak learning rate of the expert weights with --train-experts full (not tuned yet)."})
     warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
     router_first: float = field(default=0.0, metadata={"help": "Fraction of the steps that train only the routers or gates, adapters frozen; the adapters then warm up and decay over the rest."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -83,6 +85,7 @@ class OptimisationOptions:
             ("grad_accum", lambda v: v >= 1, "must be at least 1"),
             ("lr", lambda v: v is None or v > 0, _POSITIVE),
             ("router_lr", lambda v: v is None or v > 0, _POSITIVE),
+            ("expert_lr", lambda v: v > 0, _POSITIVE),
             ("warmup", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1"),
             ("router_first", lambda v: 0 <= v < 1, "is a fraction of the steps: 0 or more and below 1 (the adapters need some)"),
             ("weight_decay", lambda v: v >= 0, _NON_NEGATIVE),
@@ -96,6 +99,13 @@ class LoraOptions:
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank (0: train the routers or gates only)."})
     lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha."})
     lora_targets: str = field(default="attention,experts", metadata={"help": "Where LoRA goes: attention, experts, or both (comma-separated)."})
+    train_experts: str = field(
+        default="lora",
+        metadata={"help": "How the experts train (an MoE's routed and shared experts, a dense model's FFN): lora (adapters, where "
+                          "--lora-targets names experts) or full (their weights themselves, fp32 master copy, at --expert-lr), "
+                          "which lets an upcycled MoE's copies diverge and gain capacity. full changes the weights that hold the "
+                          "dense teacher, so the source model is the teacher."},
+    )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -109,6 +119,17 @@ class LoraOptions:
         unknown = set(self.targets) - set(LORA_TARGETS)
         if unknown or not self.targets:
             raise SparsifyError(f"--lora-targets must name {' and/or '.join(LORA_TARGETS)} (comma-separated), not '{self.lora_targets}'")
+        if self.train_experts not in EXPERT_TRAINING:
+            raise SparsifyError(f"--train-experts must be one of {', '.join(EXPERT_TRAINING)}, not '{self.train_experts}'")
+
+    @property
+    def full_experts(self) -> bool:
+        return self.train_experts == "full"
+
+    @property
+    def adapter_targets(self) -> tuple[str, ...]:
+        """--lora-targets, less the experts when they train in full."""
+        return tuple(t for t in self.targets if not (t == "experts" and self.full_experts))
 
 
 @dataclass
