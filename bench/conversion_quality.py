@@ -259,7 +259,7 @@ def main() -> None:
     teacher = load_model(args.model, dtype=dtype).to(device).eval()
     sets = ["tune"] if args.tune else parse_list(args.sets)
     evaluation = texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens, sets)
-    teacher_file = args.workdir / "teacher_tasks.json"
+    teacher_file = teacher_tasks_file(args)
     if args.tasks and not args.tune and not teacher_file.exists():  # the teacher's accuracy, beside which the rows' reads
         teacher_file.write_text(json.dumps(tasks(teacher, args)))
     log = args.workdir / "rows.jsonl"
@@ -291,11 +291,16 @@ def main() -> None:
     report(args, rows, torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
 
 
+def teacher_tasks_file(args) -> Path:
+    """Where the teacher's task accuracy is kept in the workdir (computed once, read by the report)."""
+    return args.workdir / "teacher_tasks.json"
+
+
 def report(args, rows: list[dict[str, Any]], device: str) -> None:
     result = {"benchmark": "conversion_quality", "model": args.model, "device": device,
               "granularity": args.granularity, "eval_tokens": args.eval_tokens, "calibration_tokens": args.calibration_tokens,
               "train_batch": args.train_batch, "train_flags": json.loads(args.train_flags), "rows": rows}
-    teacher_file = args.workdir / "teacher_tasks.json"
+    teacher_file = teacher_tasks_file(args)
     if teacher_file.exists():
         result["teacher_tasks"] = json.loads(teacher_file.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)

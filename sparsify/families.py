@@ -77,6 +77,10 @@ GLM4_MOE_KEYS = {"experts": ("n_routed_experts",), "top_k": ("num_experts_per_to
 GLM4_MOE_ROPE = {"partial_rotary_factor": 1.0}
 GLM4_MOE_FIXED = {"first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
                   "routed_scaling_factor": 1.0, "num_nextn_predict_layers": 0, **GLM4_MOE_ROPE}
+# What every dense family's GLM-4.5-MoE target shares; each entry adds its attention settings.
+GLM4_MOE_TARGET = dict(moe_model_type="glm4_moe", moe_architecture="Glm4MoeForCausalLM", moe_config_keys=GLM4_MOE_KEYS,
+                       shared_expert=GLM4_MOE_SHARED, extra_config_keys=("head_dim",), routing=GLM4_MOE_ROUTING,
+                       rope_fixed=GLM4_MOE_ROPE)
 
 # What every Qwen2-MoE target writes (the qwen2 family's, and llama/mistral's with shared experts).
 QWEN2_MOE_KEYS = {"experts": ("num_experts",), "top_k": ("num_experts_per_tok",), "expert_size": ("moe_intermediate_size",)}
@@ -202,45 +206,27 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="llama+sigmoid",
         dense_model_types=("llama", "mistral"),
-        moe_model_type="glm4_moe",
-        moe_architecture="Glm4MoeForCausalLM",
-        moe_config_keys=GLM4_MOE_KEYS,
         moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": False},
         # GLM's o_proj never has a bias, and it has no sliding window.
         requires={"attention_bias": False, "mlp_bias": False, "sliding_window": None},
-        shared_expert=GLM4_MOE_SHARED,
-        extra_config_keys=("head_dim",),
-        routing=GLM4_MOE_ROUTING,
-        rope_fixed=GLM4_MOE_ROPE,
+        **GLM4_MOE_TARGET,
     ),
     Family(
         name="qwen2+sigmoid",
         dense_model_types=("qwen2",),
-        moe_model_type="glm4_moe",
-        moe_architecture="Glm4MoeForCausalLM",
-        moe_config_keys=GLM4_MOE_KEYS,
         # Qwen2 has biases on q, k and v and none on o: GLM's attention_bias=True exactly.
         moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": False, "attention_bias": True},
         requires={"use_sliding_window": False},
-        shared_expert=GLM4_MOE_SHARED,
-        extra_config_keys=("head_dim",),
-        routing=GLM4_MOE_ROUTING,
-        rope_fixed=GLM4_MOE_ROPE,
+        **GLM4_MOE_TARGET,
     ),
     Family(
         name="qwen3+sigmoid",
         # Qwen3-MoE has no shared expert: with --shared-experts, qwen3 comes here (GLM's use_qk_norm is
         # Qwen3's per-head RMSNorm on q and k before RoPE).
         dense_model_types=("qwen3",),
-        moe_model_type="glm4_moe",
-        moe_architecture="Glm4MoeForCausalLM",
-        moe_config_keys=GLM4_MOE_KEYS,
         moe_config_fixed={**GLM4_MOE_FIXED, "use_qk_norm": True},
         requires={"attention_bias": False, "use_sliding_window": False},
-        shared_expert=GLM4_MOE_SHARED,
-        extra_config_keys=("head_dim",),
-        routing=GLM4_MOE_ROUTING,
-        rope_fixed=GLM4_MOE_ROPE,
+        **GLM4_MOE_TARGET,
     ),
 )
 

@@ -30,6 +30,7 @@ from sparsify.convert.moe.describe import MoeLayout
 from sparsify.convert.moe.options import MoeTrainOptions
 from sparsify.convert.moe.routing import balance_bias_step, distribution, expert_load, route, selection_bias, settings_of
 from sparsify.errors import SparsifyError
+from sparsify.experts.registry import is_fused_experts
 from sparsify.train.decisions import Decisions
 
 # Expert weights in transformers 5 are fused 3D parameters, which peft adapts through
@@ -61,7 +62,7 @@ def find_routers(model: nn.Module) -> list[nn.Module]:
     with a `gate` that holds a 2-D weight beside fused `experts`; empty for a dense model."""
     return [m.gate for m in model.modules()
             if isinstance(getattr(m, "gate", None), nn.Module) and getattr(m.gate, "weight", torch.empty(0)).dim() == 2
-            and hasattr(getattr(m, "experts", None), "gate_up_proj")]
+            and isinstance(getattr(m, "experts", None), nn.Module) and is_fused_experts(m.experts)]
 
 
 def _forward(self: nn.Module, hidden_states: torch.Tensor):

@@ -68,8 +68,13 @@ def register() -> dict[str, str]:
     return missing
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's routed experts: one 3-D gate_up_proj (and down_proj) whose first dimension is the expert."""
+    return hasattr(module, "gate_up_proj") and getattr(module, "gate_up_proj").dim() == 3
+
+
 def has_routed_experts(model: nn.Module) -> bool:
-    return any(hasattr(m, "gate_up_proj") and getattr(m, "gate_up_proj").dim() == 3 for m in model.modules())
+    return any(is_fused_experts(m) for m in model.modules())
 
 
 def preferred_implementation(device: torch.device) -> str | None:

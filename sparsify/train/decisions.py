@@ -17,6 +17,7 @@ from torch import nn
 
 from sparsify.convert import hooks, variant_of_record
 from sparsify.errors import SparsifyError
+from sparsify.experts.registry import is_fused_experts
 
 # LoRA targets of "experts" in a model without routed experts: its FFN projections.
 DENSE_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -37,7 +38,7 @@ class Decisions:
         FFN projection (a dense model's FFN, an MoE's shared experts)."""
         weights = []
         for name, module in model.named_modules():
-            if hasattr(module, "gate_up_proj") and getattr(module, "gate_up_proj").dim() == 3:
+            if is_fused_experts(module):
                 weights += [module.gate_up_proj, module.down_proj]
             elif name.rsplit(".", 1)[-1] in DENSE_FFN_MODULES and isinstance(module, nn.Linear):
                 weights.append(module.weight)

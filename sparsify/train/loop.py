@@ -283,28 +283,27 @@ def _load_data(run: _Run) -> None:
 
 
 def _make_optimizer(run: _Run) -> None:
-    """AdamW over the decisions (in full, at --router-lr) and the adapters (at --lr); each group has a
-    warm-up and cosine schedule, the adapters' starting after the router-first steps (schedule.py)."""
+    """AdamW over the decisions (in full, at --router-lr), the adapters (at --lr) and, with --train-experts
+    full, the expert weights (at --expert-lr); each group has a warm-up and cosine schedule, the adapters'
+    and experts' starting after the router-first steps (schedule.py)."""
     optimisation = run.options.optimisation
     decision_params = [p for module in run.decisions.modules for p in module.parameters()]
     expert_params = run.decisions.expert_weights(run.model) if run.options.lora.full_experts else []
     special = {id(p) for p in decision_params + expert_params}
     adapter_params = [p for p in run.model.parameters() if p.requires_grad and id(p) not in special]
-    groups = [{"params": decision_params, "lr": optimisation.router_lr}] if decision_params else []
-    if adapter_params:
-        groups.append({"params": adapter_params, "lr": optimisation.lr})
-    if expert_params:  # on the adapters' schedule (frozen with them during --router-first)
-        groups.append({"params": expert_params, "lr": optimisation.expert_lr})
-    if not groups:
-        raise SparsifyError("nothing to train: this model has no routers or gates, --lora-rank is 0 and --train-experts is not full")
     if optimisation.router_first and not decision_params:
         run.callbacks.on_notice("--router-first does nothing here: this model has no routers or gates, so its adapters train from the first step")
-    router_first = optimisation.router_first if decision_params and adapter_params else 0.0
+    router_first = optimisation.router_first if decision_params and (adapter_params or expert_params) else 0.0
     run.phases = Phases(run.total_steps, optimisation.warmup, router_first)
-    schedules = ([run.phases.decisions()] if decision_params else []) + ([run.phases.adapters()] if adapter_params else []) \
-        + ([run.phases.adapters()] if expert_params else [])
-    optimizer = torch.optim.AdamW(groups, weight_decay=optimisation.weight_decay)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    groups = [(params, lr, schedule) for params, lr, schedule in (
+        (decision_params, optimisation.router_lr, run.phases.decisions()),
+        (adapter_params, optimisation.lr, run.phases.adapters()),
+        (expert_params, optimisation.expert_lr, run.phases.adapters()),  # frozen with the adapters during --router-first
+    ) if params]
+    if not groups:
+        raise SparsifyError("nothing to train: this model has no routers or gates, --lora-rank is 0 and --train-experts is not full")
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr, _ in groups], weight_decay=optimisation.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule for *_, schedule in groups])
     # The scheduler stays out of accelerator.prepare: accelerate's wrapper steps it once per
     # process, which would run the schedule num_processes times too fast under DDP.
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
