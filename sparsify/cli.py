@@ -227,6 +227,64 @@ _with_options(train, _train_parameters("Training options"))
 app.command(help=train.__doc__)(train)
 
 
+# --- distill ----------------------------------------------------------------------------------
+
+
+def _distill_parameters() -> list[inspect.Parameter]:
+    """distill's own options, then the training options it does not set itself, with its own defaults."""
+    from sparsify.convert.distill.options import DERIVED_TRAINING, TRAINING_DEFAULTS, DistillOptions
+
+    hints = typing.get_type_hints(DistillOptions)
+    own = [_option(f, hints[f.name], "Distillation", _default_text(DistillOptions, f.name)) for f in fields(DistillOptions)]
+    training = []
+    for param in _train_parameters("Training options"):
+        if param.name in DERIVED_TRAINING:
+            continue
+        if param.name in TRAINING_DEFAULTS:
+            option = param.default
+            option.help = option.help.rsplit(" [dim](default", 1)[0] + f" [dim](default {TRAINING_DEFAULTS[param.name]})[/dim]"
+        training.append(param)
+    return own + training
+
+
+def distill(
+    model: Annotated[Path, typer.Argument(help="The sparse model to fold back: an MoE folder (made by `sparsify upcycle --to moe/fine-moe`, "
+                                               "or any Mixtral, Qwen2-MoE, Qwen3-MoE or GLM-4.5-MoE folder).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the dense student goes (written atomically).")],
+    run_dir: Annotated[Optional[Path], typer.Option(help="The folded student, checkpoints, log and tokenized data (default: OUTPUT.run).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in the run folder.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard the unfinished run (and the folded student) and start over.")] = False,
+    **options: Any,
+) -> None:
+    """Distil a sparse model back into a dense one of its parent's size and family (loadable by plain transformers):
+    fold the experts into one FFN per layer (--init), then train it with KL to the sparse model mixed with the
+    next-token loss (--hard-weight). --tokens 0 writes the folded student without training."""
+    from sparsify.convert.distill.options import TRAINING_DEFAULTS, DistillOptions
+    from sparsify.convert.distill.run import distill as run_distill
+    from sparsify.option_values import parse_count
+
+    settings = _given(DistillOptions, options)
+    given = {k: v for k, v in options.items() if v is not None}
+    training = _train_options({**TRAINING_DEFAULTS, **given})
+    if parse_count(training.data.tokens) == 0:  # fold only; --data still names the calibration text
+        if not settings.calibration_data:
+            settings.calibration_data = training.data.data
+        training = None
+    display = TrainingDisplay()
+    callbacks = display.callbacks()
+    with display.stopping():
+        result = run_distill(model, output, settings, training, run_dir=run_dir, resume=resume, restart=restart,
+                             command=shlex.join(["sparsify", *sys.argv[1:]]), on_status=callbacks["on_status"], train_callbacks=callbacks)
+    if result.training is not None:
+        display.report(result.training)
+    folded = f"folded with --init {result.init}" + (f" (expert usage measured on {result.usage_tokens:,} tokens)" if result.usage_tokens else "")
+    out.print(f"dense student -> {result.output}: {folded}" + ("" if result.training else ", not trained (--tokens 0)"), soft_wrap=True)
+
+
+_with_options(distill, _distill_parameters())
+app.command(help=distill.__doc__)(distill)
+
+
 # --- eval / compare ---------------------------------------------------------------------------
 
 

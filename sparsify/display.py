@@ -47,7 +47,7 @@ class TrainingDisplay:
             self.progress.update(self.task, total=total_steps, completed=start_step, steps=f"{total_steps:,}")
 
         def on_step(entry: dict[str, Any]) -> None:
-            status = f"kl {entry['kl']:.4f} ce {entry['ce']:.3f}" + (f" hid {entry['hidden']:.3f}" if "hidden" in entry else "") + "".join(
+            status = (f"kl {entry['kl']:.4f} " if "kl" in entry else "") + f"ce {entry['ce']:.3f}" + (f" hid {entry['hidden']:.3f}" if "hidden" in entry else "") + "".join(
                 f" {m.short} {format(entry[m.key], m.format)}" for m in step_metrics if m.key in entry)
             self.progress.update(self.task, completed=entry["step"], status=status + f" | {entry['tokens_per_s']:,.0f} tok/s")
 

@@ -61,6 +61,15 @@ def _made_by_run(state: RunState, output: str) -> bool:
                for entry in state.stages.values())
 
 
+def _made_before(recipe: Recipe, section: str, ref: str) -> bool:
+    """Whether a stage before `section` writes the folder `ref`: the recipe's output, or one of its own (distill's)."""
+    earlier = list(recipe.stages)[: list(recipe.stages).index(section)]
+    target = Path(ref).resolve()
+    output = [recipe.header.output] if recipe.header.output else []
+    return any(Path(made).resolve() == target for name in earlier
+               for made in [*(output if STAGES[name].writes_model else []), *STAGES[name].makes(recipe.stages[name], recipe)])
+
+
 def plan_run(recipe: Recipe, state: RunState) -> list[PlannedStage]:
     header, resolved = recipe.header, recipe.resolved()
     output = Path(header.output) if header.output else None
@@ -73,7 +82,9 @@ def plan_run(recipe: Recipe, state: RunState) -> list[PlannedStage]:
         folder = (output if produced else Path(header.model) if header.model else None) if stage.reads_model else None
         made = stage.reads_model and produced
         inputs = [folder_fingerprint(str(folder))] if folder is not None and not made else []
-        inputs += [folder_fingerprint(ref) for ref in (*stage.models(settings, recipe), *stage.data(settings, recipe))]
+        # A folder an earlier stage makes (distill's student) is covered by that stage's fingerprint, chained into this one.
+        inputs += [folder_fingerprint(ref) for ref in (*stage.models(settings, recipe), *stage.data(settings, recipe))
+                   if not _made_before(recipe, section, ref)]
         fingerprint = stage_fingerprint(section, resolved[section], {"model": header.model, "output": header.output}, previous, inputs)
         status, reason = _status(stage, state.stages.get(section), fingerprint, recipe, rerun)
         rerun = rerun or status == "pending"
@@ -149,7 +160,8 @@ def check_plan(recipe: Recipe, plan: list[PlannedStage], state: RunState) -> Non
             continue
         stage, settings = STAGES[planned.section], recipe.stages[planned.section]
         for model in stage.models(settings, recipe):
-            check_model_ref(model, f"{planned.section}: {model}")
+            if not _made_before(recipe, planned.section, model):
+                check_model_ref(model, f"{planned.section}: {model}")
         if stage.reads_model and not planned.made_in_run and (planned.model_folder is None or not planned.model_folder.is_dir()):
             if not getattr(settings, "models", None):  # an evaluation of named models reads those instead
                 raise SparsifyError(f"the {planned.section} stage reads the model folder {planned.model_folder or '(none: no model:)'}, "

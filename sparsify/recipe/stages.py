@@ -36,6 +36,7 @@ class Stage:
     checkpoints: str | None = None  # run-folder subfolder of an interrupted run's checkpoint (it resumes from it)
     prepare: Callable[[Any, StageRun], Any] | None = None  # before the first stage runs (push: token and repository)
     models: Callable[[Any, Recipe], list[str]] = lambda settings, recipe: []  # other models it reads (checked, fingerprinted)
+    makes: Callable[[Any, Recipe], list[str]] = lambda settings, recipe: []  # folders it writes besides `output` (later stages may read them)
     data: Callable[[Any, Recipe], list[str]] = lambda settings, recipe: []  # text it reads (fingerprinted)
     describe: Callable[[dict[str, Any]], str] = lambda summary: ""  # a finished run's summary in one line
 
@@ -215,6 +216,81 @@ register_stage(Stage(
     models=lambda options, recipe: [] if options.distillation.teacher == "self" else [options.distillation.teacher],
     data=lambda options, recipe: [*options.data.train_sources, *options.data.heldout_sources],
     describe=lambda summary: f"{summary['output']}: {summary['steps']} steps, {summary['tokens']:,} tokens",
+))
+
+
+# --- distill ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillSettings:
+    output: str  # the dense student's folder (the recipe's model folder stays the sparse model, for eval and push)
+    options: Any  # sparsify.convert.distill.options.DistillOptions
+    training: Any  # sparsify.train.options.TrainOptions, None with tokens 0 (fold only)
+
+
+def _distill_training_hints() -> dict[str, Any]:
+    from sparsify.convert.distill.options import DERIVED_TRAINING
+    from sparsify.train.options import TrainOptions
+
+    return {name: hint for group in TrainOptions.sections().values() for name, hint in field_hints(group).items()
+            if name not in DERIVED_TRAINING}
+
+
+def _read_distill(node: Node, recipe: Recipe) -> DistillSettings:
+    """`sparsify distill`'s options and its training options, flat (`distill.init`, `distill.tokens`), and `output`."""
+    from sparsify.convert.distill.options import TRAINING_DEFAULTS, DistillOptions
+    from sparsify.option_values import parse_count
+    from sparsify.train.options import TrainOptions
+
+    _mapping(node, "distill")
+    own, training_hints = field_hints(DistillOptions), _distill_training_hints()
+    values = read_values(node, {"output": str, **own, **training_hints}, "distill.")
+    output = values.pop("output", None)
+    if not output:
+        raise SparsifyError(f"{node.where}: 'distill' needs 'output', the folder of the dense student")
+    options = build(DistillOptions, {k: v for k, v in values.items() if k in own}, node.where, node.value)
+    training = TrainOptions.of(**{**TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in training_hints}})
+    if parse_count(training.data.tokens) == 0:
+        if not options.calibration_data:
+            options.calibration_data = training.data.data
+        return DistillSettings(output, options, None)
+    try:
+        training.validate()
+    except SparsifyError as error:
+        raise SparsifyError(f"{node.where}: {error}") from error
+    return DistillSettings(output, options, training)
+
+
+def _resolved_distill(settings: DistillSettings, recipe: Recipe) -> dict[str, Any]:
+    training = {} if settings.training is None else {name: value for name, value in settings.training.flat().items()
+                                                     if name in _distill_training_hints()}
+    return {"output": settings.output, **asdict(settings.options), **training}
+
+
+def _run_distill(settings: DistillSettings, run: StageRun) -> dict[str, Any]:
+    from sparsify.convert.distill.run import distill
+
+    result = distill(run.model_folder, settings.output, settings.options, settings.training, run_dir=run.run_dir / "distill",
+                     resume=run.resume, restart=not run.resume, command=run.command, on_status=run.callbacks.on_status,
+                     train_callbacks=run.callbacks.training)
+    summary: dict[str, Any] = {"output": str(result.output), "init": result.init}
+    if result.training is not None:
+        run.callbacks.on_trained(result.training)
+        summary.update(steps=result.training.steps, tokens=result.training.tokens,
+                       after={k: v for k, v in result.training.after.items() if isinstance(v, (int, float))})
+    return summary
+
+
+register_stage(Stage(
+    "distill", "fold the sparse model back into a dense one and train it against the sparse model",
+    read=_read_distill, resolved=_resolved_distill, run=_run_distill, checkpoints="distill",
+    makes=lambda s, recipe: [s.output],
+    models=lambda s, recipe: [ref for ref in (s.options.teacher, s.options.parent) if ref],
+    data=lambda s, recipe: [*s.options.calibration_sources,
+                            *([] if s.training is None else [*s.training.data.train_sources, *s.training.data.heldout_sources])],
+    describe=lambda summary: f"{summary['output']}: --init {summary['init']}"
+                             + (f", {summary['steps']} steps, {summary['tokens']:,} tokens" if "steps" in summary else ", not trained"),
 ))
 
 

@@ -35,6 +35,7 @@ from sparsify.train.hidden import capture_ffn_outputs, check_matching, hidden_st
 from sparsify.train.lora import LoraSettings, add_adapters, load_trainable_state, merge_adapters
 from sparsify.train.options import TrainOptions
 from sparsify.train.schedule import Phases
+from sparsify.train.teacher_cache import CacheKey, TeacherCache, teacher_digest, token_file_digest
 from sparsify.train.state import (
     CHECKPOINT, LOG, StepLog, check_same_run, find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint,
 )
@@ -144,6 +145,7 @@ class _Teacher:
 
     logits: Callable[[Any, torch.Tensor], torch.Tensor]  # (student, ids) -> teacher logits, no grad
     network: Callable[[Any], torch.nn.Module]  # (student) -> the module run by `logits`
+    reference: str = ""  # the weights it computes from (a folder, file or Hub id): what a teacher cache is keyed by
 
     def __call__(self, model, ids: torch.Tensor) -> torch.Tensor:
         return self.logits(model, ids)
@@ -168,6 +170,7 @@ class _Run:
     model: Any = None
     decisions: Decisions = field(default_factory=Decisions)
     teacher: _Teacher | None = None
+    teacher_cache: TeacherCache | None = None
     tokenizer: Any = None
     train_data: TokenFile | None = None
     heldout: TokenFile | None = None
@@ -205,6 +208,8 @@ def _train(
     _restore(run)
     before = _evaluate_before(run)
     history, seconds, tokens_done = _train_steps(run)
+    if run.teacher_cache is not None:
+        run.teacher_cache.flush()
     run.callbacks.on_status("held-out evaluation after training")
     after = _evaluate(run)
     peak_memory, memory_kind = _peak_memory()  # before the merge below, which rebuilds the model: the training peak
@@ -265,7 +270,7 @@ def _set_up(run: _Run) -> None:
 def _load_models(run: _Run) -> None:
     run.callbacks.on_status("loading model")
     run.model, run.decisions = load_student(run.model_dir, run.options, run.dtype, run.record)
-    run.teacher = _teacher(run.options, run.record, run.decisions, run.dtype)
+    run.teacher = _teacher(run.options, run.record, run.decisions, run.dtype, run.model_dir)
     if run.options.distillation.hidden_weight > 0:
         check_matching(run.model, run.teacher.network(run.model))
 
@@ -280,6 +285,15 @@ def _load_data(run: _Run) -> None:
     with run.accelerator.main_process_first():
         paths = materialise(spec, run.tokenizer, run.run_dir / "data", data.train_tokens, data.heldout_tokens)
     run.train_data, run.heldout = TokenFile(paths["train"], data.seq_len), TokenFile(paths["heldout"], data.seq_len)
+    distillation = run.options.distillation
+    if distillation.cache_teacher:
+        run.callbacks.on_status("opening the teacher cache")
+        vocab = json.loads((run.model_dir / "config.json").read_text())["vocab_size"]
+        key = CacheKey(teacher_digest(run.teacher.reference), token_file_digest(paths["train"]), data.seq_len, distillation.cache_top_k,
+                       distillation.temperature, vocab)
+        with run.accelerator.main_process_first():
+            run.teacher_cache = TeacherCache.open(distillation.cache_teacher, key, run.train_data.num_blocks,
+                                                  create=run.accelerator.is_main_process)
 
 
 def _make_optimizer(run: _Run) -> None:
@@ -402,7 +416,7 @@ def _accumulate_gradients(run: _Run, step: int) -> dict[str, float]:
         index = ((step - 1) * accum + micro) * world + accelerator.process_index
         order = block_order(run.train_data.num_blocks, options.optimisation.train_seed, index * batch, batch)
         ids = run.train_data.blocks(order).to(accelerator.device)
-        parts = _losses(run, ids)
+        parts = _losses(run, ids, order)
         if not torch.isfinite(parts["total"]):
             last = find_checkpoint(run.run_dir)
             kept = f"the last good checkpoint is {last} (resume with --resume)" if last else "no checkpoint was written yet"
@@ -416,6 +430,8 @@ def _accumulate_gradients(run: _Run, step: int) -> dict[str, float]:
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
+    if run.teacher_cache is not None:
+        run.teacher_cache.flush()  # what the resumed run will read must be on disk with the checkpoint
     trainable, optimizer_state = gather_trainable(run.model, run.trainable_names), gather_optimizer(run.model, run.optimizer)
     if run.accelerator.is_main_process:
         meta = {"options": run.options.flat(), "processes": run.accelerator.num_processes}
@@ -540,7 +556,7 @@ def _merged(model_dir: Path, options: TrainOptions, dtype: torch.dtype, trainabl
     return merged
 
 
-def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype) -> _Teacher:
+def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions, dtype: torch.dtype, model_dir: Path) -> _Teacher:
     """The teacher. "self": adapters off and the decisions on their dense path (routers onto copy 0,
     skip gates open), from the student's own weights; else a separate frozen model."""
     teacher = options.distillation.teacher
@@ -573,7 +589,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
             with torch.no_grad(), adapters_off, dense:
                 return model(input_ids=ids).logits
 
-        return _Teacher(self_teacher, lambda model: model)
+        return _Teacher(self_teacher, lambda model: model, str(model_dir))
     from sparsify.sources import load_model
 
     separate = load_model(teacher, dtype=dtype)
@@ -582,29 +598,38 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
     def separate_teacher(model, ids):
         if next(separate.parameters()).device != ids.device:
             separate.to(ids.device)
+            use_fast_experts(separate)  # an MoE teacher (sparsify distill's) on its device's experts implementation
         with torch.no_grad():
             return separate(ids).logits
 
-    return _Teacher(separate_teacher, lambda model: separate)
+    return _Teacher(separate_teacher, lambda model: separate, teacher)
 
 
-def _losses(run: _Run, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The step's loss parts: KL to the teacher, cross-entropy, the FFN outputs' (with --hidden-weight),
-    the decisions' own; and the total."""
+def _losses(run: _Run, ids: torch.Tensor, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step's loss parts: KL to the teacher (online, or against the teacher cache), cross-entropy,
+    the FFN outputs' (with --hidden-weight), the decisions' own; and the total."""
     distillation = run.options.distillation
     hidden = distillation.hidden_weight > 0
-    with capture_ffn_outputs(run.teacher.network(run.model)) if hidden else nullcontext({}) as teacher_ffn:
-        teacher_logits = run.teacher(run.model, ids)
+    # With --kl-weight 0 (plain fine-tuning on the text) the teacher does not run in training steps at all.
+    soft = distillation.kl_weight > 0
+    if soft and run.teacher_cache is not None:
+        targets = run.teacher_cache.targets(blocks, lambda: run.teacher(run.model, ids), ids.device)
+    elif soft or hidden:
+        with capture_ffn_outputs(run.teacher.network(run.model)) if hidden else nullcontext({}) as teacher_ffn:
+            teacher_logits = run.teacher(run.model, ids)
     with run.decisions.watch() as seen, capture_ffn_outputs(run.model) if hidden else nullcontext({}) as student_ffn:
         out = run.model(input_ids=ids)
-    parts = {
-        "kl": losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature),
-        "ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0),
-    }
+    parts = {"ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0)}
+    if soft and run.teacher_cache is not None:
+        parts["kl"] = losses.kl_to_top_k(out.logits, targets.logprobs, targets.ids, targets.tail, distillation.temperature)
+    elif soft:
+        parts["kl"] = losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature)
     if hidden:
         parts["hidden"] = hidden_state_loss(student_ffn, teacher_ffn)
     auxiliary, decision_parts = run.decisions.loss(out, seen)
-    total = distillation.kl_weight * parts["kl"] + distillation.ce_weight * parts["ce"] + auxiliary
+    total = distillation.ce_weight * parts["ce"] + auxiliary
+    if soft:
+        total = total + distillation.kl_weight * parts["kl"]
     if hidden:
         total = total + distillation.hidden_weight * parts["hidden"]
     return {**parts, **decision_parts, "total": total}

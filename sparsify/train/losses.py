@@ -33,6 +33,37 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return total / student.shape[0] * temperature**2
 
 
+def _kl_top_k_sum(student: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    p = logprobs.exp()
+    kept = (p * (logprobs - log_q.gather(-1, ids))).sum()
+    # log q(tail) from the student's logits outside the top-k, not log(1 - sum q): stable as the tail
+    # vanishes. A finite floor instead of -inf keeps the gradient finite where k covers the vocabulary.
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, -1e30), dim=-1)
+    has_tail = tail > 0
+    safe_tail = torch.where(has_tail, tail, torch.ones_like(tail))
+    return kept + torch.where(has_tail, safe_tail * (safe_tail.log() - log_q_tail), torch.zeros_like(tail)).sum()
+
+
+def kl_to_top_k(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """`kl_to_teacher` against stored teacher targets (sparsify/train/teacher_cache.py): the teacher's
+    top-k log-probabilities at T, their ids, and the mass r of the other tokens, taken as one outcome:
+    sum_topk p (log p - log q) + r (log r - log q_tail). Equal to `kl_to_teacher` where k covers the vocabulary."""
+    vocab, k = student_logits.shape[-1], ids.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    logprobs, ids, tail = logprobs.reshape(-1, k), ids.reshape(-1, k), tail.reshape(-1)
+    total = student.new_zeros((), dtype=torch.float32)
+    for start in range(0, student.shape[0], CHUNK_TOKENS):
+        chunk = slice(start, start + CHUNK_TOKENS)
+        pieces = (student[chunk], logprobs[chunk], ids[chunk], tail[chunk], temperature)
+        if student.requires_grad:
+            total = total + checkpoint(_kl_top_k_sum, *pieces, use_reentrant=False)
+        else:
+            total = total + _kl_top_k_sum(*pieces)
+    return total / student.shape[0] * temperature**2
+
+
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of predicting ids[t+1] from position t (the language-modelling loss)."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))

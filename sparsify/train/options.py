@@ -139,6 +139,13 @@ class DistillationOptions:
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the per-layer FFN-output loss against the teacher (MSE over the teacher's mean square, averaged over layers)."})
+    cache_teacher: str = field(
+        default="",
+        metadata={"help": "Folder for the teacher's top-k log-probabilities of every training block, computed the first time a "
+                          "block is seen and reused across epochs, resumptions and runs on the same data and teacher (about "
+                          "6 bytes x --cache-top-k per training token); the KL then runs against it. Empty: the teacher runs every step."},
+    )
+    cache_top_k: int = field(default=64, metadata={"help": "Teacher log-probabilities kept per token in --cache-teacher; the rest count as one tail outcome."})
 
     def validate(self) -> None:
         check_rules(self, (
@@ -146,9 +153,12 @@ class DistillationOptions:
             ("kl_weight", lambda v: v >= 0, _NON_NEGATIVE),
             ("ce_weight", lambda v: v >= 0, _NON_NEGATIVE),
             ("hidden_weight", lambda v: v >= 0, _NON_NEGATIVE),
+            ("cache_top_k", lambda v: v >= 1, "must be at least 1"),
         ))
         if self.kl_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise SparsifyError("--kl-weight, --ce-weight and --hidden-weight are all 0: nothing would tie the model to its teacher or to the text")
+        if self.cache_teacher and self.hidden_weight > 0:
+            raise SparsifyError("--cache-teacher stores logits only, while --hidden-weight needs the teacher's forward pass every step; drop one of them")
 
     def check_inputs(self) -> None:
         if self.teacher != "self":

@@ -190,3 +190,24 @@ def test_a_run_folder_holding_another_recipes_run_is_refused(tmp_path, corpus, d
     run_recipe(load_recipe("smollm2-fine-moe", args))
     with pytest.raises(SparsifyError, match=r"out\.run holds a run of the recipe 'smollm2-fine-moe', not 'smollm2-moe'"):
         run_recipe(load_recipe("smollm2-moe", [*tiny(corpus, dense_models["llama"], tmp_path / "out", "~train", "~eval")]))
+
+
+@pytest.mark.slow
+def test_the_distill_recipe_upcycles_trains_the_experts_distills_and_measures_both(corpus, dense_models, tmp_path):
+    moe, dense = tmp_path / "moe", tmp_path / "distilled"
+    distill = [f"distill.output={dense}", f"distill.data={corpus['train']}", f"distill.eval_data={corpus['valid']}", "distill.tokens=512",
+               "distill.seq_len=32", "distill.batch_size=4", "distill.eval_tokens=512", "distill.eval_every=0", "distill.lora_rank=4",
+               "distill.calibration_tokens=2k", "distill.calibration_seq_len=64", f"distill.cache_teacher={tmp_path / 'cache'}",
+               f"eval.models=[{dense}, {moe}]"]
+    recipe = load_recipe("smollm2-distill", tiny(corpus, dense_models["llama"], moe, *distill))
+    watch = Watch()
+    run_recipe(recipe, callbacks=watch)
+    assert watch.ran == ["upcycle", "train", "distill", "eval"]
+    assert json.loads((dense / "config.json").read_text())["model_type"] == "llama"
+    record = json.loads((dense / "distill.json").read_text())
+    assert record["teacher"] == str(moe) and record["init"]["init"] == "merge" and record["training"]["tokens"] == 512
+    compare = json.loads((moe.with_name(moe.name + ".run") / "eval" / "compare.json").read_text())
+    assert compare["models"] == [str(dense), str(moe)] and len(compare["reports"]) == 4  # held-out and other domain, each model
+    again = Watch()
+    run_recipe(load_recipe("smollm2-distill", tiny(corpus, dense_models["llama"], moe, *distill)), callbacks=again)
+    assert again.ran == []  # every stage finished with the same settings
