@@ -107,6 +107,15 @@ def test_distilled_student_trains_against_the_sparse_model(trained_moe, corpus, 
     assert record["training"]["options"]["ce_weight"] == 0.0 and record["training"]["options"]["kl_weight"] == 1.0
 
 
+def test_hidden_state_loss_matches_the_student_ffns_to_the_sparse_blocks(trained_moe, corpus, tmp_path):
+    settings = DistillOptions(init="parent", hard_weight=0.0, calibration_tokens="2k", calibration_seq_len=64)
+    options = tiny_options(corpus, tokens="1024", train_experts="full", expert_lr=1e-3, hidden_weight=1.0)
+    history = distill(trained_moe, tmp_path / "dense", settings, options).training.history
+    hidden = [entry["hidden"] for entry in history]
+    assert len(hidden) == 8 and hidden[0] > 0  # the parent's FFNs differ from the trained MoE blocks
+    assert sum(hidden[-2:]) < sum(hidden[:2])
+
+
 def test_a_killed_distillation_resumes_on_the_same_curve(trained_moe, corpus, tmp_path):
     settings = DistillOptions(init="concat", calibration_tokens="2k", calibration_seq_len=64)
     options = tiny_options(corpus, tokens="768", checkpoint_every=2, cache_teacher=str(tmp_path / "cache"))
