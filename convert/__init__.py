@@ -1,7 +1,7 @@
 """Variants, keyed by the `--to` name: the registry every stage asks.
 
 Each variant is one package under convert/ (moe/ serves `--to moe` and `--to fine-moe`, skip/
-serves `--to skip`, prune/ `--to prune`) whose `VARIANTS` tuple is added below: adding a variant is one package and one
+serves `--to skip`, prune/ `--to prune`, mot/ `--to mot`) whose `VARIANTS` tuple is added below: adding a variant is one package and one
 line here. `register_variant` adds one at run time (a plugin, or a test's toy variant). The registry
 and every variant's options are importable without torch, so that the command line builds its
 flags and answers `--help` quickly; the implementations are imported when a stage runs.
@@ -13,7 +13,7 @@ from dataclasses import fields
 from types import ModuleType
 from typing import Any
 
-from sparsify.convert import moe, prune, skip
+from sparsify.convert import moe, mot, prune, skip
 from sparsify.convert.variant import Metric, Variant
 from sparsify.errors import SparsifyError
 
@@ -30,7 +30,7 @@ def unregister_variant(name: str) -> None:
     VARIANTS.pop(name, None)
 
 
-for _variant in (*moe.VARIANTS, *skip.VARIANTS, *prune.VARIANTS):
+for _variant in (*moe.VARIANTS, *mot.VARIANTS, *skip.VARIANTS, *prune.VARIANTS):
     register_variant(_variant)
 
 

@@ -1,0 +1,96 @@
+"""Options of `--to mot` and of training its controllers (torch-free, like every variant's options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from sparsify.errors import SparsifyError
+from sparsify.option_values import check_rules, require
+
+LAYER_CHOICES = ("later-half", "all")  # or explicit indices: "0-3,8"
+CONTROLLER_INITS = ("weights",)
+
+
+def mot_layers(spec: str, num_layers: int) -> list[int]:
+    """The layers `--layers` names: later-half (the paper's configs), all, or indices and ranges ("0-3,8")."""
+    if spec == "later-half":
+        return list(range(num_layers // 2, num_layers))
+    if spec == "all":
+        return list(range(num_layers))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise SparsifyError(f"--layers takes later-half, all or indices like 0-3,8; got '{spec}'") from None
+        chosen.update(range(low, high + 1))
+    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
+    if outside or not chosen:
+        raise SparsifyError(f"--layers {spec} names layers outside 0-{num_layers - 1}" if outside else f"--layers {spec} names no layer")
+    return sorted(chosen)
+
+
+@dataclass
+class MoTOptions:
+    experts: int = field(default=32, metadata={"help": "E: experts per MoT layer, each a slice of the FFN's neurons (of its copies)."})
+    group_size: int = field(
+        default=8,
+        metadata={"help": "G: tokens mixed per group (G sequences of the batch at one position). Only G=1 reproduces the "
+                          "dense model; training grows G from 1 (--grow-group-size)."},
+    )
+    copies: int = field(
+        default=1,
+        metadata={"help": "Copies of the FFN the experts are sliced from, down projections scaled by 1/copies: "
+                          "1 = the FFN's parameters at 1/G of its FLOPs; G = the paper's regime (dense FLOPs, G x the parameters)."},
+    )
+    layers: str = field(default="later-half", metadata={"help": "Which FFNs become MoT: later-half (the paper's choice), all, or indices like 12-29."})
+    mix_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the mixture over a group's tokens (1.0 in every paper config)."})
+    controller_init: str = field(
+        default="weights",
+        metadata={"help": "How the controller (d x E) starts: weights = each expert's mean gate-projection row, so a token "
+                          "weighs more in the expert whose neurons it drives harder."},
+    )
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("experts", lambda v: v >= 1, "must be at least 1"),
+            ("group_size", lambda v: v >= 1, "must be at least 1"),
+            ("copies", lambda v: v >= 1, "must be at least 1"),
+            ("mix_temperature", lambda v: v > 0, "must be above 0"),
+        ))
+        require(self.experts % self.copies == 0, f"--experts {self.experts} must be a multiple of --copies {self.copies} (each copy is sliced alike)")
+        require(self.controller_init in CONTROLLER_INITS, f"--controller-init must be one of {', '.join(CONTROLLER_INITS)}, got '{self.controller_init}'")
+        if self.layers not in LAYER_CHOICES:
+            mot_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
+
+
+@dataclass
+class MoTTrainOptions:
+    """Training of MoT models (recipe section `train.mot`)."""
+
+    section: ClassVar[str] = "mot"
+    grow_group_size: str = field(
+        default="",
+        metadata={"help": "MoT models: grow the group size during training, START:END (e.g. 1:8): doubling at equal "
+                          "intervals over the first --grow-fraction of the steps; empty: the model's group size throughout."},
+    )
+    grow_fraction: float = field(default=0.5, metadata={"help": "MoT models: share of the steps over which --grow-group-size reaches END."})
+
+    def validate(self) -> None:
+        check_rules(self, (("grow_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),))
+        if self.grow_group_size:
+            parse_growth(self.grow_group_size)
+
+
+def parse_growth(text: str) -> tuple[int, int]:
+    """--grow-group-size START:END, both powers of two (the group size doubles), START <= END."""
+    start, _, end = text.partition(":")
+    try:
+        low, high = int(start), int(end)
+    except ValueError:
+        raise SparsifyError(f"--grow-group-size takes START:END like 1:8, got '{text}'") from None
+    powers = all(v >= 1 and v & (v - 1) == 0 for v in (low, high))
+    require(powers and low <= high, f"--grow-group-size {text}: START and END must be powers of two with START <= END")
+    return low, high

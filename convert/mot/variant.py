@@ -1,0 +1,7 @@
+"""The implementation hooks of `--to mot` (see sparsify.convert.variant)."""
+
+from sparsify.convert.mot.decisions import find_decisions
+from sparsify.convert.mot.modeling import remote_code
+from sparsify.convert.mot.plan import plan
+
+__all__ = ["find_decisions", "plan", "remote_code"]
