@@ -285,6 +285,62 @@ _with_options(distill, _distill_parameters())
 app.command(help=distill.__doc__)(distill)
 
 
+# --- transition -------------------------------------------------------------------------------
+
+# `sparsify transition` trains briefly (the paper: ~10% of the MoT's steps) unless told otherwise.
+TRANSITION_TRAINING_DEFAULTS = {"tokens": "1M"}
+
+
+def _transition_parameters() -> list[inspect.Parameter]:
+    from sparsify.convert.mot.options import TransitionOptions
+
+    hints = typing.get_type_hints(TransitionOptions)
+    own = [_option(f, hints[f.name], "Transition", _default_text(TransitionOptions, f.name)) for f in fields(TransitionOptions)]
+    training = []
+    for param in _train_parameters("Training options"):
+        if param.name == "teacher":  # transition's own --teacher (default: the MoT's dense source)
+            continue
+        if param.name in TRANSITION_TRAINING_DEFAULTS:
+            option = param.default
+            option.help = option.help.rsplit(" [dim](default", 1)[0] + f" [dim](default {TRANSITION_TRAINING_DEFAULTS[param.name]})[/dim]"
+        training.append(param)
+    return own + training
+
+
+def transition(
+    model: Annotated[Path, typer.Argument(help="A Mixture-of-Tokens folder (made by `sparsify upcycle --to mot`, usually trained).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the native MoE goes (written atomically).")],
+    run_dir: Annotated[Optional[Path], typer.Option(help="The untrained MoE, checkpoints, log and tokenized data (default: OUTPUT.run).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in the run folder.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard the unfinished run and start over.")] = False,
+    **options: Any,
+) -> None:
+    """Transition tuning: turn a Mixture-of-Tokens model into a native sparse MoE (Mixtral, Qwen2-MoE or
+    Qwen3-MoE; per-token top-k, no batch dependence) with the controllers as routers and the experts as they
+    are, then train it briefly against the dense teacher (balance and z losses on). --tokens 0 writes it untrained."""
+    from sparsify.convert.mot.options import TransitionOptions
+    from sparsify.convert.mot.transition import transition as run_transition
+    from sparsify.option_values import parse_count
+
+    settings = _given(TransitionOptions, options)
+    given = {k: v for k, v in options.items() if v is not None}
+    training = _train_options({**TRANSITION_TRAINING_DEFAULTS, **given})
+    if parse_count(training.data.tokens) == 0:
+        training = None
+    display = TrainingDisplay()
+    callbacks = display.callbacks()
+    with display.stopping():
+        result = run_transition(model, output, settings, training, run_dir=run_dir, resume=resume, restart=restart,
+                                command=shlex.join(["sparsify", *sys.argv[1:]]), on_status=callbacks["on_status"], train_callbacks=callbacks)
+    if result.training is not None:
+        display.report(result.training)
+    out.print(f"native MoE (top-{result.top_k}) -> {result.output}" + ("" if result.training else ", not trained (--tokens 0)"), soft_wrap=True)
+
+
+_with_options(transition, _transition_parameters())
+app.command(help=transition.__doc__)(transition)
+
+
 # --- eval / compare ---------------------------------------------------------------------------
 
 

@@ -69,14 +69,25 @@ def upcycle(
     # A plugin variant's plan may predate progress reporting (then it reports none).
     progress = {"on_progress": on_progress} if "on_progress" in inspect.signature(make_plan).parameters else {}
     plan = make_plan(source, opts, out_dtype, **progress)
+    record, params = write_conversion(source, plan, variant.name, opts, output, out_dtype, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                                      command=command, recipe=recipe, on_plan=on_plan, on_bytes=on_bytes)
+    return UpcycleResult(output, plan, record, params, time.perf_counter() - started)
+
+
+def write_conversion(source: ModelSource, plan: ConversionPlan, variant: str, options: Any, output: Path, dtype: torch.dtype, *,
+                     overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, command: str | None = None,
+                     recipe: dict[str, Any] | None = None, on_plan: Callable[[ConversionPlan], None] = lambda plan: None,
+                     on_bytes: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Any], dict[str, int]]:
+    """Write a planned conversion as a model folder, atomically: weights, config, the source's tokenizer
+    and other sidecars, the plan's extra files, sparsify.json and the model card. Returns (record, parameter counts)."""
     check_disk_space(output, plan.nbytes)
     on_plan(plan)
     record = build_record(
-        variant=variant.name,
+        variant=variant,
         source=source.provenance(),
-        options=opts,
+        options=options,
         plan=plan,
-        dtype=str(out_dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         command=command,
     )
     if recipe is not None:  # the resolved recipe of `sparsify run`: provenance, and the card shows it
@@ -89,4 +100,4 @@ def upcycle(
             (staging / name).write_bytes(content)
         record, params = write_record_and_card(staging, record, plan.config)
         apply_umask(staging)
-    return UpcycleResult(output, plan, record, params, time.perf_counter() - started)
+    return record, params

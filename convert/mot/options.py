@@ -94,3 +94,20 @@ def parse_growth(text: str) -> tuple[int, int]:
     powers = all(v >= 1 and v & (v - 1) == 0 for v in (low, high))
     require(powers and low <= high, f"--grow-group-size {text}: START and END must be powers of two with START <= END")
     return low, high
+
+
+@dataclass
+class TransitionOptions:
+    """`sparsify transition`: a trained MoT folder into a native sparse MoE (Token Choice), then trained briefly."""
+
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Experts each token is routed to; default experts / group size (the MoT's FFN compute per token)."},
+    )
+    teacher: str = field(
+        default="",
+        metadata={"help": "The model the transition training learns from (default: the dense model the MoT was converted from)."},
+    )
+
+    def validate(self) -> None:
+        require(self.top_k is None or self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
