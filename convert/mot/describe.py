@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sparsify.convert.variant import Layout
@@ -43,3 +44,37 @@ LAYOUT = MoTLayout
 
 def recognises(config: dict[str, Any]) -> bool:
     return config.get("model_type") == MODEL_TYPE
+
+
+# --- how `sparsify eval` shows what the MoT probe saw -------------------------------------------
+
+ROUTING_KIND = "mot"
+FLOPS_AT_ACTIVITY = ("total_mot", "forward GFLOPs per token at the model's group size (experts once per group)")
+
+
+def routing_rows(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
+    size = summary["group_size"]
+    if size == 1:
+        return [("group size (1: every token alone, the dense model)", 1.0, ".0f")]
+    return [
+        ("group size", float(size), ".0f"),
+        (f"mixture entropy per expert (nats; uniform = {summary['max_entropy']:.3f})", summary["mixture_entropy"], ".3f"),
+        (f"effective tokens per expert (of {size})", summary["effective_tokens"], ".2f"),
+        ("largest mixture weight per expert", summary["top_weight"], ".3f"),
+    ]
+
+
+def routing_plot(summary: dict[str, Any], folder: Path, plt: Any) -> Path:
+    figure, axis = plt.subplots(figsize=(7.0, 3.5))
+    rows = summary["layers"]
+    axis.plot([row["layer"] for row in rows], [row["effective_tokens"] for row in rows], marker="o")
+    axis.axhline(summary["group_size"], linestyle="--", color="grey", linewidth=1)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("effective tokens per expert")
+    axis.set_ylim(0, summary["group_size"] * 1.05)
+    axis.set_title(f"MoT mixing per layer (G = {summary['group_size']}, {summary['groups']:,} groups)", fontsize=10)
+    figure.tight_layout()
+    path = folder / "mot_mixing.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

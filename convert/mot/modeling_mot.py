@@ -95,6 +95,8 @@ class MoTBlock(nn.Module):
     def __init__(self, hidden_size: int, experts: int, expert_size: int, group_size: int, temperature: float, act_fn):
         super().__init__()
         self.controller = MoTController(hidden_size, experts)
+        # The mixture weights pass through this identity, so a forward hook can watch them (eval probes).
+        self.mixture = nn.Identity()
         self.gate_proj = nn.Parameter(torch.empty(experts, expert_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(experts, expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden_size, expert_size))
@@ -130,7 +132,7 @@ class MoTBlock(nn.Module):
             valid = torch.cat([valid, valid.new_zeros(padded - batch, length)])
         groups = x.view(padded // size, size, length, hidden).transpose(1, 2)  # (n, S, G, d): sequences at one position
         valid = valid.view(padded // size, size, length).transpose(1, 2)  # (n, S, G)
-        weights = self.mixture_weights(groups, valid)  # (n, S, G, E)
+        weights = self.mixture((self.mixture_weights(groups, valid), valid))[0]  # (n, S, G, E); valid (n, S, G)
         mixed = torch.einsum("nsge,nsgd->ensd", weights, groups.float()).to(x.dtype).flatten(1, 2)  # (E, n*S, d)
         hidden_units = self.act_fn(torch.bmm(mixed, self.gate_proj.transpose(1, 2))) * torch.bmm(mixed, self.up_proj.transpose(1, 2))
         outputs = torch.bmm(hidden_units, self.down_proj.transpose(1, 2))  # (E, n*S, d)

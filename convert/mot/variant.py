@@ -3,5 +3,6 @@
 from sparsify.convert.mot.decisions import find_decisions
 from sparsify.convert.mot.modeling import remote_code
 from sparsify.convert.mot.plan import plan
+from sparsify.convert.mot.probe import MixtureProbe as Probe
 
-__all__ = ["find_decisions", "plan", "remote_code"]
+__all__ = ["Probe", "find_decisions", "plan", "remote_code"]

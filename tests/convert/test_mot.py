@@ -177,3 +177,18 @@ def test_an_moe_source_is_refused(dense_models, tmp_path):
     moe = upcycle(str(dense_models["llama"]), "moe", tmp_path / "moe", experts=2, top_k=1).output
     with pytest.raises(SparsifyError, match="--to mot supports model types llama, mistral, qwen2, qwen3"):
         upcycle(str(moe), "mot", tmp_path / "out")
+
+
+def test_eval_reports_how_the_experts_mix_and_the_flops_at_the_group_size(mot_models, corpus, tmp_path):
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.run import evaluate
+
+    options = EvalOptions(data=str(corpus["valid"]), suite="quality,cost,routing", tokens="256", window=32, stride=16, batch_size=4,
+                          routing_tokens="256", speed_batch="1", prompt_len=8, decode_tokens=2, repeats=1, warmup=0)
+    report = evaluate(str(mot_models["llama"]), options, output=tmp_path / "report")
+    mixing = report["routing"]["mot"]
+    assert mixing["group_size"] == 2 and mixing["groups"] > 0 and len(mixing["layers"]) == 2
+    assert 1.0 <= mixing["effective_tokens"] <= 2.0 and 0 < mixing["mixture_entropy"] <= mixing["max_entropy"] + 1e-6
+    flops = report["cost"]["model"]["flops_per_token"]
+    assert flops["total_mot"] < flops["total"]  # each expert runs once per group of two
+    assert (tmp_path / "report" / "mot_mixing.png").exists()
