@@ -287,12 +287,8 @@ app.command(help=distill.__doc__)(distill)
 
 # --- transition -------------------------------------------------------------------------------
 
-# `sparsify transition` trains briefly (the paper: ~10% of the MoT's steps) unless told otherwise.
-TRANSITION_TRAINING_DEFAULTS = {"tokens": "1M"}
-
-
 def _transition_parameters() -> list[inspect.Parameter]:
-    from sparsify.convert.mot.options import TransitionOptions
+    from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
 
     hints = typing.get_type_hints(TransitionOptions)
     own = [_option(f, hints[f.name], "Transition", _default_text(TransitionOptions, f.name)) for f in fields(TransitionOptions)]
@@ -318,7 +314,7 @@ def transition(
     """Transition tuning: turn a Mixture-of-Tokens model into a native sparse MoE (Mixtral, Qwen2-MoE or
     Qwen3-MoE; per-token top-k, no batch dependence) with the controllers as routers and the experts as they
     are, then train it briefly against the dense teacher (balance and z losses on). --tokens 0 writes it untrained."""
-    from sparsify.convert.mot.options import TransitionOptions
+    from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
     from sparsify.convert.mot.transition import transition as run_transition
     from sparsify.option_values import parse_count
 

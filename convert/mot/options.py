@@ -96,6 +96,10 @@ def parse_growth(text: str) -> tuple[int, int]:
     return low, high
 
 
+# `sparsify transition` trains briefly (the paper: ~10% of the MoT's steps) unless told otherwise.
+TRANSITION_TRAINING_DEFAULTS = {"tokens": "1M"}
+
+
 @dataclass
 class TransitionOptions:
     """`sparsify transition`: a trained MoT folder into a native sparse MoE (Token Choice), then trained briefly."""

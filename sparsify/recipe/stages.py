@@ -294,6 +294,76 @@ register_stage(Stage(
 ))
 
 
+# --- transition ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TransitionSettings:
+    output: str  # the native MoE's folder (the recipe's model folder stays the MoT, for eval and push)
+    options: Any  # sparsify.convert.mot.options.TransitionOptions
+    training: Any  # sparsify.train.options.TrainOptions, None with tokens 0 (convert only)
+
+
+def _transition_training_hints() -> dict[str, Any]:
+    from sparsify.train.options import TrainOptions
+
+    return {name: hint for group in TrainOptions.sections().values() for name, hint in field_hints(group).items() if name != "teacher"}
+
+
+def _read_transition(node: Node, recipe: Recipe) -> TransitionSettings:
+    """`sparsify transition`'s options and its training options, flat (`transition.top_k`, `transition.tokens`), and `output`."""
+    from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
+    from sparsify.option_values import parse_count
+    from sparsify.train.options import TrainOptions
+
+    _mapping(node, "transition")
+    own, training_hints = field_hints(TransitionOptions), _transition_training_hints()
+    values = read_values(node, {"output": str, **own, **training_hints}, "transition.")
+    output = values.pop("output", None)
+    if not output:
+        raise SparsifyError(f"{node.where}: 'transition' needs 'output', the folder of the native MoE")
+    options = build(TransitionOptions, {k: v for k, v in values.items() if k in own}, node.where, node.value)
+    training = TrainOptions.of(**{**TRANSITION_TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in training_hints}})
+    if parse_count(training.data.tokens) == 0:
+        return TransitionSettings(output, options, None)
+    try:
+        training.validate()
+    except SparsifyError as error:
+        raise SparsifyError(f"{node.where}: {error}") from error
+    return TransitionSettings(output, options, training)
+
+
+def _resolved_transition(settings: TransitionSettings, recipe: Recipe) -> dict[str, Any]:
+    training = {} if settings.training is None else {name: value for name, value in settings.training.flat().items()
+                                                     if name in _transition_training_hints()}
+    return {"output": settings.output, **asdict(settings.options), **training}
+
+
+def _run_transition(settings: TransitionSettings, run: StageRun) -> dict[str, Any]:
+    from sparsify.convert.mot.transition import transition
+
+    result = transition(run.model_folder, settings.output, settings.options, settings.training, run_dir=run.run_dir / "transition",
+                        resume=run.resume, restart=not run.resume, command=run.command, on_status=run.callbacks.on_status,
+                        train_callbacks=run.callbacks.training)
+    summary: dict[str, Any] = {"output": str(result.output), "top_k": result.top_k}
+    if result.training is not None:
+        run.callbacks.on_trained(result.training)
+        summary.update(steps=result.training.steps, tokens=result.training.tokens,
+                       after={k: v for k, v in result.training.after.items() if isinstance(v, (int, float))})
+    return summary
+
+
+register_stage(Stage(
+    "transition", "turn the MoT model into a native sparse MoE and train it briefly (transition tuning)",
+    read=_read_transition, resolved=_resolved_transition, run=_run_transition, checkpoints="transition",
+    makes=lambda s, recipe: [s.output],
+    models=lambda s, recipe: [s.options.teacher] if s.options.teacher else [],
+    data=lambda s, recipe: [] if s.training is None else [*s.training.data.train_sources, *s.training.data.heldout_sources],
+    describe=lambda summary: f"{summary['output']}: top-{summary['top_k']}"
+                             + (f", {summary['steps']} steps, {summary['tokens']:,} tokens" if "steps" in summary else ", not trained"),
+))
+
+
 # --- eval -------------------------------------------------------------------------------------
 
 

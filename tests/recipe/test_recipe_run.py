@@ -211,3 +211,23 @@ def test_the_distill_recipe_upcycles_trains_the_experts_distills_and_measures_bo
     again = Watch()
     run_recipe(load_recipe("smollm2-distill", tiny(corpus, dense_models["llama"], moe, *distill)), callbacks=again)
     assert again.ran == []  # every stage finished with the same settings
+
+
+@pytest.mark.slow
+def test_the_mot_recipe_converts_trains_transitions_and_measures_both(corpus, dense_models, tmp_path):
+    mot, moe = tmp_path / "mot", tmp_path / "moe"
+    extra = [f"transition.output={moe}", f"transition.data={corpus['train']}", f"transition.eval_data={corpus['valid']}",
+             "transition.tokens=512", "transition.seq_len=32", "transition.batch_size=4", "transition.eval_tokens=512",
+             "transition.eval_every=0", "transition.lora_rank=4", "upcycle.experts=4", f"eval.models=[{moe}, {mot}]"]
+    recipe = load_recipe("smollm2-mot", tiny(corpus, dense_models["llama"], mot, *extra))
+    watch = Watch()
+    run_recipe(recipe, callbacks=watch)
+    assert watch.ran == ["upcycle", "train", "transition", "eval"]
+    assert json.loads((mot / "config.json").read_text())["model_type"] == "sparsify_mot"
+    config = json.loads((moe / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_experts_per_tok"] == 2  # 4 experts / G 2
+    compare = json.loads((mot.with_name(mot.name + ".run") / "eval" / "compare.json").read_text())
+    assert compare["models"] == [str(moe), str(mot)] and len(compare["reports"]) == 4
+    again = Watch()
+    run_recipe(load_recipe("smollm2-mot", tiny(corpus, dense_models["llama"], mot, *extra)), callbacks=again)
+    assert again.ran == []
