@@ -74,7 +74,8 @@ class MoTTrainOptions:
     grow_group_size: str = field(
         default="",
         metadata={"help": "MoT models: grow the group size during training, START:END (e.g. 1:8): doubling at equal "
-                          "intervals over the first --grow-fraction of the steps; empty: the model's group size throughout."},
+                          "intervals over the first --grow-fraction of the steps (G = 1, the dense model itself, gets no "
+                          "steps); empty: the model's group size throughout."},
     )
     grow_fraction: float = field(default=0.5, metadata={"help": "MoT models: share of the steps over which --grow-group-size reaches END."})
 

@@ -132,9 +132,11 @@ def test_gradients_reach_the_controllers_only_when_tokens_mix(mot_models):
 
 def test_the_group_size_grows_by_doubling_over_the_first_fraction():
     sizes = [group_size_at(step, 100, (1, 8), 0.5) for step in range(1, 101)]
-    assert sizes[0] == 1 and sizes[-1] == 8 and sorted(sizes) == sizes
-    assert [sizes.count(g) for g in (1, 2, 4, 8)] == [17, 17, 16, 50]
-    assert group_size_at(1, 10, (4, 4), 0.5) == 4
+    assert sizes[0] == 2 and sizes[-1] == 8 and sorted(sizes) == sizes
+    assert [sizes.count(g) for g in (1, 2, 4, 8)] == [0, 25, 25, 50]  # G = 1 (the teacher itself) gets no steps
+    assert [group_size_at(step, 100, (2, 8), 0.5) for step in range(1, 101)] == sizes
+    assert group_size_at(1, 10, (4, 4), 0.5) == 4 and group_size_at(1, 10, (1, 1), 0.5) == 1
+    assert {group_size_at(step, 10, (1, 2), 0.5) for step in range(1, 11)} == {2}
 
 
 def test_training_grows_the_group_size_from_the_exact_model_and_learns(mot_models, dense_models, corpus, tmp_path):
@@ -144,8 +146,8 @@ def test_training_grows_the_group_size_from_the_exact_model_and_learns(mot_model
     result = train(model, tiny_options(corpus, tokens="1024", grow_group_size="1:4", train_experts="full", expert_lr=1e-3),
                    output=tmp_path / "trained")
     sizes = [entry["group_size"] for entry in result.history]
-    assert sizes == [1, 1, 2, 2, 4, 4, 4, 4]  # 8 steps, END from step 5 (--grow-fraction 0.5)
-    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # G = 1 and nothing trained yet: the teacher itself
+    assert sizes == [2, 2, 2, 2, 4, 4, 4, 4]  # 8 steps, END from step 5 (--grow-fraction 0.5); no steps at G = 1
+    assert result.history[0]["kl"] > 0.01  # tokens mix from the first step
     assert result.after["kl"] < result.before["kl"]  # held out, at G = 4
     done = subprocess.run([sys.executable, "-c", VANILLA, str(result.output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
                           capture_output=True, text=True, timeout=300)
