@@ -89,6 +89,10 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
         if "vs_teacher" in quality:
             rows.append(Row("quality", "KL(teacher || model), nats/token", _at(quality, "vs_teacher", "kl"), None, ".4f"))
             rows.append(Row("quality", "top-1 agreement with teacher", _at(quality, "vs_teacher", "top1_agreement"), None, ".2%"))
+        for setting, measured in (quality.get("settings") or {}).items():  # the model's own variations, e.g. a MoT's group size
+            rows.append(Row("quality", f"perplexity, {setting}", _at(measured, "model", "perplexity"), None, ".3f"))
+            if "vs_teacher" in measured:
+                rows.append(Row("quality", f"KL(teacher || model), {setting}", _at(measured, "vs_teacher", "kl"), None, ".4f"))
     cost = report.get("cost")
     if cost:
         for key, label in (("total", "parameters, total"), ("active", "parameters, active per token")):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sparsify.convert import hooks
 from sparsify.errors import SparsifyError
 from sparsify.eval import cost
 from sparsify.eval.options import EvalOptions
@@ -158,6 +159,12 @@ def evaluate(
         on_status("quality: sliding-window perplexity" + (" and agreement with the teacher" if teacher is not None else ""))
         report["quality"] = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size,
                                             teacher=teacher, on_progress=on_progress)
+        # Settings a variant's model can be run at besides its own (a MoT's other group sizes), scored the same way.
+        for setting, context in [item for hook in hooks("quality_settings") for item in hook(model).items()]:
+            on_status(f"quality: {setting}")
+            with context:
+                measured = measure_quality(model, text, window=options.window, stride=options.stride, batch_size=options.batch_size, teacher=teacher)
+            report["quality"].setdefault("settings", {})[setting] = {key: measured[key] for key in ("model", "vs_teacher") if key in measured}
     if "routing" in suites:
         on_status("routing: what the model's sparse decisions did")
         asked = parse_count(options.routing_tokens)

@@ -85,6 +85,17 @@ class Controllers(Decisions):
         return {"group_size": float(self.blocks[0].group_size), "temperature": float(self.blocks[0].temperature)}
 
 
+def quality_settings(model: nn.Module) -> dict[str, Any]:
+    """What `sparsify eval` also scores a MoT model at: the dense path (G = 1) and half and twice its group
+    size (how much its quality hangs on G, which the batch at serving time may not match)."""
+    blocks = find_blocks(model)
+    if not blocks:
+        return {}
+    size = blocks[0].group_size
+    others = sorted({1, size // 2, size * 2} - {0, size})
+    return {f"group size {other}": group_size(blocks, other) for other in others}
+
+
 def find_decisions(model: nn.Module, options: dict[str, Any]) -> Controllers | None:
     blocks = find_blocks(model)
     return Controllers(blocks, options.get(MoTTrainOptions.section) or MoTTrainOptions()) if blocks else None

@@ -181,7 +181,7 @@ def test_an_moe_source_is_refused(dense_models, tmp_path):
         upcycle(str(moe), "mot", tmp_path / "out")
 
 
-def test_eval_reports_how_the_experts_mix_and_the_flops_at_the_group_size(mot_models, corpus, tmp_path):
+def test_eval_reports_how_the_experts_mix_the_flops_and_the_quality_at_other_group_sizes(mot_models, dense_models, corpus, tmp_path):
     from sparsify.eval.options import EvalOptions
     from sparsify.eval.run import evaluate
 
@@ -194,3 +194,10 @@ def test_eval_reports_how_the_experts_mix_and_the_flops_at_the_group_size(mot_mo
     flops = report["cost"]["model"]["flops_per_token"]
     assert flops["total_mot"] < flops["total"]  # each expert runs once per group of two
     assert (tmp_path / "report" / "mot_mixing.png").exists()
+    sensitivity = report["quality"]["settings"]
+    assert set(sensitivity) == {"group size 1", "group size 4"}  # G = 2: the dense path and twice G
+    # At G = 1 the model is its teacher exactly; without a teacher in the report, the source folder's own perplexity.
+    teacher = evaluate(str(dense_models["llama"]), EvalOptions(data=str(corpus["valid"]), suite="quality", tokens="256", window=32,
+                                                                stride=16, batch_size=4))
+    assert sensitivity["group size 1"]["model"]["perplexity"] == pytest.approx(teacher["quality"]["model"]["perplexity"], rel=1e-5)
+    assert sensitivity["group size 4"]["model"]["perplexity"] != pytest.approx(report["quality"]["model"]["perplexity"], rel=1e-3)
