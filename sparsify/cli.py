@@ -230,21 +230,26 @@ app.command(help=train.__doc__)(train)
 # --- distill ----------------------------------------------------------------------------------
 
 
-def _distill_parameters() -> list[inspect.Parameter]:
-    """distill's own options, then the training options it does not set itself, with its own defaults."""
-    from sparsify.convert.distill.options import DERIVED_TRAINING, TRAINING_DEFAULTS, DistillOptions
-
-    hints = typing.get_type_hints(DistillOptions)
-    own = [_option(f, hints[f.name], "Distillation", _default_text(DistillOptions, f.name)) for f in fields(DistillOptions)]
+def _command_parameters(options_class: type, title: str, excluded: Any, defaults: dict[str, Any]) -> list[inspect.Parameter]:
+    """A training command's own options (distill, transition), then the training options it does not set
+    itself, with its own defaults in their help."""
+    hints = typing.get_type_hints(options_class)
+    own = [_option(f, hints[f.name], title, _default_text(options_class, f.name)) for f in fields(options_class)]
     training = []
     for param in _train_parameters("Training options"):
-        if param.name in DERIVED_TRAINING:
+        if param.name in excluded:
             continue
-        if param.name in TRAINING_DEFAULTS:
+        if param.name in defaults:
             option = param.default
-            option.help = option.help.rsplit(" [dim](default", 1)[0] + f" [dim](default {TRAINING_DEFAULTS[param.name]})[/dim]"
+            option.help = option.help.rsplit(" [dim](default", 1)[0] + f" [dim](default {defaults[param.name]})[/dim]"
         training.append(param)
     return own + training
+
+
+def _distill_parameters() -> list[inspect.Parameter]:
+    from sparsify.convert.distill.options import DERIVED_TRAINING, TRAINING_DEFAULTS, DistillOptions
+
+    return _command_parameters(DistillOptions, "Distillation", DERIVED_TRAINING, TRAINING_DEFAULTS)
 
 
 def distill(
@@ -290,17 +295,8 @@ app.command(help=distill.__doc__)(distill)
 def _transition_parameters() -> list[inspect.Parameter]:
     from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
 
-    hints = typing.get_type_hints(TransitionOptions)
-    own = [_option(f, hints[f.name], "Transition", _default_text(TransitionOptions, f.name)) for f in fields(TransitionOptions)]
-    training = []
-    for param in _train_parameters("Training options"):
-        if param.name == "teacher":  # transition's own --teacher (default: the MoT's dense source)
-            continue
-        if param.name in TRANSITION_TRAINING_DEFAULTS:
-            option = param.default
-            option.help = option.help.rsplit(" [dim](default", 1)[0] + f" [dim](default {TRANSITION_TRAINING_DEFAULTS[param.name]})[/dim]"
-        training.append(param)
-    return own + training
+    # The teacher is transition's own --teacher (default: the MoT's dense source).
+    return _command_parameters(TransitionOptions, "Transition", {"teacher"}, TRANSITION_TRAINING_DEFAULTS)
 
 
 def transition(

@@ -8,6 +8,7 @@ command). The runner knows stages only through these entries; a later stage (dis
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -223,145 +224,124 @@ register_stage(Stage(
 
 
 @dataclass
-class DistillSettings:
-    output: str  # the dense student's folder (the recipe's model folder stays the sparse model, for eval and push)
-    options: Any  # sparsify.convert.distill.options.DistillOptions
-    training: Any  # sparsify.train.options.TrainOptions, None with tokens 0 (fold only)
+class TrainingCommandSettings:
+    output: str  # the folder the command writes (the recipe's model folder stays what it was, for eval and push)
+    options: Any  # the command's own options (DistillOptions, TransitionOptions)
+    training: Any  # sparsify.train.options.TrainOptions, None with tokens 0 (no training)
 
 
-def _distill_training_hints() -> dict[str, Any]:
-    from sparsify.convert.distill.options import DERIVED_TRAINING
-    from sparsify.train.options import TrainOptions
+@dataclass(frozen=True)
+class TrainingCommand:
+    """A command that writes a model from the recipe's model folder and then trains it (`sparsify distill`,
+    `sparsify transition`): its options and its training options, flat in its section, plus `output`."""
 
-    return {name: hint for group in TrainOptions.sections().values() for name, hint in field_hints(group).items()
-            if name not in DERIVED_TRAINING}
+    section: str
+    options: Callable[[], type]  # its options class (imported when a recipe is read)
+    run: Callable[[], Callable]  # its library function: (model, output, options, training, **run settings) -> result
+    excluded: Callable[[], Any]  # the training options the command sets itself (names)
+    defaults: Callable[[], dict[str, Any]]  # its training defaults
+    output_is: str  # what `output` holds, for the error when it is missing
+    summary: Callable[[Any], dict[str, Any]]  # its own figures of a result
+    untrained: Callable[[Any, Any], None] = lambda options, training: None  # adjusts options when tokens is 0
+
+    def training_hints(self) -> dict[str, Any]:
+        from sparsify.train.options import TrainOptions
+
+        excluded = set(self.excluded())
+        return {name: hint for group in TrainOptions.sections().values() for name, hint in field_hints(group).items() if name not in excluded}
+
+    def read(self, node: Node, recipe: Recipe) -> TrainingCommandSettings:
+        from sparsify.option_values import parse_count
+        from sparsify.train.options import TrainOptions
+
+        _mapping(node, self.section)
+        options_class = self.options()
+        own, training_hints = field_hints(options_class), self.training_hints()
+        values = read_values(node, {"output": str, **own, **training_hints}, f"{self.section}.")
+        output = values.pop("output", None)
+        if not output:
+            raise SparsifyError(f"{node.where}: '{self.section}' needs 'output', the folder of {self.output_is}")
+        options = build(options_class, {k: v for k, v in values.items() if k in own}, node.where, node.value)
+        training = TrainOptions.of(**{**self.defaults(), **{k: v for k, v in values.items() if k in training_hints}})
+        if parse_count(training.data.tokens) == 0:
+            self.untrained(options, training)
+            return TrainingCommandSettings(output, options, None)
+        try:
+            training.validate()
+        except SparsifyError as error:
+            raise SparsifyError(f"{node.where}: {error}") from error
+        return TrainingCommandSettings(output, options, training)
+
+    def resolved(self, settings: TrainingCommandSettings, recipe: Recipe) -> dict[str, Any]:
+        hints = self.training_hints()
+        training = {} if settings.training is None else {k: v for k, v in settings.training.flat().items() if k in hints}
+        return {"output": settings.output, **asdict(settings.options), **training}
+
+    def execute(self, settings: TrainingCommandSettings, run: StageRun) -> dict[str, Any]:
+        result = self.run()(run.model_folder, settings.output, settings.options, settings.training, run_dir=run.run_dir / self.section,
+                            resume=run.resume, restart=not run.resume, command=run.command, on_status=run.callbacks.on_status,
+                            train_callbacks=run.callbacks.training)
+        summary: dict[str, Any] = {"output": str(result.output), **self.summary(result)}
+        if result.training is not None:
+            run.callbacks.on_trained(result.training)
+            summary.update(steps=result.training.steps, tokens=result.training.tokens,
+                           after={k: v for k, v in result.training.after.items() if isinstance(v, (int, float))})
+        return summary
 
 
-def _read_distill(node: Node, recipe: Recipe) -> DistillSettings:
-    """`sparsify distill`'s options and its training options, flat (`distill.init`, `distill.tokens`), and `output`."""
-    from sparsify.convert.distill.options import TRAINING_DEFAULTS, DistillOptions
-    from sparsify.option_values import parse_count
-    from sparsify.train.options import TrainOptions
-
-    _mapping(node, "distill")
-    own, training_hints = field_hints(DistillOptions), _distill_training_hints()
-    values = read_values(node, {"output": str, **own, **training_hints}, "distill.")
-    output = values.pop("output", None)
-    if not output:
-        raise SparsifyError(f"{node.where}: 'distill' needs 'output', the folder of the dense student")
-    options = build(DistillOptions, {k: v for k, v in values.items() if k in own}, node.where, node.value)
-    training = TrainOptions.of(**{**TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in training_hints}})
-    if parse_count(training.data.tokens) == 0:
-        if not options.calibration_data:
-            options.calibration_data = training.data.data
-        return DistillSettings(output, options, None)
-    try:
-        training.validate()
-    except SparsifyError as error:
-        raise SparsifyError(f"{node.where}: {error}") from error
-    return DistillSettings(output, options, training)
+def _lazy(module: str, name: str) -> Callable[[], Any]:
+    """`module.name`, imported when first asked for (recipes are listed and read without torch)."""
+    return lambda: getattr(importlib.import_module(module), name)
 
 
-def _resolved_distill(settings: DistillSettings, recipe: Recipe) -> dict[str, Any]:
-    training = {} if settings.training is None else {name: value for name, value in settings.training.flat().items()
-                                                     if name in _distill_training_hints()}
-    return {"output": settings.output, **asdict(settings.options), **training}
+def _trained(summary: dict[str, Any]) -> str:
+    return f", {summary['steps']} steps, {summary['tokens']:,} tokens" if "steps" in summary else ", not trained"
 
 
-def _run_distill(settings: DistillSettings, run: StageRun) -> dict[str, Any]:
-    from sparsify.convert.distill.run import distill
-
-    result = distill(run.model_folder, settings.output, settings.options, settings.training, run_dir=run.run_dir / "distill",
-                     resume=run.resume, restart=not run.resume, command=run.command, on_status=run.callbacks.on_status,
-                     train_callbacks=run.callbacks.training)
-    summary: dict[str, Any] = {"output": str(result.output), "init": result.init}
-    if result.training is not None:
-        run.callbacks.on_trained(result.training)
-        summary.update(steps=result.training.steps, tokens=result.training.tokens,
-                       after={k: v for k, v in result.training.after.items() if isinstance(v, (int, float))})
-    return summary
+def _training_data(training: Any) -> list[str]:
+    return [] if training is None else [*training.data.train_sources, *training.data.heldout_sources]
 
 
-register_stage(Stage(
-    "distill", "fold the sparse model back into a dense one and train it against the sparse model",
-    read=_read_distill, resolved=_resolved_distill, run=_run_distill, checkpoints="distill",
-    makes=lambda s, recipe: [s.output],
+def register_training_command(command: TrainingCommand, summary: str, *, models, data, describe) -> None:
+    register_stage(Stage(command.section, summary, read=command.read, resolved=command.resolved, run=command.execute,
+                         checkpoints=command.section, makes=lambda s, recipe: [s.output], models=models, data=data, describe=describe))
+
+
+# --- distill ----------------------------------------------------------------------------------
+
+
+def _fold_calibration(options: Any, training: Any) -> None:
+    if not options.calibration_data:  # fold only: --data still names the calibration text
+        options.calibration_data = training.data.data
+
+
+register_training_command(
+    TrainingCommand(
+        "distill", options=_lazy("sparsify.convert.distill.options", "DistillOptions"), run=_lazy("sparsify.convert.distill.run", "distill"),
+        excluded=_lazy("sparsify.convert.distill.options", "DERIVED_TRAINING"), defaults=_lazy("sparsify.convert.distill.options", "TRAINING_DEFAULTS"),
+        output_is="the dense student", summary=lambda result: {"init": result.init}, untrained=_fold_calibration,
+    ),
+    "fold the sparse model back into a dense one and train it against the sparse model",
     models=lambda s, recipe: [ref for ref in (s.options.teacher, s.options.parent) if ref],
-    data=lambda s, recipe: [*s.options.calibration_sources,
-                            *([] if s.training is None else [*s.training.data.train_sources, *s.training.data.heldout_sources])],
-    describe=lambda summary: f"{summary['output']}: --init {summary['init']}"
-                             + (f", {summary['steps']} steps, {summary['tokens']:,} tokens" if "steps" in summary else ", not trained"),
-))
+    data=lambda s, recipe: [*s.options.calibration_sources, *_training_data(s.training)],
+    describe=lambda summary: f"{summary['output']}: --init {summary['init']}" + _trained(summary),
+)
 
 
 # --- transition ---------------------------------------------------------------------------------
 
 
-@dataclass
-class TransitionSettings:
-    output: str  # the native MoE's folder (the recipe's model folder stays the MoT, for eval and push)
-    options: Any  # sparsify.convert.mot.options.TransitionOptions
-    training: Any  # sparsify.train.options.TrainOptions, None with tokens 0 (convert only)
-
-
-def _transition_training_hints() -> dict[str, Any]:
-    from sparsify.train.options import TrainOptions
-
-    return {name: hint for group in TrainOptions.sections().values() for name, hint in field_hints(group).items() if name != "teacher"}
-
-
-def _read_transition(node: Node, recipe: Recipe) -> TransitionSettings:
-    """`sparsify transition`'s options and its training options, flat (`transition.top_k`, `transition.tokens`), and `output`."""
-    from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
-    from sparsify.option_values import parse_count
-    from sparsify.train.options import TrainOptions
-
-    _mapping(node, "transition")
-    own, training_hints = field_hints(TransitionOptions), _transition_training_hints()
-    values = read_values(node, {"output": str, **own, **training_hints}, "transition.")
-    output = values.pop("output", None)
-    if not output:
-        raise SparsifyError(f"{node.where}: 'transition' needs 'output', the folder of the native MoE")
-    options = build(TransitionOptions, {k: v for k, v in values.items() if k in own}, node.where, node.value)
-    training = TrainOptions.of(**{**TRANSITION_TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in training_hints}})
-    if parse_count(training.data.tokens) == 0:
-        return TransitionSettings(output, options, None)
-    try:
-        training.validate()
-    except SparsifyError as error:
-        raise SparsifyError(f"{node.where}: {error}") from error
-    return TransitionSettings(output, options, training)
-
-
-def _resolved_transition(settings: TransitionSettings, recipe: Recipe) -> dict[str, Any]:
-    training = {} if settings.training is None else {name: value for name, value in settings.training.flat().items()
-                                                     if name in _transition_training_hints()}
-    return {"output": settings.output, **asdict(settings.options), **training}
-
-
-def _run_transition(settings: TransitionSettings, run: StageRun) -> dict[str, Any]:
-    from sparsify.convert.mot.transition import transition
-
-    result = transition(run.model_folder, settings.output, settings.options, settings.training, run_dir=run.run_dir / "transition",
-                        resume=run.resume, restart=not run.resume, command=run.command, on_status=run.callbacks.on_status,
-                        train_callbacks=run.callbacks.training)
-    summary: dict[str, Any] = {"output": str(result.output), "top_k": result.top_k}
-    if result.training is not None:
-        run.callbacks.on_trained(result.training)
-        summary.update(steps=result.training.steps, tokens=result.training.tokens,
-                       after={k: v for k, v in result.training.after.items() if isinstance(v, (int, float))})
-    return summary
-
-
-register_stage(Stage(
-    "transition", "turn the MoT model into a native sparse MoE and train it briefly (transition tuning)",
-    read=_read_transition, resolved=_resolved_transition, run=_run_transition, checkpoints="transition",
-    makes=lambda s, recipe: [s.output],
+register_training_command(
+    TrainingCommand(
+        "transition", options=_lazy("sparsify.convert.mot.options", "TransitionOptions"), run=_lazy("sparsify.convert.mot.transition", "transition"),
+        excluded=lambda: {"teacher"}, defaults=_lazy("sparsify.convert.mot.options", "TRANSITION_TRAINING_DEFAULTS"),
+        output_is="the native MoE", summary=lambda result: {"top_k": result.top_k},
+    ),
+    "turn the MoT model into a native sparse MoE and train it briefly (transition tuning)",
     models=lambda s, recipe: [s.options.teacher] if s.options.teacher else [],
-    data=lambda s, recipe: [] if s.training is None else [*s.training.data.train_sources, *s.training.data.heldout_sources],
-    describe=lambda summary: f"{summary['output']}: top-{summary['top_k']}"
-                             + (f", {summary['steps']} steps, {summary['tokens']:,} tokens" if "steps" in summary else ", not trained"),
-))
+    data=lambda s, recipe: _training_data(s.training),
+    describe=lambda summary: f"{summary['output']}: top-{summary['top_k']}" + _trained(summary),
+)
 
 
 # --- eval -------------------------------------------------------------------------------------
