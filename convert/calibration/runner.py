@@ -42,21 +42,27 @@ def calibration_device() -> torch.device:
 
 
 def calibration_blocks(source: Any, options: CalibrationOptions) -> torch.Tensor:
-    """(sequences, seq_len) token ids of the calibration text, read with the source's tokenizer.
-    Documents in training's default held-out bucket are skipped, so calibrating on the training
-    files never looks at the text training later evaluates on."""
+    """(sequences, seq_len) token ids of the calibration text, read with the source's tokenizer."""
+    return text_blocks(options.calibration_sources, source.tokenizer(), options.calibration_token_count, options.calibration_seq_len,
+                       options.calibration_field)
+
+
+def text_blocks(sources: tuple[str, ...] | list[str], tokenizer: Any, tokens: int, seq_len: int, text_field: str = "text") -> torch.Tensor:
+    """(sequences, seq_len) token ids of the first `tokens` tokens of `sources`. Documents in training's
+    default held-out bucket are skipped, so calibrating on the training files never looks at the text
+    training later evaluates on."""
     import numpy as np
 
     from sparsify.data import DataSpec, split_documents, tokenize_stream
 
-    spec = DataSpec(options.calibration_sources, text_field=options.calibration_field)
-    chunks = list(tokenize_stream(split_documents(spec, heldout=False), source.tokenizer(), options.calibration_token_count))
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    sequences = len(tokens) // options.calibration_seq_len
+    spec = DataSpec(tuple(sources), text_field=text_field)
+    chunks = list(tokenize_stream(split_documents(spec, heldout=False), tokenizer, tokens))
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    sequences = len(ids) // seq_len
     if sequences == 0:
-        raise SparsifyError(f"--calibration-data holds {len(tokens)} tokens, fewer than one --calibration-seq-len sequence "
-                            f"({options.calibration_seq_len}); pass more text or a shorter --calibration-seq-len")
-    return torch.from_numpy(tokens[: sequences * options.calibration_seq_len].astype(np.int64)).view(sequences, -1)
+        raise SparsifyError(f"--calibration-data holds {len(ids)} tokens, fewer than one --calibration-seq-len sequence "
+                            f"({seq_len}); pass more text or a shorter --calibration-seq-len")
+    return torch.from_numpy(ids[: sequences * seq_len].astype(np.int64)).view(sequences, -1)
 
 
 def _skeleton(config: Any):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from sparsify.atomic_output import check_output_free, write_text_atomically
+from sparsify.convert.calibration.runner import text_blocks
 from sparsify.convert.distill.options import DistillOptions
 from sparsify.convert.distill.student import check_parent, dense_family, expert_count_keys, folded_student, moe_model_types
 from sparsify.convert.distill.usage import LayerUsage, measure_usage
@@ -147,8 +148,10 @@ def _fold(model_dir: Path, config: dict[str, Any], record, options: DistillOptio
     if options.init == "parent":
         student = _parent(options, record, config, dtype)
     else:
-        sequences = calibration_sequences(settings["calibration_data"], tokenizer, options.calibration_token_count,
-                                          options.calibration_seq_len, training.data.text_field if training is not None else "text")
+        if not settings["calibration_data"]:
+            raise SparsifyError("the expert usage is measured on text: pass --data (or --calibration-data)")
+        sequences = text_blocks(settings["calibration_data"], tokenizer, options.calibration_token_count, options.calibration_seq_len,
+                                training.data.text_field if training is not None else "text")
         tokens = sequences.numel()
         on_status("loading the sparse model")
         moe = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -177,22 +180,6 @@ def _parent(options: DistillOptions, record, config: dict[str, Any], dtype: torc
         raise SparsifyError(f"the dense parent {ref} could not be loaded ({error}); pass --parent MODEL") from error
     check_parent(parent, config)
     return parent.to(dtype)
-
-
-def calibration_sequences(sources: list[str], tokenizer, tokens: int, seq_len: int, text_field: str) -> torch.Tensor:
-    """(sequences, seq_len) token ids of `sources`, skipping training's default held-out documents."""
-    import numpy as np
-
-    from sparsify.data import DataSpec, split_documents, tokenize_stream
-
-    if not sources:
-        raise SparsifyError("the expert usage is measured on text: pass --data (or --calibration-data)")
-    chunks = list(tokenize_stream(split_documents(DataSpec(tuple(sources), text_field=text_field), heldout=False), tokenizer, tokens))
-    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    count = len(ids) // seq_len
-    if count == 0:
-        raise SparsifyError(f"the calibration text holds {len(ids)} tokens, fewer than one --calibration-seq-len sequence ({seq_len})")
-    return torch.from_numpy(ids[: count * seq_len].astype(np.int64)).view(count, seq_len)
 
 
 def _copy_folder(source: Path, output: Path) -> None:
@@ -224,4 +211,4 @@ def _write_record(result: DistillResult, model_dir: Path, teacher: str, init_dir
     write_text_atomically(result.output / RECORD, json.dumps(record, indent=1) + "\n")
 
 
-__all__ = ["DistillResult", "calibration_sequences", "check_distillable", "check_same_tokenizer", "distill"]
+__all__ = ["DistillResult", "check_distillable", "check_same_tokenizer", "distill"]
