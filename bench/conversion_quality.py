@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from staged_rows import heldout_texts
+
 # Methods as data: conversion arguments beyond the active fraction. "{calibration}" is the calibration file.
 METHODS: dict[str, dict[str, Any]] = {
     "contiguous": {"to": "fine-moe", "split": "contiguous"},  # sparsify's conversion before calibration: partitions in order
@@ -113,18 +115,6 @@ def plan_rows(args, calibration: str) -> list[Row]:
                                          "shared_experts": shared}, training, args.granularity))
     wanted = set(parse_list(args.only))
     return [row for row in rows if not wanted or row.conversion_name in wanted or row.name in wanted]
-
-
-def texts(data_dir: Path, tokenizer, tokens: int, sets: list[str]):
-    from sparsify.data import is_heldout, iter_documents
-    from sparsify.eval.text import build_eval_text
-
-    sources = {
-        "tune": (d for d in iter_documents(str(data_dir / "corpus" / "train.jsonl.gz")) if is_heldout(d, 0.01)),
-        "valid": iter_documents(str(data_dir / "corpus" / "valid.jsonl.gz")),
-        "ood": iter_documents(str(data_dir / "ood-git-doc.jsonl.gz")),
-    }
-    return {name: build_eval_text(sources[name], tokenizer, tokens) for name in sets}
 
 
 def score(model_dir: Path, teacher, evaluation: dict, args, device) -> dict[str, Any]:
@@ -258,7 +248,7 @@ def main() -> None:
     calibration = str(args.data_dir / "corpus" / "train.jsonl.gz")
     teacher = load_model(args.model, dtype=dtype).to(device).eval()
     sets = ["tune"] if args.tune else parse_list(args.sets)
-    evaluation = texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens, sets)
+    evaluation = heldout_texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens, sets)
     teacher_file = teacher_tasks_file(args)
     if args.tasks and not args.tune and not teacher_file.exists():  # the teacher's accuracy, beside which the rows' reads
         teacher_file.write_text(json.dumps(tasks(teacher, args)))

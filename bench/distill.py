@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from staged_rows import RowLog, export_model, heldout_texts, wait_for
+
 # The same training for every row: only the loss differs (hard labels for the baseline and the MoE,
 # the distillation mix for the students).
 COMMON = {"train_experts": "full", "lora_targets": "attention", "eval_every": 0}
@@ -62,23 +64,6 @@ def teacher_budget(args) -> str:
     from sparsify.option_values import parse_count, parse_list
 
     return max(parse_list(args.budgets), key=parse_count)
-
-
-def wait_for(path: Path, what: str) -> None:
-    while not (path / "config.json").exists():
-        print(json.dumps({"waiting_for": what}), flush=True)
-        time.sleep(30)
-
-
-def export_parent(args, target: Path) -> dict[str, Any]:
-    """The GGUF (or any reference) as a transformers folder, which training reads."""
-    from sparsify.sources import load_model, load_tokenizer
-
-    if not (target / "config.json").exists():
-        model = load_model(args.model)
-        model.save_pretrained(target)
-        load_tokenizer(args.model).save_pretrained(target)
-    return {}
 
 
 def training_options(args, tokens: str, extra: dict[str, Any]):
@@ -124,18 +109,6 @@ def distill_stage(args, name: str) -> dict[str, Any]:
     started = time.perf_counter()
     result = distill(teacher, target, settings, options, run_dir=run_dir, resume=(run_dir / "checkpoint").exists())
     return {"seconds": time.perf_counter() - started, "tokens_per_second": result.training.tokens_per_second, "heldout": result.training.after}
-
-
-def texts(args, tokenizer) -> dict[str, Any]:
-    from sparsify.data import is_heldout, iter_documents
-    from sparsify.eval.text import build_eval_text
-
-    sources = {
-        "tune": (d for d in iter_documents(str(args.data_dir / "corpus" / "train.jsonl.gz")) if is_heldout(d, 0.01)),
-        "valid": iter_documents(str(args.data_dir / "corpus" / "valid.jsonl.gz")),
-        "ood": iter_documents(str(args.data_dir / "ood-git-doc.jsonl.gz")),
-    }
-    return {name: build_eval_text(documents, tokenizer, args.eval_tokens) for name, documents in sources.items()}
 
 
 def score(model_dir: Path, evaluation: dict[str, Any], args) -> dict[str, Any]:
@@ -221,38 +194,32 @@ def main() -> None:
     args = parser.parse_args()
     args.data = str(args.data_dir / "corpus" / "train.jsonl.gz")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    log = args.workdir / "rows.jsonl"
-
-    def recorded() -> dict[str, dict[str, Any]]:
-        return {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
-
+    rows = RowLog(args.workdir)
     if args.report_only:
-        report(args, recorded())
+        report(args, rows.recorded())
         return
     import torch
 
     from sparsify.option_values import parse_list
     from sparsify.sources import load_tokenizer
 
-    evaluation = texts(args, load_tokenizer(args.model))
+    evaluation = heldout_texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens)
     wanted = set(parse_list(args.only)) if args.only else None
     for name in stage_names(args):
-        if name in recorded() or (wanted is not None and name not in wanted):
+        if name in rows.recorded() or (wanted is not None and name not in wanted):
             continue
         started = time.perf_counter()
         target = folder(args, name)
         if name == "parent":
-            made = export_parent(args, target)
+            export_model(args.model, target)
+            made = {}
         elif name.startswith("distill-"):
             made = distill_stage(args, name)
         else:
             made = train_stage(args, name)
-        entry = {"name": name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "made": made,
-                 "scores": score(target, evaluation, args), "seconds": time.perf_counter() - started}
-        with log.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(json.dumps({"row": name, **{t: round(s["perplexity"], 3) for t, s in entry["scores"].items()}}), flush=True)
-    report(args, recorded())
+        rows.append({"name": name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "made": made,
+                     "scores": score(target, evaluation, args), "seconds": time.perf_counter() - started})
+    report(args, rows.recorded())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from staged_rows import RowLog, export_model, heldout_texts, wait_for
+
 STAGES = ("teacher", "mot", "transition-init", "transition", "direct-contiguous", "direct-coactivation")
 DIRECT_SPLITS = {"direct-contiguous": {"split": "contiguous"},
                  "direct-coactivation": {"split": "coactivation", "calibration_data": "{train}", "calibration": True}}
@@ -34,12 +36,6 @@ DIRECT_SPLITS = {"direct-contiguous": {"split": "contiguous"},
 
 def folder(args, name: str) -> Path:
     return args.workdir / name
-
-
-def wait_for(path: Path, what: str) -> None:
-    while not (path / "config.json").exists():
-        print(json.dumps({"waiting_for": what}), flush=True)
-        time.sleep(30)
 
 
 def token_budgets(args) -> tuple[int, int]:
@@ -59,12 +55,7 @@ def training(args, tokens: int, extra: dict[str, Any]):
 
 
 def make_teacher(args) -> dict[str, Any]:
-    from sparsify.sources import load_model, load_tokenizer
-
-    target = folder(args, "teacher")
-    if not (target / "config.json").exists():
-        load_model(args.model).save_pretrained(target)
-        load_tokenizer(args.model).save_pretrained(target)
+    export_model(args.model, folder(args, "teacher"))
     return {}
 
 
@@ -120,18 +111,6 @@ def make_direct(args, name: str) -> dict[str, Any]:
     started = time.perf_counter()
     result = train(init, training(args, tokens, {}), output=folder(args, name), run_dir=run_dir, resume=(run_dir / "checkpoint").exists())
     return {"seconds": time.perf_counter() - started, "tokens": tokens, "tokens_per_second": result.tokens_per_second}
-
-
-def texts(args, tokenizer) -> dict[str, Any]:
-    from sparsify.data import is_heldout, iter_documents
-    from sparsify.eval.text import build_eval_text
-
-    sources = {
-        "tune": (d for d in iter_documents(args.data) if is_heldout(d, 0.01)),
-        "valid": iter_documents(str(args.data_dir / "corpus" / "valid.jsonl.gz")),
-        "ood": iter_documents(str(args.data_dir / "ood-git-doc.jsonl.gz")),
-    }
-    return {name: build_eval_text(documents, tokenizer, args.eval_tokens) for name, documents in sources.items()}
 
 
 def score(model_dir: Path, teacher, evaluation: dict[str, Any], args) -> dict[str, Any]:
@@ -201,13 +180,9 @@ def main() -> None:
     args = parser.parse_args()
     args.data = str(args.data_dir / "corpus" / "train.jsonl.gz")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    log = args.workdir / "rows.jsonl"
-
-    def recorded() -> dict[str, dict[str, Any]]:
-        return {json.loads(line)["name"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
-
+    rows = RowLog(args.workdir)
     if args.report_only:
-        report(args, recorded())
+        report(args, rows.recorded())
         return
     import torch
     from transformers import AutoModelForCausalLM
@@ -217,12 +192,12 @@ def main() -> None:
 
     makers = {"teacher": make_teacher, "mot": make_mot, "transition-init": lambda a: make_transition(a, False),
               "transition": lambda a: make_transition(a, True), **{name: (lambda a, n=name: make_direct(a, n)) for name in DIRECT_SPLITS}}
-    evaluation = texts(args, load_tokenizer(args.model))
+    evaluation = heldout_texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens)
     wanted = set(parse_list(args.only)) if args.only else set(STAGES)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = None
     for name in STAGES:
-        if name in recorded() or name not in wanted:
+        if name in rows.recorded() or name not in wanted:
             continue
         started = time.perf_counter()
         made = makers[name](args)
@@ -230,12 +205,9 @@ def main() -> None:
             wait_for(folder(args, "teacher"), "teacher")
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             teacher = AutoModelForCausalLM.from_pretrained(folder(args, "teacher"), dtype=dtype).to(device).eval()
-        entry = {"name": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "made": made,
-                 "scores": score(folder(args, name), teacher, evaluation, args), "seconds": time.perf_counter() - started}
-        with log.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(json.dumps({"row": name, **{t: round(s["perplexity"], 3) for t, s in entry["scores"].items()}}), flush=True)
-    report(args, recorded())
+        rows.append({"name": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "made": made,
+                     "scores": score(folder(args, name), teacher, evaluation, args), "seconds": time.perf_counter() - started})
+    report(args, rows.recorded())
 
 
 if __name__ == "__main__":
