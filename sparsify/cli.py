@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
@@ -246,6 +246,27 @@ def _command_parameters(options_class: type, title: str, excluded: Any, defaults
     return own + training
 
 
+def _run_training_command(run: Callable, options_class: type, defaults: dict[str, Any], model: Path, output: Path,
+                          run_dir: Path | None, resume: bool, restart: bool, options: dict[str, Any]) -> Any:
+    """A training command (distill, transition) from its flags: its options, its training options (none with
+    --tokens 0), run under the training display, whose summary is shown at the end."""
+    from sparsify.option_values import parse_count
+
+    settings = _given(options_class, options)
+    training = _train_options({**defaults, **{k: v for k, v in options.items() if v is not None}})
+    if parse_count(training.data.tokens) == 0:
+        settings.untrained(training)
+        training = None
+    display = TrainingDisplay()
+    callbacks = display.callbacks()
+    with display.stopping():
+        result = run(model, output, settings, training, run_dir=run_dir, resume=resume, restart=restart,
+                     command=shlex.join(["sparsify", *sys.argv[1:]]), on_status=callbacks["on_status"], train_callbacks=callbacks)
+    if result.training is not None:
+        display.report(result.training)
+    return result
+
+
 def _distill_parameters() -> list[inspect.Parameter]:
     from sparsify.convert.distill.options import DERIVED_TRAINING, TRAINING_DEFAULTS, DistillOptions
 
@@ -266,22 +287,8 @@ def distill(
     next-token loss (--hard-weight). --tokens 0 writes the folded student without training."""
     from sparsify.convert.distill.options import TRAINING_DEFAULTS, DistillOptions
     from sparsify.convert.distill.run import distill as run_distill
-    from sparsify.option_values import parse_count
 
-    settings = _given(DistillOptions, options)
-    given = {k: v for k, v in options.items() if v is not None}
-    training = _train_options({**TRAINING_DEFAULTS, **given})
-    if parse_count(training.data.tokens) == 0:  # fold only; --data still names the calibration text
-        if not settings.calibration_data:
-            settings.calibration_data = training.data.data
-        training = None
-    display = TrainingDisplay()
-    callbacks = display.callbacks()
-    with display.stopping():
-        result = run_distill(model, output, settings, training, run_dir=run_dir, resume=resume, restart=restart,
-                             command=shlex.join(["sparsify", *sys.argv[1:]]), on_status=callbacks["on_status"], train_callbacks=callbacks)
-    if result.training is not None:
-        display.report(result.training)
+    result = _run_training_command(run_distill, DistillOptions, TRAINING_DEFAULTS, model, output, run_dir, resume, restart, options)
     folded = f"folded with --init {result.init}" + (f" (expert usage measured on {result.usage_tokens:,} tokens)" if result.usage_tokens else "")
     out.print(f"dense student -> {result.output}: {folded}" + ("" if result.training else ", not trained (--tokens 0)"), soft_wrap=True)
 
@@ -312,20 +319,9 @@ def transition(
     are, then train it briefly against the dense teacher (balance and z losses on). --tokens 0 writes it untrained."""
     from sparsify.convert.mot.options import TRANSITION_TRAINING_DEFAULTS, TransitionOptions
     from sparsify.convert.mot.transition import transition as run_transition
-    from sparsify.option_values import parse_count
 
-    settings = _given(TransitionOptions, options)
-    given = {k: v for k, v in options.items() if v is not None}
-    training = _train_options({**TRANSITION_TRAINING_DEFAULTS, **given})
-    if parse_count(training.data.tokens) == 0:
-        training = None
-    display = TrainingDisplay()
-    callbacks = display.callbacks()
-    with display.stopping():
-        result = run_transition(model, output, settings, training, run_dir=run_dir, resume=resume, restart=restart,
-                                command=shlex.join(["sparsify", *sys.argv[1:]]), on_status=callbacks["on_status"], train_callbacks=callbacks)
-    if result.training is not None:
-        display.report(result.training)
+    result = _run_training_command(run_transition, TransitionOptions, TRANSITION_TRAINING_DEFAULTS, model, output, run_dir, resume, restart,
+                                   options)
     out.print(f"native MoE (top-{result.top_k}) -> {result.output}" + ("" if result.training else ", not trained (--tokens 0)"), soft_wrap=True)
 
 

@@ -51,6 +51,11 @@ class DistillOptions:
     def calibration_token_count(self) -> int:
         return parse_count(self.calibration_tokens)
 
+    def untrained(self, training) -> None:
+        """With --tokens 0 (fold only): --data still names the calibration text."""
+        if not self.calibration_data:
+            self.calibration_data = training.data.data
+
     def validate(self) -> None:
         if self.init not in INITS:
             raise SparsifyError(f"--init must be one of {', '.join(INITS)}, not '{self.init}'")

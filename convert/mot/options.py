@@ -114,5 +114,8 @@ class TransitionOptions:
         metadata={"help": "The model the transition training learns from (default: the dense model the MoT was converted from)."},
     )
 
+    def untrained(self, training) -> None:
+        """With --tokens 0 the native MoE is written as converted: nothing of the training options applies."""
+
     def validate(self) -> None:
         require(self.top_k is None or self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")

@@ -242,7 +242,6 @@ class TrainingCommand:
     defaults: Callable[[], dict[str, Any]]  # its training defaults
     output_is: str  # what `output` holds, for the error when it is missing
     summary: Callable[[Any], dict[str, Any]]  # its own figures of a result
-    untrained: Callable[[Any, Any], None] = lambda options, training: None  # adjusts options when tokens is 0
 
     def training_hints(self) -> dict[str, Any]:
         from sparsify.train.options import TrainOptions
@@ -264,7 +263,7 @@ class TrainingCommand:
         options = build(options_class, {k: v for k, v in values.items() if k in own}, node.where, node.value)
         training = TrainOptions.of(**{**self.defaults(), **{k: v for k, v in values.items() if k in training_hints}})
         if parse_count(training.data.tokens) == 0:
-            self.untrained(options, training)
+            options.untrained(training)  # e.g. distill's calibration text falls back to --data
             return TrainingCommandSettings(output, options, None)
         try:
             training.validate()
@@ -310,16 +309,11 @@ def register_training_command(command: TrainingCommand, summary: str, *, models,
 # --- distill ----------------------------------------------------------------------------------
 
 
-def _fold_calibration(options: Any, training: Any) -> None:
-    if not options.calibration_data:  # fold only: --data still names the calibration text
-        options.calibration_data = training.data.data
-
-
 register_training_command(
     TrainingCommand(
         "distill", options=_lazy("sparsify.convert.distill.options", "DistillOptions"), run=_lazy("sparsify.convert.distill.run", "distill"),
         excluded=_lazy("sparsify.convert.distill.options", "DERIVED_TRAINING"), defaults=_lazy("sparsify.convert.distill.options", "TRAINING_DEFAULTS"),
-        output_is="the dense student", summary=lambda result: {"init": result.init}, untrained=_fold_calibration,
+        output_is="the dense student", summary=lambda result: {"init": result.init},
     ),
     "fold the sparse model back into a dense one and train it against the sparse model",
     models=lambda s, recipe: [ref for ref in (s.options.teacher, s.options.parent) if ref],
