@@ -115,7 +115,7 @@ def _source_card(source: dict[str, Any]) -> Path | None:
 # --- weight fingerprints ----------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 24):
@@ -129,7 +129,7 @@ def _fingerprinted(folder: Path) -> dict[str, Path]:
 
 def fingerprint_weights(folder: Path) -> dict[str, dict[str, Any]]:
     """Size, modification time and sha256 of every file that decides the logits (FINGERPRINTED)."""
-    return {name: {"bytes": file.stat().st_size, "mtime_ns": file.stat().st_mtime_ns, "sha256": _sha256(file)}
+    return {name: {"bytes": file.stat().st_size, "mtime_ns": file.stat().st_mtime_ns, "sha256": file_sha256(file)}
             for name, file in _fingerprinted(folder).items()}
 
 
@@ -145,7 +145,7 @@ def changed_weight_files(folder: Path, fingerprint: dict[str, dict[str, Any]]) -
         stat, recorded = present[name].stat(), fingerprint[name]
         if stat.st_size != recorded["bytes"]:
             changed.add(name)
-        elif stat.st_mtime_ns != recorded.get("mtime_ns") and _sha256(present[name]) != recorded["sha256"]:
+        elif stat.st_mtime_ns != recorded.get("mtime_ns") and file_sha256(present[name]) != recorded["sha256"]:
             changed.add(name)
     return sorted(changed)
 
@@ -220,7 +220,7 @@ def describe_gguf(path: Path, package: str | None = None) -> dict[str, Any]:
     described = {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "quantization": matrix_types.most_common(1)[0][0] if matrix_types else None,
         "file_type": _enum_name(gguf.LlamaFileType, file_type) if file_type is not None else None,
         "tensor_types": dict(matrix_types.most_common()),

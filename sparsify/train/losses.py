@@ -22,15 +22,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     so that gradients keep their scale as T changes. Computed in chunks of tokens, each
     recomputed in the backward pass, so the fp32 intermediates never span the whole batch."""
     vocab = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    total = student.new_zeros((), dtype=torch.float32)
-    for start in range(0, student.shape[0], CHUNK_TOKENS):
-        pieces = (student[start : start + CHUNK_TOKENS], teacher[start : start + CHUNK_TOKENS], temperature)
-        if student.requires_grad:
-            total = total + checkpoint(_kl_sum, *pieces, use_reentrant=False)
-        else:
-            total = total + _kl_sum(*pieces)
-    return total / student.shape[0] * temperature**2
+    return _chunked_kl(_kl_sum, student_logits.reshape(-1, vocab), (teacher_logits.reshape(-1, vocab),), temperature)
 
 
 def _kl_top_k_sum(student: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,16 +43,21 @@ def kl_to_top_k(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch
     top-k log-probabilities at T, their ids, and the mass r of the other tokens, taken as one outcome:
     sum_topk p (log p - log q) + r (log r - log q_tail). Equal to `kl_to_teacher` where k covers the vocabulary."""
     vocab, k = student_logits.shape[-1], ids.shape[-1]
-    student = student_logits.reshape(-1, vocab)
-    logprobs, ids, tail = logprobs.reshape(-1, k), ids.reshape(-1, k), tail.reshape(-1)
+    targets = (logprobs.reshape(-1, k), ids.reshape(-1, k), tail.reshape(-1))
+    return _chunked_kl(_kl_top_k_sum, student_logits.reshape(-1, vocab), targets, temperature)
+
+
+def _chunked_kl(kl_sum, student: torch.Tensor, targets: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
+    """Mean over tokens of `kl_sum(student rows, target rows..., T)` times T^2, CHUNK_TOKENS rows at a time,
+    each chunk recomputed in the backward pass."""
     total = student.new_zeros((), dtype=torch.float32)
     for start in range(0, student.shape[0], CHUNK_TOKENS):
         chunk = slice(start, start + CHUNK_TOKENS)
-        pieces = (student[chunk], logprobs[chunk], ids[chunk], tail[chunk], temperature)
+        pieces = (student[chunk], *(target[chunk] for target in targets), temperature)
         if student.requires_grad:
-            total = total + checkpoint(_kl_top_k_sum, *pieces, use_reentrant=False)
+            total = total + checkpoint(kl_sum, *pieces, use_reentrant=False)
         else:
-            total = total + _kl_top_k_sum(*pieces)
+            total = total + kl_sum(*pieces)
     return total / student.shape[0] * temperature**2
 
 

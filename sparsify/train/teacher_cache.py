@@ -68,27 +68,21 @@ def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> T
 def teacher_digest(reference: str | Path) -> str:
     """A digest of the weights a teacher reference names: the sha256 of a folder's weight files (and
     config) or of a single file; a Hub id or alias is taken by name."""
-    from sparsify.provenance import fingerprint_weights
+    from sparsify.provenance import file_sha256, fingerprint_weights
 
     path = Path(reference)
     if path.is_dir():
         parts = {name: entry["sha256"] for name, entry in fingerprint_weights(path).items()}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     if path.is_file():
-        return _file_sha256(path)
+        return file_sha256(path)
     return f"ref:{reference}"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def token_file_digest(path: Path) -> str:
-    return _file_sha256(path)
+    from sparsify.provenance import file_sha256
+
+    return file_sha256(path)
 
 
 class TeacherCache:
