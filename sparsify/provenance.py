@@ -66,6 +66,13 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def source_reference(record: dict[str, Any] | None) -> str | None:
+    """The model a recorded conversion was read from: the folder, if still there (a relative ref may not
+    resolve from here); else what the user typed; None where the record names none."""
+    source = (record or {}).get("source") or {}
+    return source["path"] if source.get("kind") == "folder" and source.get("path") and Path(source["path"]).is_dir() else source.get("ref")
+
+
 # --- the source's license ---------------------------------------------------------------------
 
 

@@ -35,16 +35,14 @@ class DistillResult:
     training: Any = None  # sparsify.train.loop.TrainResult, None with --tokens 0
 
 
-def default_run_dir(output: Path) -> Path:
-    return output.parent / f"{output.name}.run"
-
-
 def distill(model_dir: str | Path, output: str | Path, options: DistillOptions, training, *, run_dir: str | Path | None = None,
             resume: bool = False, restart: bool = False, command: str | None = None,
             on_status: Callable[[str], None] = lambda text: None, train_callbacks: dict[str, Callable] | None = None) -> DistillResult:
     """Fold the sparse model in `model_dir` into a dense student and train it (`training`: TrainOptions, or
     None to write the folded student as it is)."""
     model_dir, output = Path(model_dir), Path(output)
+    from sparsify.train.loop import default_run_dir
+
     run_dir = Path(run_dir) if run_dir else default_run_dir(output)
     options.validate()
     config, record = check_distillable(model_dir)

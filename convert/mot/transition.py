@@ -17,7 +17,7 @@ MoT's output scale rather than k times below it (the loss spike at the switch is
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -32,7 +32,7 @@ from sparsify.convert.mot.modeling_mot import MOT_FIELDS
 from sparsify.convert.mot.options import TransitionOptions
 from sparsify.errors import SparsifyError
 from sparsify.families import FAMILIES, FFN_ROLES, Family
-from sparsify.provenance import read_record
+from sparsify.provenance import read_record, source_reference
 
 INIT_FOLDER = "moe-init"  # inside the run folder: the transitioned MoE before its training
 
@@ -128,11 +128,16 @@ def plan(source: Any, options: TransitionOptions, dtype: torch.dtype) -> Convers
 
 def dense_teacher(model_dir: Path) -> str:
     """The dense model the MoT folder was converted from (recorded in its sparsify.json)."""
-    source = (read_record(model_dir) or {}).get("source") or {}
-    ref = source["path"] if source.get("kind") == "folder" and source.get("path") and Path(source["path"]).is_dir() else source.get("ref")
+    ref = source_reference(read_record(model_dir))
     if not ref:
         raise SparsifyError(f"{model_dir}/sparsify.json records no source model to learn from; pass --teacher with the dense model")
     return ref
+
+
+def _made_from(target: Path, model_dir: Path, options: TransitionOptions) -> bool:
+    """Whether `target` holds this MoT folder's transition with these options (a resumed run reuses it)."""
+    record = read_record(target) if (target / "config.json").exists() else None
+    return bool(record) and record.get("options") == asdict(options) and source_reference(record) == str(model_dir)
 
 
 def transition(model_dir: str | Path, output: str | Path, options: TransitionOptions, training, *, run_dir: str | Path | None = None,
@@ -143,10 +148,11 @@ def transition(model_dir: str | Path, output: str | Path, options: TransitionOpt
     from sparsify.atomic_output import check_output_free
     from sparsify.convert.mot import modeling  # noqa: F401 - registers MoTForCausalLM, which open_source reads
     from sparsify.sources import open_source
+    from sparsify.train.loop import default_run_dir
     from sparsify.upcycle import resolve_dtype, write_conversion
 
     model_dir, output = Path(model_dir), Path(output)
-    run_dir = Path(run_dir) if run_dir else output.parent / f"{output.name}.run"
+    run_dir = Path(run_dir) if run_dir else default_run_dir(output)
     options.validate()
     if training is not None:
         training.validate()
@@ -156,7 +162,7 @@ def transition(model_dir: str | Path, output: str | Path, options: TransitionOpt
     dtype = resolve_dtype("auto", source)
     on_status("writing the native MoE")
     target = output if training is None else run_dir / INIT_FOLDER
-    if training is not None and target.exists() and not restart:
+    if training is not None and not restart and _made_from(target, model_dir, options):
         on_status(f"reusing the transitioned MoE in {target}")
     else:
         moe_plan = plan(source, options, dtype)
@@ -164,8 +170,6 @@ def transition(model_dir: str | Path, output: str | Path, options: TransitionOpt
     top_k = json.loads((target / "config.json").read_text())["num_experts_per_tok"]
     if training is None:
         return TransitionResult(output, run_dir, top_k)
-    from dataclasses import replace
-
     from sparsify.train.loop import train
 
     training = replace(training, distillation=replace(training.distillation, teacher=teacher))

@@ -28,7 +28,7 @@ from sparsify.errors import SparsifyError
 from sparsify.experts import use_fast_experts
 from sparsify.model_folder import save_model_folder
 from sparsify.option_values import dtype_name
-from sparsify.provenance import read_record
+from sparsify.provenance import read_record, source_reference
 from sparsify.train import losses
 from sparsify.train.decisions import Decisions, find_decisions
 from sparsify.train.hidden import capture_ffn_outputs, check_matching, hidden_state_loss
@@ -288,7 +288,7 @@ def _load_data(run: _Run) -> None:
     distillation = run.options.distillation
     if distillation.cache_teacher:
         run.callbacks.on_status("opening the teacher cache")
-        vocab = json.loads((run.model_dir / "config.json").read_text())["vocab_size"]
+        vocab = run.model.get_output_embeddings().weight.shape[0]  # the logits' width, what the stored ids index
         key = CacheKey(teacher_digest(run.teacher.reference), token_file_digest(paths["train"]), data.seq_len, distillation.cache_top_k,
                        distillation.temperature, vocab)
         with run.accelerator.main_process_first():
@@ -484,9 +484,7 @@ def converted_from(record: dict[str, Any] | None, weights_change: bool = False) 
         return None
     if variant.layout(record["layout"]).has_dense_path() and not weights_change:
         return None
-    source = record.get("source") or {}
-    # The folder it was read from, if still there (a relative ref may not resolve from here); else what the user typed.
-    return source["path"] if source.get("kind") == "folder" and source.get("path") and Path(source["path"]).is_dir() else source.get("ref")
+    return source_reference(record)
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int:

@@ -110,3 +110,19 @@ def test_the_command_line_writes_the_moe_untrained_with_tokens_zero(dense_models
     assert done.returncode == 0, done.stderr
     assert "native MoE (top-3)" in done.stdout
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_experts_per_tok"] == 3
+
+
+def test_a_rerun_with_other_options_rewrites_the_untrained_moe_instead_of_reusing_it(dense_models, corpus, tmp_path):
+    mot = _mot(dense_models["llama"], tmp_path / "mot")
+
+    class Stop(Exception):
+        pass
+
+    def stop(entry):
+        raise Stop
+
+    with pytest.raises(Stop):  # killed before its first checkpoint: the untrained MoE stays in the run folder
+        transition(mot, tmp_path / "moe", TransitionOptions(top_k=1), tiny_options(corpus, tokens="512"), train_callbacks={"on_step": stop})
+    result = transition(mot, tmp_path / "moe", TransitionOptions(top_k=3), tiny_options(corpus, tokens="512"))
+    assert result.top_k == 3
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_experts_per_tok"] == 3
