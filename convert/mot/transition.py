@@ -98,6 +98,15 @@ def plan(source: Any, options: TransitionOptions, dtype: torch.dtype) -> Convers
     mot_names = {f"{prefix[layer]}{name}" for layer in layers for name in ("gate_proj", "up_proj", "down_proj", "controller.weight")}
     tensors = [passthrough(source.tensors, name, dtype) for name in kept_source_tensors(source) if name not in mot_names]
     shapes = {"gate": (size, hidden), "up": (size, hidden), "down": (hidden, size)}
+    current: dict[int, dict[str, torch.Tensor]] = {}  # the layer being written: its three stacks, read once for all E experts
+
+    def expert(layer: int, role: str, index: int) -> torch.Tensor:
+        if layer not in current:
+            current.clear()
+            current[layer] = {name: source.tensors.get(f"{prefix[layer]}{name}_proj").float() for name in FFN_ROLES}
+            current[layer]["down"] *= top_k
+        return current[layer][role][index].to(dtype).contiguous()
+
     for layer in layers:
         controller = f"{prefix[layer]}controller.weight"
         tensors.append(PlannedTensor(family.layer_name(layer, family.moe_router), (experts, hidden), dtype,
@@ -109,12 +118,10 @@ def plan(source: Any, options: TransitionOptions, dtype: torch.dtype) -> Convers
                                       lambda shape=zero[role]: torch.zeros(shape, dtype=dtype)) for role in FFN_ROLES]
             if shared.gate is not None:
                 tensors.append(PlannedTensor(family.layer_name(layer, shared.gate), (1, hidden), dtype, lambda: torch.zeros(1, hidden, dtype=dtype)))
-        for expert in range(experts):
+        for index in range(experts):
             for role in FFN_ROLES:
-                stacked, scale = f"{prefix[layer]}{role}_proj", (float(top_k) if role == "down" else 1.0)
-                tensors.append(PlannedTensor(family.layer_name(layer, family.moe_experts[role], expert=expert), shapes[role], dtype,
-                                             lambda stacked=stacked, expert=expert, scale=scale:
-                                             (source.tensors.get(stacked)[expert].float() * scale).to(dtype).contiguous()))
+                tensors.append(PlannedTensor(family.layer_name(layer, family.moe_experts[role], expert=index), shapes[role], dtype,
+                                             lambda layer=layer, role=role, index=index: expert(layer, role, index)))
     layout = MoeLayout(
         family=family.name, architecture=family.moe_architecture, experts=experts, copies=int(config.mot_copies),
         granularity=experts // int(config.mot_copies), top_k=top_k, expert_size=size, dense_d_ff=d_ff,
