@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsify.convert.moe.decisions import find_routers
-from sparsify.convert.moe.routing import route, selection_bias, settings_of
+from sparsify.convert.moe.routing import expert_load, route, selection_bias, settings_of
 
 SEQUENCES_PER_FORWARD = 8
 
@@ -53,7 +53,7 @@ def measure_usage(model: nn.Module, sequences: torch.Tensor, on_progress=lambda 
             logits = output[0] if isinstance(output, tuple) else output
             bias = selection_bias(router)
             chosen_weight, chosen = route(logits.reshape(-1, logits.shape[-1]).float(), settings_of(router), None if bias is None else bias.float())
-            counts[index].index_add_(0, chosen.reshape(-1), torch.ones(chosen.numel(), dtype=torch.float64, device=device))
+            counts[index] += expert_load(chosen, counts[index].shape[0])
             weights[index].index_add_(0, chosen.reshape(-1), chosen_weight.reshape(-1).double())
         return hook
 
