@@ -1,11 +1,14 @@
 """Mixture of Tokens against direct router training, at equal total training tokens and equal active compute.
 
     python bench/mot.py --data-dir ../shared/data --workdir /tmp/mot --out bench/results/mot.json \
-        --experts 16 --group-size 2 --tokens 10M [--transition-share 0.1] [--only STAGES] [--report-only]
+        --experts 16 --group-size 2 --tokens 10M [--mix-temperature 0.1] [--mot-start data] [--transition-share 0.1]
+        [--only STAGES] [--report-only]
 
 Rows, each on the corpus's train split (never valid or git's documentation), made with the product's calls:
   teacher              the dense model (SmolLM2-135M by default), scored as it is;
-  mot                  `upcycle --to mot --experts E --group-size G --layers L`, trained on (1 - share) x T tokens
+  mot                  `upcycle --to mot --experts E --group-size G --layers L --mix-temperature tau` (--mot-start data:
+                       coactivation experts and a fitted controller from --calibration-tokens of the train split;
+                       weights: contiguous slices, mean gate rows), trained on (1 - share) x T tokens
                        with `--grow-group-size 1:G` (controllers in full, LoRA, KL to the dense model at G = 1);
   transition-init      that MoT as a native MoE (`sparsify transition --tokens 0`): top-k = E / G, the switch itself;
   transition           the same trained on share x T tokens with the router engine (balance and z losses);
@@ -66,7 +69,10 @@ def make_mot(args) -> dict[str, Any]:
     wait_for(folder(args, "teacher"), "teacher")
     init = args.workdir / "mot-init"
     if not (init / "config.json").exists():
-        upcycle(str(folder(args, "teacher")), "mot", init, experts=args.experts, group_size=args.group_size, layers=args.layers)
+        start = ({"calibration_data": args.data, "calibration_tokens": args.calibration_tokens, "calibration_seq_len": args.calibration_seq_len}
+                 if args.mot_start == "data" else {})
+        upcycle(str(folder(args, "teacher")), "mot", init, experts=args.experts, group_size=args.group_size, layers=args.layers,
+                mix_temperature=args.mix_temperature, **start)
     tokens, _ = token_budgets(args)
     run_dir = args.workdir / "mot.run"
     started = time.perf_counter()
@@ -147,6 +153,7 @@ def switch_curve(args, steps: int = 40) -> dict[str, Any]:
 def report(args, rows: dict[str, dict[str, Any]]) -> None:
     result = {"benchmark": "mot", "model": args.model, "device": next((r.get("device") for r in rows.values()), "?"),
               "settings": {"experts": args.experts, "group_size": args.group_size, "layers": args.layers, "tokens": args.tokens,
+                           "mix_temperature": args.mix_temperature, "mot_start": args.mot_start,
                            "transition_share": args.transition_share, "train_batch": args.train_batch, "eval_tokens": args.eval_tokens,
                            "window": args.window, "batch_size": args.batch_size, **json.loads(args.train_flags)},
               "rows": [rows[name] for name in STAGES if name in rows], "switch": switch_curve(args)}
@@ -165,12 +172,14 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=2, help="G; the MoEs route top-k = experts / G.")
     parser.add_argument("--layers", default="all", help="MoT layers (the direct MoEs convert every layer; 'all' keeps it like for like).")
+    parser.add_argument("--mix-temperature", type=float, default=1.0, help="The MoT's mixture temperature (choose it with bench/mot_start.py, on tune).")
+    parser.add_argument("--mot-start", choices=("weights", "data"), default="data", help="How the MoT's experts and controllers start.")
     parser.add_argument("--tokens", default="10M", help="Training tokens of every path (the MoT path splits them with --transition-share).")
     parser.add_argument("--transition-share", type=float, default=0.1, help="Share of --tokens for transition tuning (the paper: ~10%%).")
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--train-flags", default="{}", help="More training options for every row, as JSON.")
-    parser.add_argument("--calibration-tokens", default="128k", help="Calibration text of the coactivation split (from the train split).")
+    parser.add_argument("--calibration-tokens", default="128k", help="Calibration text of the coactivation split and the MoT's data start (train split).")
     parser.add_argument("--calibration-seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--window", type=int, default=1024)

@@ -1,11 +1,13 @@
 """How far a fresh MoT conversion starts from its dense model, by group size, temperature and MoT layers.
 
     python bench/mot_start.py --data-dir ../shared/data --out bench/results/mot_start.json \
-        --experts 16 --layers all,later-half --group-sizes 1,2,4 --temperatures 1,0.3,0.1,0.03
+        --experts 16 --layers all,later-half --group-sizes 1,2,4 --temperatures 1,0.3,0.1,0.03 --starts weights,data
 
-No training: each conversion is scored as written (the controller from the experts' mean gate rows) on
+No training: each conversion is scored as written on
 the train split's hashed held-out 1% (the tune text: settings are chosen here, never on valid or the other
-domain). Perplexity, ratio to the teacher's and KL to it; windows are batched --batch-size at a time, so
+domain). Starts: weights (contiguous slices, controller from the experts' mean gate rows) and data
+(coactivation clusters and a controller fitted on --calibration-tokens of the train split, which never
+reads the held-out 1%). Perplexity, ratio to the teacher's and KL to it; windows are batched --batch-size at a time, so
 G of them mix. Runs on CPU or GPU.
 """
 
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--layers", default="all,later-half")
     parser.add_argument("--group-sizes", default="1,2,4")
     parser.add_argument("--temperatures", default="1,0.3,0.1,0.03")
+    parser.add_argument("--starts", default="weights,data", help="weights, data (calibrated on the train split)")
+    parser.add_argument("--calibration-tokens", default="128k")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -50,9 +54,13 @@ def main() -> None:
     teacher = load_model(args.model, dtype=dtype).to(device).eval()
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for layers in parse_list(args.layers):
-            folder = Path(work) / layers
-            upcycle(args.model, "mot", folder, experts=args.experts, group_size=1, layers=layers)
+        for start, layers in ((start, layers) for start in parse_list(args.starts) for layers in parse_list(args.layers)):
+            folder = Path(work) / f"{start}-{layers}"
+            calibration = ({"calibration_data": str(args.data_dir / "corpus" / "train.jsonl.gz"), "calibration_tokens": args.calibration_tokens}
+                           if start == "data" else {})
+            started = time.perf_counter()
+            upcycle(args.model, "mot", folder, experts=args.experts, group_size=1, layers=layers, **calibration)
+            print(json.dumps({"start": start, "layers": layers, "converted_seconds": round(time.perf_counter() - started, 1)}), flush=True)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
             for size in map(int, parse_list(args.group_sizes)):
                 model.set_group_size(size)
@@ -61,7 +69,7 @@ def main() -> None:
                     started = time.perf_counter()
                     quality = measure_quality(model, text, window=args.window, stride=args.window // 2, batch_size=args.batch_size,
                                               teacher=teacher)
-                    row = {"layers": layers, "group_size": size, "temperature": temperature, "perplexity": quality["model"]["perplexity"],
+                    row = {"start": start, "layers": layers, "group_size": size, "temperature": temperature, "perplexity": quality["model"]["perplexity"],
                            "ratio": quality["model"]["perplexity"] / quality["teacher"]["perplexity"], "kl": quality["vs_teacher"]["kl"],
                            "seconds": time.perf_counter() - started}
                     rows.append(row)

@@ -8,7 +8,9 @@ from sparsify.option_values import check_rules, parse_count, parse_list, require
 
 
 @dataclass
-class CalibrationOptions:
+class CalibrationTextOptions:
+    """The calibration text alone: what a conversion that measures the dense model but refits nothing takes."""
+
     calibration_data: str = field(
         default="",
         metadata={"help": "Text the dense model is measured on (files/globs: txt, jsonl, parquet, .gz; or a Hub dataset id). "
@@ -17,11 +19,6 @@ class CalibrationOptions:
     calibration_tokens: str = field(default="128k", metadata={"help": "Calibration tokens (e.g. 64k); more is slower and steadier."})
     calibration_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     calibration_field: str = field(default="text", metadata={"help": "Column holding the text in jsonl/parquet/Hub calibration data."})
-    refit: bool = field(
-        default=True,
-        metadata={"help": "With --calibration-data: re-solve each layer's down projections so that the neurons a token keeps "
-                          "reproduce the dense FFN's output on the calibration text (ridge regression towards the dense weights)."},
-    )
 
     @property
     def calibration_sources(self) -> tuple[str, ...]:
@@ -47,5 +44,18 @@ class CalibrationOptions:
 
     def record(self) -> dict:
         """What sparsify.json keeps about the calibration."""
-        return {"data": list(self.calibration_sources), "tokens": self.calibration_token_count, "seq_len": self.calibration_seq_len,
-                "refit": self.refit}
+        return {"data": list(self.calibration_sources), "tokens": self.calibration_token_count, "seq_len": self.calibration_seq_len}
+
+
+@dataclass
+class CalibrationOptions(CalibrationTextOptions):
+    """The calibration text, and whether down projections are refitted on it (prune, fine-moe)."""
+
+    refit: bool = field(
+        default=True,
+        metadata={"help": "With --calibration-data: re-solve each layer's down projections so that the neurons a token keeps "
+                          "reproduce the dense FFN's output on the calibration text (ridge regression towards the dense weights)."},
+    )
+
+    def record(self) -> dict:
+        return {**super().record(), "refit": self.refit}

@@ -82,7 +82,7 @@ def _assign_balanced(similarity: np.ndarray, size: int) -> np.ndarray:
     return assignment
 
 
-def _group_output_norms(x: torch.Tensor, ffn: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
+def group_output_norms(x: torch.Tensor, ffn: dict[str, torch.Tensor], groups: torch.Tensor) -> torch.Tensor:
     """|down_e h_e(x)| per token and routed group: (tokens, groups)."""
     count, size = groups.shape
     downs = ffn["down"][:, groups.reshape(-1)].T.reshape(count, size, -1)  # (groups, size, hidden)
@@ -124,7 +124,7 @@ def calibrated_split(activity: LayerActivity, layout: Any, seed: int, fixed_orde
     else:
         fixed_order = fixed_order.to(x.device)
         shared_neurons, groups = fixed_order[: shared * size], fixed_order[shared * size :].view(granularity - shared, size)
-    norms = _group_output_norms(x, ffn, groups)
+    norms = group_output_norms(x, ffn, groups)
     router = fit_router(x, norms)
     order = torch.cat([shared_neurons, groups.reshape(-1)])
     split = CalibratedSplit(order.cpu(), router.cpu(), _figures(x, ffn, statistics, shared_neurons, groups, norms, router, top_k))

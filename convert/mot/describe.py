@@ -20,7 +20,9 @@ class MoTLayout(Layout):
     copies: int
     temperature: float
     controller_init: str
+    split: str = "contiguous"
     family: str = ""
+    calibration: dict[str, Any] | None = None  # the calibration text, and per layer how well the fitted controller picks
     architecture: str = "MoTForCausalLM"
     dense_path: dict[str, int] | None = None  # {"group_size": 1} while G = 1 computes the teacher exactly
     grouping: str = "the sequences of a batch in order, G per group, at one position; padding takes no weight"
@@ -35,6 +37,7 @@ class MoTLayout(Layout):
             ("group size", f"{self.group_size} (1 reproduces the dense model)"),
             ("mixture temperature", f"{self.temperature:g}"),
             ("controller init", self.controller_init),
+            ("neurons per expert", "coactivation clusters" if self.split == "coactivation" else "contiguous slices"),
             ("grouping", self.grouping),
         ]
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from sparsify.convert.calibration.options import CalibrationTextOptions
 from sparsify.errors import SparsifyError
 from sparsify.option_values import check_rules, require
 
 LAYER_CHOICES = ("later-half", "all")  # or explicit indices: "0-3,8"
-CONTROLLER_INITS = ("weights",)
+CONTROLLER_INITS = ("weights", "data")
+SPLITS = ("contiguous", "coactivation")
 
 
 def mot_layers(spec: str, num_layers: int) -> list[int]:
@@ -33,7 +35,7 @@ def mot_layers(spec: str, num_layers: int) -> list[int]:
 
 
 @dataclass
-class MoTOptions:
+class MoTOptions(CalibrationTextOptions):
     experts: int = field(default=32, metadata={"help": "E: experts per MoT layer, each a slice of the FFN's neurons (of its copies)."})
     group_size: int = field(
         default=8,
@@ -47,11 +49,27 @@ class MoTOptions:
     )
     layers: str = field(default="later-half", metadata={"help": "Which FFNs become MoT: later-half (the paper's choice), all, or indices like 12-29."})
     mix_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the mixture over a group's tokens (1.0 in every paper config)."})
-    controller_init: str = field(
-        default="weights",
-        metadata={"help": "How the controller (d x E) starts: weights = each expert's mean gate-projection row, so a token "
-                          "weighs more in the expert whose neurons it drives harder."},
+    controller_init: str | None = field(
+        default=None,
+        metadata={"help": "How the controller (d x E) starts: weights = each expert's mean gate-projection row; data = fitted "
+                          "on --calibration-data so that, per expert, the token whose output the expert adds most to gets "
+                          "the largest logit (what a mixture at low temperature should pick). Default: data with "
+                          "--calibration-data, else weights."},
     )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Which neurons form an expert: contiguous slices, or coactivation (neurons that matter for the same "
+                          "calibration tokens go together; needs --calibration-data). Default: coactivation with "
+                          "--calibration-data, else contiguous."},
+    )
+
+    @property
+    def chosen_controller_init(self) -> str:
+        return self.controller_init or ("data" if self.calibrated else "weights")
+
+    @property
+    def chosen_split(self) -> str:
+        return self.split or ("coactivation" if self.calibrated else "contiguous")
 
     def validate(self) -> None:
         check_rules(self, (
@@ -61,7 +79,14 @@ class MoTOptions:
             ("mix_temperature", lambda v: v > 0, "must be above 0"),
         ))
         require(self.experts % self.copies == 0, f"--experts {self.experts} must be a multiple of --copies {self.copies} (each copy is sliced alike)")
-        require(self.controller_init in CONTROLLER_INITS, f"--controller-init must be one of {', '.join(CONTROLLER_INITS)}, got '{self.controller_init}'")
+        require(self.controller_init is None or self.controller_init in CONTROLLER_INITS,
+                f"--controller-init must be one of {', '.join(CONTROLLER_INITS)}, got '{self.controller_init}'")
+        require(self.split is None or self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}, got '{self.split}'")
+        needs_data = [flag for flag, value in (("--controller-init data", self.chosen_controller_init == "data"),
+                                               ("--split coactivation", self.chosen_split == "coactivation")) if value]
+        require(self.calibrated or not needs_data,
+                f"{' and '.join(needs_data)} measure{'s' if len(needs_data) == 1 else ''} the dense model on text: pass --calibration-data FILES (e.g. some of your training text)")
+        self.validate_calibration()
         if self.layers not in LAYER_CHOICES:
             mot_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
 

@@ -7,9 +7,13 @@ factors add up to 1), which is what the model computes at group size 1. Every ot
 unchanged under its own name; the architecture is `MoTForCausalLM` with its modeling file written next
 to the weights (auto_map).
 
-Controller (d x E, fp32), `--controller-init weights`: column e is the mean of expert e's gate-projection
+With `--split coactivation` the slices are of the neurons in a calibrated order (calibrate.py) instead of
+in place; any order of the neurons sums to the same FFN.
+
+Controller (d x E, fp32): `--controller-init weights`: column e is the mean of expert e's gate-projection
 rows, so x . C[:, e] is the mean pre-activation of the expert's neurons: within a group, the token that
-drives the expert's neurons hardest weighs most in its mixture.
+drives the expert's neurons hardest weighs most in its mixture. `--controller-init data`: fitted on
+calibration text to rank tokens by the expert's output size (calibrate.py). Copies of a slice start alike.
 """
 
 from __future__ import annotations
@@ -58,9 +62,18 @@ def plan(source: Any, options: MoTOptions, dtype: torch.dtype, on_progress: Prog
         if any(name not in names for name in by_role.values()):
             raise SparsifyError(f"layer {layer} has no dense FFN weights named like {by_role['gate']}; is this a dense {family.name} checkpoint?")
 
+    calibrated = {}
+    if options.chosen_split == "coactivation" or options.chosen_controller_init == "data":
+        from sparsify.convert.mot.calibrate import calibrate_mot
+
+        calibrated = calibrate_mot(source, options, layers, per_copy, on_progress)
+
     def experts_of(layer: int, role: str) -> torch.Tensor:
         """(E, m, d) for gate and up; (E, d, m) for down, scaled by 1/copies."""
         weight = source.tensors.get(ffn[layer][role])
+        if options.chosen_split == "coactivation":
+            order = calibrated[layer].groups.reshape(-1)
+            weight = weight[:, order] if role == "down" else weight[order]
         if role == "down":
             slices = weight.float().view(hidden, per_copy, size).permute(1, 0, 2) / copies
         else:
@@ -68,8 +81,10 @@ def plan(source: Any, options: MoTOptions, dtype: torch.dtype, on_progress: Prog
         return slices.repeat(copies, 1, 1).to(dtype).contiguous()
 
     def controller(layer: int) -> torch.Tensor:
-        gate = source.tensors.get(ffn[layer]["gate"]).float().view(per_copy, size, hidden)
-        return gate.mean(dim=1).T.repeat(1, copies).contiguous()  # (d, E): copies of a slice start alike
+        if options.chosen_controller_init == "data":
+            return calibrated[layer].controller.repeat(1, copies).contiguous()  # (d, E): copies of a slice start alike
+        gate = experts_of(layer, "gate").float()[:per_copy]
+        return gate.mean(dim=1).T.repeat(1, copies).contiguous()
 
     replaced = {name for by_role in ffn.values() for name in by_role.values()}
     shapes = {"gate": (experts, size, hidden), "up": (experts, size, hidden), "down": (experts, hidden, size)}
@@ -100,7 +115,9 @@ def plan(source: Any, options: MoTOptions, dtype: torch.dtype, on_progress: Prog
     }
     layout = MoTLayout(
         mot_layers=layers, experts=experts, expert_size=size, group_size=options.group_size, copies=copies,
-        temperature=options.mix_temperature, controller_init=options.controller_init, family=config.model_type,
+        temperature=options.mix_temperature, controller_init=options.chosen_controller_init, split=options.chosen_split,
+        family=config.model_type,
+        calibration={**options.record(), "layers": {str(layer): c.figures for layer, c in calibrated.items()}} if calibrated else None,
         # At group size 1 the student computes the dense model: training takes its teacher from its own weights this way.
         dense_path={"group_size": 1},
     )

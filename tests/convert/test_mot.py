@@ -168,11 +168,45 @@ def test_a_growth_that_does_not_end_at_the_models_group_size_is_refused(mot_mode
     (dict(layers="1-7"), r"--layers 1-7 names layers outside 0-1"),
     (dict(layers="late"), r"--layers takes later-half, all or indices"),
     (dict(group_size=0), r"group.size"),
+    (dict(controller_init="data"), r"--controller-init data measures the dense model on text: pass --calibration-data"),
+    (dict(split="coactivation"), r"--split coactivation measures the dense model on text"),
+    (dict(controller_init="random"), r"--controller-init must be one of weights, data"),
 ])
 def test_bad_mot_options_are_refused_before_writing(options, match, dense_models, tmp_path):
     with pytest.raises(SparsifyError, match=match):
         upcycle(str(dense_models["llama"]), "mot", tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_data_driven_start_is_exact_at_group_size_one_and_its_controller_ranks_tokens(family, dense_models, corpus, tmp_path):
+    """Coactivation clusters reorder the neurons (any order sums to the FFN); the fitted controller
+    gives each expert, of two calibration tokens, to the one it adds more to, better than chance."""
+    output = upcycle(str(dense_models[family]), "mot", tmp_path / "mot", experts=4, group_size=1, layers="all",
+                     calibration_data=str(corpus["train"]), calibration_tokens="2k", calibration_seq_len=64).output
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(output).eval()(IDS).logits
+    torch.testing.assert_close(logits, _teacher_logits(dense_models[family], IDS), rtol=0, atol=1e-5)
+    layout = json.loads((output / "sparsify.json").read_text())["layout"]
+    assert (layout["controller_init"], layout["split"]) == ("data", "coactivation")
+    assert layout["calibration"]["tokens"] == 2000 and set(layout["calibration"]["layers"]) == {"0", "1"}
+    for figures in layout["calibration"]["layers"].values():
+        assert figures["pair_agreement"] > 0.6 and figures["spearman"] > 0.3
+
+
+def test_the_fitted_controller_recovers_a_linear_ranking():
+    """When the shares are a linear score plus noise, the fit ranks tokens, per expert, like the shares."""
+    from sparsify.convert.mot.calibrate import fit_controller
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=generator)
+    truth = torch.randn(16, 3, generator=generator)
+    norms = x @ truth + 0.1 * torch.randn(4096, 3, generator=generator)
+    controller = fit_controller(x, norms)
+    logits = x @ controller
+    assert torch.allclose(logits.std(dim=0), torch.ones(3), atol=1e-4)
+    agreement = ((logits[:2048] > logits[2048:]) == (norms[:2048] > norms[2048:])).float().mean()
+    assert agreement > 0.95
 
 
 def test_an_moe_source_is_refused(dense_models, tmp_path):
