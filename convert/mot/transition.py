@@ -2,7 +2,7 @@
 sparse MoE (Token Choice, per-token top-k, no batch dependence) initialised with its weights, then
 trains briefly with the router-training engine (balance and z losses, KL to the dense teacher).
 
-The mapping, per MoT layer: the controller C (d x E) becomes the router (E x d) as it is, the experts
+The mapping, per MoT layer: the controller C (d x E) becomes the router (E x d), scaled (below), the experts
 copy as they are, and every other tensor passes through. The target is the family's native MoE: Mixtral
 (llama, mistral), Qwen2-MoE, Qwen3-MoE. Where only some layers were MoT, the others stay dense FFNs via
 the target's `mlp_only_layers` (Qwen2-MoE for llama and mistral, with q/k/v biases off, since Mixtral has
@@ -11,7 +11,12 @@ no dense layers).
 Scale: a MoT token receives each of the E experts' outputs at about 1/G weight (a softmax over G
 tokens), i.e. about E/G = k experts' worth; a Token Choice token receives k experts at renormalised
 weights summing to 1. The down projections are multiplied by k so that the first step starts at the
-MoT's output scale rather than k times below it (the loss spike at the switch is what remains).
+MoT's output scale rather than k times below it (the loss spike at the switch is what remains). That
+holds when the k renormalised weights are near-equal, so the router is the controller's direction with
+its logits made small: each row is scaled to norm ROUTER_ROW_NORM / sqrt(d), about fine-moe's router
+logit scale for unit-RMS inputs. Dividing by the mixture temperature instead (the first version) made
+the router of a low-temperature MoT nearly one-hot, so the top expert got k times its output: on the
+H100 run with tau = 0.03 the switch went from perplexity 535 to 4436 and did not recover in 1M tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ from sparsify.families import FAMILIES, FFN_ROLES, Family
 from sparsify.provenance import read_record, source_reference
 
 INIT_FOLDER = "moe-init"  # inside the run folder: the transitioned MoE before its training
+
+
+# Router logits of a unit-RMS input have std about ROUTER_ROW_NORM / sqrt(d) x sqrt(d) / sqrt(d)... kept
+# small on purpose: the chosen experts start near-equal (see the module docstring).
+ROUTER_ROW_NORM = 0.1
+
+
+def router_rows(controller: torch.Tensor) -> torch.Tensor:
+    """(E, d) router rows from a controller (d, E): each column's direction, at norm ROUTER_ROW_NORM."""
+    columns = controller.float().T
+    return columns * (ROUTER_ROW_NORM / columns.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @dataclass
@@ -110,7 +126,7 @@ def plan(source: Any, options: TransitionOptions, dtype: torch.dtype) -> Convers
     for layer in layers:
         controller = f"{prefix[layer]}controller.weight"
         tensors.append(PlannedTensor(family.layer_name(layer, family.moe_router), (experts, hidden), dtype,
-                                     lambda name=controller: (source.tensors.get(name).float().T / float(config.mot_temperature)).to(dtype).contiguous()))
+                                     lambda name=controller: router_rows(source.tensors.get(name)).to(dtype).contiguous()))
         if family.shared_expert is not None:  # a target that always builds one (Qwen2-MoE): width 0, gate 0
             shared = family.shared_expert
             zero = {"gate": (0, hidden), "up": (0, hidden), "down": (hidden, 0)}

@@ -72,7 +72,7 @@ class OptimisationOptions:
     lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the LoRA adapters; auto: the rate tuned for the model's variant (2e-3 fine-moe and prune, else 1e-3)."})
     router_lr: float | None = field(default=None, metadata={"help": "Peak learning rate of the routers or gates (trained in full); auto: the rate tuned for the model's variant (1e-2 fine-moe, else 5e-3)."})
     expert_lr: float = field(default=1e-4, metadata={"help": "Peak learning rate of the expert weights with --train-experts full (not tuned yet)."})
-    warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps (then cosine decay to 0)."})
+    warmup: float = field(default=0.05, metadata={"help": "Warm-up fraction of the steps, at least 10 steps (at most a quarter of them) unless 0 (then cosine decay to 0)."})
     router_first: float = field(default=0.0, metadata={"help": "Fraction of the steps that train only the routers or gates, adapters frozen; the adapters then warm up and decay over the rest."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})

@@ -12,7 +12,7 @@ from support import tiny_options
 from sparsify.errors import SparsifyError
 from sparsify.train.hidden import capture_ffn_outputs, check_matching, ffn_modules, hidden_state_loss
 from sparsify.train.loop import train
-from sparsify.train.schedule import Phases
+from sparsify.train.schedule import Phases, warmup_steps
 
 
 def _log(result) -> dict[int, dict]:
@@ -24,12 +24,18 @@ def test_adapter_schedule_starts_after_the_router_phase():
     adapters, decisions = phases.adapters(), phases.decisions()
     assert phases.router_steps == 20
     assert [adapters(s) for s in (0, 19, 20)] == [0.0, 0.0, 0.0]  # frozen, then the first warm-up step
-    assert adapters(21) == pytest.approx(1 / 8)  # warm-up over 10% of the remaining 80 steps
-    assert adapters(28) == pytest.approx(1.0) and adapters(100) == pytest.approx(0.0)
+    assert adapters(21) == pytest.approx(1 / 10)  # 10% of the remaining 80 steps is 8: raised to the 10-step minimum
+    assert adapters(30) == pytest.approx(1.0) and adapters(100) == pytest.approx(0.0)
     assert decisions(10) == pytest.approx(1.0) and decisions(5) == pytest.approx(0.5)  # the decisions' schedule is unchanged
     assert [phases.adapters_frozen(step) for step in (1, 20, 21)] == [True, True, False]
     plain = Phases(total_steps=100, warmup=0.1)
     assert all(plain.adapters()(s) == plain.decisions()(s) for s in range(101))  # without the phase: one schedule
+
+
+def test_short_runs_still_warm_up():
+    assert [warmup_steps(0.05, steps) for steps in (19, 61, 200, 1000)] == [4, 10, 10, 50]
+    assert warmup_steps(0.0, 19) == 0  # no warm-up, when asked for
+    assert Phases(total_steps=19, warmup=0.05).decisions()(1) == pytest.approx(1 / 4)
 
 
 def test_router_first_trains_the_routers_alone_then_the_adapters(students, corpus, tmp_path):
@@ -44,9 +50,10 @@ def test_router_first_trains_the_routers_alone_then_the_adapters(students, corpu
         assert a[step]["kl"] == pytest.approx(b[step]["kl"], rel=1e-5, abs=1e-7), step
         if step <= 6:  # a frozen adapter has no gradient, so it does not count in the clipping norm either
             assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-4), step
-    assert all(a[step]["lr"] == 0.0 for step in range(1, 6)) and a[6]["lr"] > 0  # the adapters' rate for the next step
+    # The adapters' rate for the next step: 0 while frozen and at the start of their 1-step warm-up, then up.
+    assert all(a[step]["lr"] == 0.0 for step in range(1, 7)) and a[7]["lr"] > 0
     assert a[12]["kl"] != pytest.approx(b[12]["kl"], rel=1e-4)  # then the adapters train
-    assert c[3]["kl"] != pytest.approx(b[3]["kl"], rel=1e-4)  # without the phase they train from the start
+    assert c[5]["kl"] != pytest.approx(b[5]["kl"], rel=1e-4)  # without the phase they train from the start (3-step warm-up)
 
 
 def test_hidden_state_loss_is_normalised_per_layer():
