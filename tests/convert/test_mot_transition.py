@@ -72,7 +72,10 @@ def test_the_controller_becomes_the_router_and_top_k_defaults_to_experts_over_gr
     result = transition(mot, tmp_path / "moe", TransitionOptions(), None)
     assert result.top_k == 2  # 4 experts / G 2
     before, after = load_file(mot / "model.safetensors"), load_file(result.output / "model.safetensors")
-    torch.testing.assert_close(after["model.layers.1.block_sparse_moe.gate.weight"], before["model.layers.1.mlp.controller.weight"].T / 2.0)
+    # The controller's directions at row norm 0.1, whatever the mixture temperature (small logits: the chosen experts start near-equal).
+    controller = before["model.layers.1.mlp.controller.weight"].T
+    router = after["model.layers.1.block_sparse_moe.gate.weight"].float()
+    torch.testing.assert_close(router, 0.1 * controller / controller.norm(dim=1, keepdim=True), rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(after["model.layers.1.block_sparse_moe.experts.3.w1.weight"], before["model.layers.1.mlp.gate_proj"][3])
     torch.testing.assert_close(after["model.layers.1.block_sparse_moe.experts.3.w2.weight"], before["model.layers.1.mlp.down_proj"][3] * 2)
 

@@ -218,14 +218,17 @@ def test_the_mot_recipe_converts_trains_transitions_and_measures_both(corpus, de
     mot, moe = tmp_path / "mot", tmp_path / "moe"
     extra = [f"transition.output={moe}", f"transition.data={corpus['train']}", f"transition.eval_data={corpus['valid']}",
              "transition.tokens=512", "transition.seq_len=32", "transition.batch_size=4", "transition.eval_tokens=512",
-             "transition.eval_every=0", "transition.lora_rank=4", "upcycle.experts=4", f"eval.models=[{moe}, {mot}]"]
+             "transition.eval_every=0", "transition.lora_rank=4", "upcycle.experts=4", f"upcycle.calibration_data={corpus['train']}",
+             "upcycle.calibration_tokens=2k", "upcycle.calibration_seq_len=64", f"eval.models=[{moe}, {mot}]"]
     recipe = load_recipe("smollm2-mot", tiny(corpus, dense_models["llama"], mot, *extra))
     watch = Watch()
     run_recipe(recipe, callbacks=watch)
     assert watch.ran == ["upcycle", "train", "transition", "eval"]
-    assert json.loads((mot / "config.json").read_text())["model_type"] == "sparsify_mot"
+    assert json.loads((mot / "config.json").read_text())["mot_layers"] == [1]  # the later half of the tiny model's 2
+    assert json.loads((mot / "sparsify.json").read_text())["layout"]["controller_init"] == "data"
     config = json.loads((moe / "config.json").read_text())
-    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_experts_per_tok"] == 2  # 4 experts / G 2
+    # Partly MoT: Qwen2-MoE with layer 0 dense; top-k = 4 experts / G 2.
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["mlp_only_layers"] == [0] and config["num_experts_per_tok"] == 2
     compare = json.loads((mot.with_name(mot.name + ".run") / "eval" / "compare.json").read_text())
     assert compare["models"] == [str(moe), str(mot)] and len(compare["reports"]) == 4
     again = Watch()
