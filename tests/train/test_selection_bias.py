@@ -74,7 +74,9 @@ def test_training_moves_the_bias_and_a_resumed_run_follows_the_same_curve(sigmoi
     straight = train(sigmoid_student, options, output=tmp_path / "straight")
     log = [json.loads(line) for line in (straight.run_dir / "log.jsonl").read_text().splitlines()]
     steps = [entry for entry in log if "kl" in entry]
-    assert len(steps) == 8 and all(entry["load_max_over_mean"] >= 1 and entry["selection_bias_abs"] > 0 for entry in steps)
+    assert len(steps) == 8 and all(entry["load_max_over_mean"] >= 1 for entry in steps)
+    # Logged every step; it moves by +-rate per expert and step, so it can pass through 0 on the way.
+    assert all("selection_bias_abs" in entry for entry in steps) and max(entry["selection_bias_abs"] for entry in steps) > 0
     trained = _biases(straight.output)
     assert all(bias.abs().max() > 0 for bias in trained)  # moved, and saved with the merged model
     assert all(bias.abs().max() <= 8 * 0.01 + 1e-6 for bias in trained)  # one rate-sized move per step at most
