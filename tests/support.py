@@ -4,8 +4,11 @@ test folder (pytest's `pythonpath` setting in pyproject.toml)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -132,3 +135,23 @@ def assert_decodes_alike_in_low_precision(got: tuple, want: tuple, share: float 
                 best_two = row_want.topk(2).values
                 assert best_two[0] - best_two[1] <= 2 * tolerance, f"sequence {sequence} step {step}: different token, no near-tie"
                 break
+
+
+# Run in a fresh interpreter where importing sparsify fails: what a user without sparsify gets.
+_FORWARD_WITHOUT_SPARSIFY = r"""
+import sys, json, torch
+sys.modules["sparsify"] = None
+from transformers import AutoModelForCausalLM
+folder, ids, out, remote = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3], sys.argv[4] == "1"
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+with torch.no_grad():
+    torch.save({"type": type(model).__name__, "logits": model(ids).logits}, out)
+"""
+
+
+def forward_without_sparsify(folder, ids: torch.Tensor, work, trust_remote_code: bool = True):
+    """(completed process, {"type": model class name, "logits": logits of `ids`} or None when it failed)."""
+    out = Path(work) / "forward_without_sparsify.pt"
+    done = subprocess.run([sys.executable, "-c", _FORWARD_WITHOUT_SPARSIFY, str(folder), json.dumps(ids.tolist()), str(out),
+                           "1" if trust_remote_code else "0"], capture_output=True, text=True, timeout=300)
+    return done, (torch.load(out) if done.returncode == 0 else None)

@@ -93,13 +93,24 @@ def group_output_norms(x: torch.Tensor, ffn: dict[str, torch.Tensor], groups: to
     return torch.cat(norms)
 
 
+def ridge_fit(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """W (hidden, outputs) minimising |x W - target|^2 + RIDGE * mean eigenvalue of x^T x * |W|^2."""
+    gram = x.T @ x
+    ridge = RIDGE * gram.diagonal().mean()
+    return torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device, dtype=x.dtype), x.T @ target)
+
+
+def coactivation_groups(statistics: NeuronStatistics, neurons: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`neurons` split into `count` equal groups of neurons that matter for the same tokens: (count, size)."""
+    clusters = balanced_kmeans(statistics.profiles[neurons], count, seed).to(neurons.device)
+    return torch.stack([neurons[clusters == c] for c in range(count)])
+
+
 def fit_router(x: torch.Tensor, norms: torch.Tensor, logit_std: float = ROUTER_LOGIT_STD) -> torch.Tensor:
     """Rows W (groups, hidden) with x W^T ranking each token's groups like `norms` does."""
     target = norms - norms.mean(dim=1, keepdim=True)
     target = target / target.std(dim=1, keepdim=True).clamp_min(1e-12)
-    gram = x.T @ x
-    ridge = RIDGE * gram.diagonal().mean()
-    rows = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device), x.T @ target).T
+    rows = ridge_fit(x, target).T
     logits = x @ rows.T
     return rows * (logit_std / logits.std().clamp_min(1e-12))
 
@@ -119,8 +130,7 @@ def calibrated_split(activity: LayerActivity, layout: Any, seed: int, fixed_orde
         by_importance = statistics.mean_importance.argsort(descending=True)
         shared_neurons = by_importance[: shared * size].sort().values
         routed = by_importance[shared * size :].sort().values
-        clusters = balanced_kmeans(statistics.profiles[routed], granularity - shared, seed).to(routed.device)
-        groups = torch.stack([routed[clusters == c] for c in range(granularity - shared)])  # (groups, size)
+        groups = coactivation_groups(statistics, routed, granularity - shared, seed)  # (groups, size)
     else:
         fixed_order = fixed_order.to(x.device)
         shared_neurons, groups = fixed_order[: shared * size], fixed_order[shared * size :].view(granularity - shared, size)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from sparsify.convert.base import Progress, no_progress
-from sparsify.convert.moe.clustering import RIDGE, balanced_kmeans, group_output_norms
+from sparsify.convert.calibration.neurons import NeuronStatistics
+from sparsify.convert.moe.clustering import coactivation_groups, group_output_norms, ridge_fit
 
 CONTROLLER_LOGIT_STD = 1.0
 
@@ -44,10 +45,7 @@ class CalibratedMoTLayer:
 
 def fit_controller(x: torch.Tensor, scores: torch.Tensor, logit_std: float = CONTROLLER_LOGIT_STD) -> torch.Tensor:
     """Columns C (hidden, experts) whose logits x C rank tokens, per expert, like `scores` (tokens, experts) does."""
-    target = (scores - scores.mean(dim=0)) / scores.std(dim=0).clamp_min(1e-12)
-    gram = x.T @ x
-    ridge = RIDGE * gram.diagonal().mean()
-    columns = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], device=x.device, dtype=x.dtype), x.T @ target)
+    columns = ridge_fit(x, (scores - scores.mean(dim=0)) / scores.std(dim=0).clamp_min(1e-12))
     return columns * (logit_std / (x @ columns).std(dim=0).clamp_min(1e-12))
 
 
@@ -58,25 +56,18 @@ def _figures(x: torch.Tensor, shares: torch.Tensor, controller: torch.Tensor) ->
     half = x.shape[0] // 2
     first, second = slice(0, half), slice(half, 2 * half)
     agree = ((logits[first] > logits[second]) == (shares[first] > shares[second])).float().mean()
-    ranks = lambda t: t.argsort(dim=0).argsort(dim=0).float()  # noqa: E731 - a one-line helper
-    a, b = ranks(logits), ranks(shares)
+    a, b = (t.argsort(dim=0).argsort(dim=0).float() for t in (logits, shares))  # ranks per expert
     a, b = a - a.mean(0), b - b.mean(0)
     spearman = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)
     return {"pair_agreement": float(agree), "spearman": float(spearman.mean())}
 
 
 def calibrate_mot_layer(x: torch.Tensor, ffn: dict[str, torch.Tensor], experts: int, split: str, seed: int) -> CalibratedMoTLayer:
-    from sparsify.convert.calibration.neurons import NeuronStatistics
-
-    d_ff = ffn["gate"].shape[0]
-    size = d_ff // experts
+    neurons = torch.arange(ffn["gate"].shape[0], device=x.device)
     if split == "coactivation":
-        statistics = NeuronStatistics.measure(x, ffn)
-        clusters = balanced_kmeans(statistics.profiles, experts, seed).to(x.device)
-        neurons = torch.arange(d_ff, device=x.device)
-        groups = torch.stack([neurons[clusters == c] for c in range(experts)])
+        groups = coactivation_groups(NeuronStatistics.measure(x, ffn), neurons, experts, seed)
     else:
-        groups = torch.arange(d_ff, device=x.device).view(experts, size)
+        groups = neurons.view(experts, -1)
     norms = group_output_norms(x, ffn, groups)
     shares = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-30)
     controller = fit_controller(x, shares)

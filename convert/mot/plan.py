@@ -68,23 +68,28 @@ def plan(source: Any, options: MoTOptions, dtype: torch.dtype, on_progress: Prog
 
         calibrated = calibrate_mot(source, options, layers, per_copy, on_progress)
 
+    def ordered(layer: int, role: str) -> torch.Tensor:
+        """The dense weight in fp32 with its neurons in expert order (calibrated, or as they are)."""
+        weight = source.tensors.get(ffn[layer][role]).float()
+        if options.chosen_split != "coactivation":
+            return weight
+        order = calibrated[layer].groups.reshape(-1)
+        return weight[:, order] if role == "down" else weight[order]
+
     def experts_of(layer: int, role: str) -> torch.Tensor:
         """(E, m, d) for gate and up; (E, d, m) for down, scaled by 1/copies."""
-        weight = source.tensors.get(ffn[layer][role])
-        if options.chosen_split == "coactivation":
-            order = calibrated[layer].groups.reshape(-1)
-            weight = weight[:, order] if role == "down" else weight[order]
+        weight = ordered(layer, role)
         if role == "down":
-            slices = weight.float().view(hidden, per_copy, size).permute(1, 0, 2) / copies
+            slices = weight.view(hidden, per_copy, size).permute(1, 0, 2) / copies
         else:
-            slices = weight.float().view(per_copy, size, hidden)
+            slices = weight.view(per_copy, size, hidden)
         return slices.repeat(copies, 1, 1).to(dtype).contiguous()
 
     def controller(layer: int) -> torch.Tensor:
+        """(d, E) in fp32; copies of a slice start alike."""
         if options.chosen_controller_init == "data":
-            return calibrated[layer].controller.repeat(1, copies).contiguous()  # (d, E): copies of a slice start alike
-        gate = experts_of(layer, "gate").float()[:per_copy]
-        return gate.mean(dim=1).T.repeat(1, copies).contiguous()
+            return calibrated[layer].controller.repeat(1, copies).contiguous()
+        return ordered(layer, "gate").view(per_copy, size, hidden).mean(dim=1).T.repeat(1, copies).contiguous()
 
     replaced = {name for by_role in ffn.values() for name in by_role.values()}
     shapes = {"gate": (experts, size, hidden), "up": (experts, size, hidden), "down": (experts, hidden, size)}

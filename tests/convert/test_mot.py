@@ -5,28 +5,16 @@ equal to recomputation for a fixed batch, the group-size schedule, bad options r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from support import IDS, tiny_options
+from support import IDS, forward_without_sparsify, tiny_options
 
 from sparsify.convert.mot.decisions import group_size_at
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
-
-VANILLA = r"""
-import sys, json, torch
-sys.modules["sparsify"] = None  # prove the folder needs nothing from sparsify
-from transformers import AutoModelForCausalLM
-folder, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save({"type": type(model).__name__, "logits": model(ids).logits}, out)
-"""
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -48,10 +36,8 @@ def _teacher_logits(folder, ids, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("copies", [1, 3])
 def test_group_size_one_reproduces_the_teacher_without_sparsify_installed(family, copies, dense_models, tmp_path):
     output = upcycle(str(dense_models[family]), "mot", tmp_path / "mot", experts=6, copies=copies, group_size=1, layers="all").output
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, result = forward_without_sparsify(output, IDS, tmp_path)
     assert done.returncode == 0, done.stderr
-    result = torch.load(tmp_path / "out.pt")
     assert result["type"] == "MoTForCausalLM"
     torch.testing.assert_close(result["logits"], _teacher_logits(dense_models[family], IDS), rtol=0, atol=1e-5)
     record = json.loads((output / "sparsify.json").read_text())
@@ -149,10 +135,9 @@ def test_training_grows_the_group_size_from_the_exact_model_and_learns(mot_model
     assert sizes == [2, 2, 2, 2, 4, 4, 4, 4]  # 8 steps, END from step 5 (--grow-fraction 0.5); no steps at G = 1
     assert result.history[0]["kl"] > 0.01  # tokens mix from the first step
     assert result.after["kl"] < result.before["kl"]  # held out, at G = 4
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(result.output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, loaded = forward_without_sparsify(result.output, IDS, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert torch.load(tmp_path / "out.pt")["type"] == "MoTForCausalLM"
+    assert loaded["type"] == "MoTForCausalLM"
 
 
 def test_a_growth_that_does_not_end_at_the_models_group_size_is_refused(mot_models, corpus, tmp_path):

@@ -6,29 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from support import IDS, sparsify_command, tiny_options
+from support import IDS, forward_without_sparsify, sparsify_command, tiny_options
 
 from sparsify.convert.mot.options import TransitionOptions
 from sparsify.convert.mot.transition import transition
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
-
-VANILLA = r"""
-import sys, json, torch
-sys.modules["sparsify"] = None  # a native MoE: nothing from sparsify, no remote code
-from transformers import AutoModelForCausalLM
-folder, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
-with torch.no_grad():
-    torch.save({"type": type(model).__name__, "logits": model(ids).logits}, out)
-"""
 
 
 def _mot(dense, folder, layers="all", uniform=False, group_size_override=2, **options):
@@ -55,12 +44,10 @@ def test_uniform_routers_over_every_expert_give_back_the_dense_model_without_spa
     result = transition(mot, tmp_path / "moe", TransitionOptions(top_k=4), None)
     config = json.loads((result.output / "config.json").read_text())
     assert config["architectures"] == [architecture] and config.get("mlp_only_layers") == dense_layers
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(result.output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, got = forward_without_sparsify(result.output, IDS, tmp_path, trust_remote_code=False)
     assert done.returncode == 0, done.stderr
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(dense_models[family]).eval()(IDS).logits
-    got = torch.load(tmp_path / "out.pt")
     assert got["type"] == architecture
     torch.testing.assert_close(got["logits"], expected, rtol=0, atol=1e-5)
     record = json.loads((result.output / "sparsify.json").read_text())

@@ -6,27 +6,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from support import IDS, randomise_gates, record_gate_decisions
+from support import IDS, forward_without_sparsify, randomise_gates, record_gate_decisions
 
 from sparsify.errors import SparsifyError
 from sparsify.upcycle import upcycle
 
-
-VANILLA = r"""
-import sys, json, torch
-sys.modules["sparsify"] = None  # prove the folder needs nothing from sparsify
-from transformers import AutoModelForCausalLM
-folder, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save({"type": type(model).__name__, "logits": model(ids).logits}, out)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +26,9 @@ def skip_models(dense_models, tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_open_gates_reproduce_the_teacher_without_sparsify_installed(family, skip_models, dense_models, tmp_path):
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(skip_models[family]), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, loaded = forward_without_sparsify(skip_models[family], IDS, tmp_path)
     assert done.returncode == 0, done.stderr
-    result = torch.load(tmp_path / "out.pt")
+    result = loaded
     teacher = AutoModelForCausalLM.from_pretrained(dense_models[family]).eval()
     with torch.no_grad():
         expected = teacher(IDS).logits
@@ -199,8 +187,7 @@ def test_a_tiny_training_run_lowers_the_skip_loss_and_keeps_kl_bounded(skip_mode
     first, last = result.history[0], result.history[-1]
     assert last["skip"] < 0.5 * first["skip"]  # measured: 0.30 -> ~0 (the hinge is satisfied)
     assert result.after["skip_rate"] > 0.15 and result.after["kl"] < 0.5  # measured: ~37% skipped, KL ~0.1
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(result.output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, loaded = forward_without_sparsify(result.output, IDS, tmp_path)
     assert done.returncode == 0, done.stderr  # the trained folder still carries its modeling code
     record = json.loads((result.output / "sparsify.json").read_text())
     assert record["variant"] == "skip" and record["layout"]["dense_path"] is None
@@ -287,11 +274,10 @@ def test_skip_freeze_writes_a_folder_that_serves_its_threshold_and_frozen_gates(
     served = AutoModelForCausalLM.from_pretrained(output).eval()
     assert served.config.frozen_gates == frozen
     assert served.gates["attention"][0].weight.dtype == torch.float32
-    done = subprocess.run([sys.executable, "-c", VANILLA, str(output), json.dumps(IDS.tolist()), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, timeout=300)
+    done, loaded = forward_without_sparsify(output, IDS, tmp_path)
     assert done.returncode == 0, done.stderr  # remote code honours the frozen gates too
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "out.pt")["logits"], served(IDS).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded["logits"], served(IDS).logits, rtol=0, atol=1e-5)
     refused = subprocess.run([*sparsify_command(), "skip-freeze", str(output), "-o", str(output), "--data", str(corpus["train"])],
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "already exists" in refused.stderr
