@@ -13,9 +13,12 @@ Rows, each on the corpus's train split (never valid or git's documentation), mad
   transition-init      that MoT as a native MoE (`sparsify transition --tokens 0`): top-k = E / G, the switch itself;
   transition           the same trained on share x T tokens with the router engine (balance and z losses);
   direct-contiguous    `upcycle --to fine-moe --granularity E --top-k E/G` (neurons in order), routers trained on T tokens;
-  direct-coactivation  the same with `--split coactivation` from calibration text (the best path of the conversion-quality work).
-Every MoE row has E experts of d_ff / E neurons and top-k E / G: the same active FFN compute (1/G of the dense FFN) as
-the MoT. Scored on tune (the train split's hashed held-out 1%), valid and ood (git's documentation): perplexity,
+  direct-coactivation  the same with `--split coactivation` from calibration text (the best path of the conversion-quality work);
+  speed                prefill and decode tokens/s of the rows' models against the teacher's under the same harness
+                       (eval/cost.py): the CUDA-graph engine for the dense and native MoE models, transformers'
+                       `generate` for those and the MoT (whose mixing needs a batch of G or more to save compute).
+Every MoE row has E experts of d_ff / E neurons and top-k E / G in the same --layers as the MoT (the others dense):
+the same active FFN compute (1/G of the dense FFN in those layers) as the MoT. Scored on tune (the train split's hashed held-out 1%), valid and ood (git's documentation): perplexity,
 ratio to the teacher's, KL to the teacher. The MoT is scored in batches of --batch-size windows, so it mixes
 windows of the same text (its batch dependence). The KL curve around the switch (the MoT's last steps, the
 transition's first) goes in the report. Rows go to WORKDIR/rows.jsonl as they finish; a stage whose input is
@@ -33,6 +36,8 @@ from typing import Any
 from staged_rows import RowLog, export_model, heldout_texts, wait_for
 
 STAGES = ("teacher", "mot", "transition-init", "transition", "direct-contiguous", "direct-coactivation")
+# Which rows' models each decode engine times (the graph engine runs dense and native MoE models, not the MoT).
+SPEED_ENGINES = {"graph": ("teacher", "transition", "direct-contiguous", "direct-coactivation"), "hf": ("teacher", "mot", "transition")}
 DIRECT_SPLITS = {"direct-contiguous": {"split": "contiguous"},
                  "direct-coactivation": {"split": "coactivation", "calibration_data": "{train}", "calibration": True}}
 
@@ -109,7 +114,8 @@ def make_direct(args, name: str) -> dict[str, Any]:
     if options.pop("calibration", False):
         options |= {"calibration_tokens": args.calibration_tokens, "calibration_seq_len": args.calibration_seq_len}
     if not (init / "config.json").exists():
-        upcycle(str(folder(args, "teacher")), "fine-moe", init, granularity=args.experts, top_k=args.experts // args.group_size, **options)
+        upcycle(str(folder(args, "teacher")), "fine-moe", init, granularity=args.experts, top_k=args.experts // args.group_size,
+                layers=args.layers, **options)
     from sparsify.option_values import parse_count
 
     tokens = parse_count(args.tokens)
@@ -140,6 +146,41 @@ def score(model_dir: Path, teacher, evaluation: dict[str, Any], args) -> dict[st
     return out
 
 
+def measure_speeds(args, sample) -> dict[str, Any]:
+    """Prefill and decode tokens/s of each row's model under each engine, and each figure's ratio to the
+    teacher's under the same engine and batch (above 1: faster than dense); models the run made only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsify.eval.cost import measure_speed
+    from sparsify.experts import use_fast_experts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a dry run of the code path, not a figure
+    figures: dict[str, dict[str, Any]] = {}
+    for engine, names in SPEED_ENGINES.items():
+        for name in names:
+            if not (folder(args, name) / "config.json").exists():
+                continue
+            model = AutoModelForCausalLM.from_pretrained(folder(args, name), dtype=torch.bfloat16).to(device).eval()
+            use_fast_experts(model)
+            speeds = measure_speed(model, sample, batch_sizes=[int(b) for b in args.speed_batches.split(",")], prompt_len=args.prompt_len,
+                                   decode_tokens=args.decode_tokens, warmup=2, repeats=args.speed_repeats, pad_token_id=0, decode_engine=engine)
+            figures.setdefault(engine, {})[name] = {batch: {key: entry[key] for key in entry if not key.endswith("_bytes")}
+                                                    for batch, entry in speeds.items()}
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for engine, rows in figures.items():
+        dense = rows.get("teacher", {})
+        for name, batches in rows.items():
+            for batch, entry in batches.items():
+                for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                    mine, base = entry.get(key, {}).get("median"), dense.get(batch, {}).get(key, {}).get("median")
+                    if mine and base:
+                        entry[key.replace("tokens_per_s", "vs_dense")] = mine / base
+    return figures
+
+
 def switch_curve(args, steps: int = 40) -> dict[str, Any]:
     """Training KL per step: the MoT's last `steps`, then the transition's first `steps`."""
     def log(run: str) -> list[dict[str, Any]]:
@@ -156,11 +197,12 @@ def report(args, rows: dict[str, dict[str, Any]]) -> None:
                            "mix_temperature": args.mix_temperature, "mot_start": args.mot_start,
                            "transition_share": args.transition_share, "train_batch": args.train_batch, "eval_tokens": args.eval_tokens,
                            "window": args.window, "batch_size": args.batch_size, **json.loads(args.train_flags)},
-              "rows": [rows[name] for name in STAGES if name in rows], "switch": switch_curve(args)}
+              "rows": [rows[name] for name in STAGES if name in rows], "switch": switch_curve(args),
+              "speed": rows.get("speed", {}).get("speed")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({"table": {name: {t: {k: round(v, 4) for k, v in s.items() if k in ("perplexity", "ratio", "kl")}
-                                       for t, s in rows[name]["scores"].items()} for name in rows}}), flush=True)
+                                       for t, s in rows[name]["scores"].items()} for name in rows if name in STAGES}}), flush=True)
 
 
 def main() -> None:
@@ -171,7 +213,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=2, help="G; the MoEs route top-k = experts / G.")
-    parser.add_argument("--layers", default="all", help="MoT layers (the direct MoEs convert every layer; 'all' keeps it like for like).")
+    parser.add_argument("--layers", default="all", help="The MoT's layers, and the direct MoEs' (the others stay dense FFNs).")
     parser.add_argument("--mix-temperature", type=float, default=1.0, help="The MoT's mixture temperature (choose it with bench/mot_start.py, on tune).")
     parser.add_argument("--mot-start", choices=("weights", "data"), default="data", help="How the MoT's experts and controllers start.")
     parser.add_argument("--tokens", default="10M", help="Training tokens of every path (the MoT path splits them with --transition-share).")
@@ -184,7 +226,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--only", default="", help="Stages to run (comma-separated), of: " + ", ".join(STAGES))
+    parser.add_argument("--speed-batches", default="1,16", help="speed: batch sizes.")
+    parser.add_argument("--prompt-len", type=int, default=256, help="speed: prompt tokens per sequence.")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="speed: new tokens per decode timing.")
+    parser.add_argument("--speed-repeats", type=int, default=5)
+    parser.add_argument("--only", default="", help="Stages to run (comma-separated), of: " + ", ".join(STAGES) + ", speed (last: it times "
+                                                   "the models the workdir holds)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     args.data = str(args.data_dir / "corpus" / "train.jsonl.gz")
@@ -202,7 +249,7 @@ def main() -> None:
     makers = {"teacher": make_teacher, "mot": make_mot, "transition-init": lambda a: make_transition(a, False),
               "transition": lambda a: make_transition(a, True), **{name: (lambda a, n=name: make_direct(a, n)) for name in DIRECT_SPLITS}}
     evaluation = heldout_texts(args.data_dir, load_tokenizer(args.model), args.eval_tokens)
-    wanted = set(parse_list(args.only)) if args.only else set(STAGES)
+    wanted = set(parse_list(args.only)) if args.only else {*STAGES, "speed"}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = None
     for name in STAGES:
@@ -216,6 +263,9 @@ def main() -> None:
             teacher = AutoModelForCausalLM.from_pretrained(folder(args, "teacher"), dtype=dtype).to(device).eval()
         rows.append({"name": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "made": made,
                      "scores": score(folder(args, name), teacher, evaluation, args), "seconds": time.perf_counter() - started})
+    if "speed" in wanted and "speed" not in rows.recorded() and torch.cuda.is_available():
+        rows.append({"name": "speed", "device": torch.cuda.get_device_name(), "scores": {},
+                     "speed": measure_speeds(args, evaluation["tune"].ids)})
     report(args, rows.recorded())
 
 

@@ -237,9 +237,15 @@ def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.dense_model_types)
 
 
-def family_for(model_type: str, shared_experts: bool = False, routing: str | None = None) -> Family:
+def holds_dense_layers(family: Family) -> bool:
+    """Whether the target can keep some layers as dense FFNs (Qwen2-MoE's and Qwen3-MoE's `mlp_only_layers`)."""
+    return "mlp_only_layers" in family.moe_config_fixed
+
+
+def family_for(model_type: str, shared_experts: bool = False, routing: str | None = None, dense_layers: bool = False) -> Family:
     """The first family that converts `model_type`; with `shared_experts`, the first whose target has one;
-    with `routing`, the first whose router works that way."""
+    with `routing`, the first whose router works that way; with `dense_layers`, the first whose target can
+    keep some layers dense."""
     families = [family for family in FAMILIES if model_type in family.dense_model_types]
     if not families:
         raise SparsifyError(
@@ -248,9 +254,14 @@ def family_for(model_type: str, shared_experts: bool = False, routing: str | Non
         )
     if routing is not None and routing not in ROUTING_KINDS:
         raise SparsifyError(f"--routing must be one of {', '.join(ROUTING_KINDS)}, got '{routing}'")
-    fitting = [f for f in families if (routing is None or f.routing.kind == routing) and (not shared_experts or f.shared_expert)]
+    wanted = [f for f in families if (routing is None or f.routing.kind == routing) and (not shared_experts or f.shared_expert)]
+    fitting = [f for f in wanted if not dense_layers or holds_dense_layers(f)]
     if fitting:
         return fitting[0]
+    if wanted:  # only the dense layers are missing
+        raise SparsifyError(f"{wanted[0].moe_architecture}, the target of {model_type} with these options, makes every layer an MoE; "
+                            "converting only some layers needs a target with dense layers (softmax routing: drop --routing sigmoid), "
+                            "or use --layers all")
     if routing is not None and shared_experts:
         others = sorted({f.routing.kind for f in families if f.shared_expert} - {routing})
         hint = f"use --routing {others[0]}" if others else "use --shared-experts 0"

@@ -47,6 +47,41 @@ def parse_numbers(text: str, kind: type, flag: str, accepts=lambda value: True, 
     return values
 
 
+LAYER_CHOICES = ("later-half", "all")  # or explicit indices: "0-3,8"
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """The layers a `--layers` flag names: later-half, all, or indices and ranges ("0-3,8"). Check the form
+    alone with a large `num_layers`; the model's own count is checked when it is opened."""
+    if spec == "later-half":
+        return list(range(num_layers // 2, num_layers))
+    if spec == "all":
+        return list(range(num_layers))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise SparsifyError(f"--layers takes later-half, all or indices like 0-3,8; got '{spec}'") from None
+        chosen.update(range(low, high + 1))
+    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
+    if outside or not chosen:
+        raise SparsifyError(f"--layers {spec} names layers outside 0-{num_layers - 1}" if outside else f"--layers {spec} names no layer")
+    return sorted(chosen)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[15, 16, 17, 20] -> '15-17, 20': what parse_layers reads back."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
 def parse_list(text: str) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']: every comma-separated flag (data sources, suites, targets)."""
     return [part.strip() for part in text.split(",") if part.strip()]

@@ -174,21 +174,24 @@ def _figures(x, ffn, statistics: NeuronStatistics, shared_neurons, groups, norms
 
 
 def calibrate_layers(source: Any, options: Any, layout: Any, on_progress=lambda stage, done, total: None,
-                     refit: bool = False) -> tuple[list[CalibratedSplit], str | None]:
-    """Every layer's calibrated split, computed while the model runs layer by layer on `options`'
-    calibration text (a CalibrationOptions), each layer seeing the layers before it converted; and why
-    the down projections were not refitted although asked (too few tokens), or None."""
+                     refit: bool = False, layers: list[int] | None = None) -> tuple[list[CalibratedSplit | None], str | None]:
+    """Every layer's calibrated split (None for a layer outside `layers`, which stays dense), computed while
+    the model runs layer by layer on `options`' calibration text (a CalibrationOptions), each layer seeing
+    the layers before it converted; and why the down projections were not refitted although asked (too
+    few tokens), or None."""
     from sparsify.convert.calibration.runner import calibration_blocks, layer_activity
     from sparsify.convert.moe.experts import neuron_order
 
     blocks = calibration_blocks(source, options)
-    layers = int(source.config.num_hidden_layers)
     refusal = refit_refusal(blocks.numel(), int(source.config.intermediate_size)) if refit else None
     refit = refit and refusal is None
-    on_progress("calibrating", 0, layers)
+    on_progress("calibrating", 0, int(source.config.num_hidden_layers))
     spill = TensorSpill() if refit else None
     splits = []
     for activity in layer_activity(source, blocks, on_layer=lambda done, total: on_progress("calibrating", done, total)):
+        if layers is not None and activity.layer not in layers:
+            splits.append(None)  # a dense layer: the next one sees its dense output
+            continue
         d_ff = activity.ffn["gate"].shape[0]
         fixed = None
         if layout.split != "coactivation":

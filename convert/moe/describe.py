@@ -12,6 +12,7 @@ from typing import Any
 from sparsify.convert.variant import Layout
 from sparsify.errors import SparsifyError
 from sparsify.families import FAMILIES, Family
+from sparsify.option_values import layer_ranges
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class MoeLayout(Layout):
     shared_expert_size: int = 0  # its d_ff: S * d_ff / G
     calibration: dict[str, Any] | None = None  # data, tokens, and per-layer figures of a calibrated split or router
     dense_path: DensePath | None = None
+    layers: list[int] | None = None  # the MoE layers where only some are (the others dense FFNs); None: every layer
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> MoeLayout:
@@ -57,8 +59,10 @@ class MoeLayout(Layout):
                         else f"{self.experts} routed = {copies} {'copy' if copies == 1 else 'copies'} x ({self.granularity} - {self.shared_experts} shared)"),
             ("active experts per token (top-k)", str(self.top_k)),
             ("expert size", f"{self.expert_size} (dense d_ff {self.dense_d_ff})"),
-            ("FFN compute per token vs dense", f"{self.active_ffn_ratio:.2f}x"),
+            ("FFN compute per token vs dense", f"{self.active_ffn_ratio:.2f}x" + (" in the MoE layers" if self.layers else "")),
         ]
+        if self.layers:
+            rows.insert(0, ("MoE layers", f"{layer_ranges(self.layers)} (the others dense)"))
         if self.routing != "softmax":  # softmax is every other target's; only the exception is worth a row
             rows.append(("routing", "sigmoid, per-expert selection bias (loss-free balancing)"))
         if self.shared_experts:
@@ -169,6 +173,7 @@ def routing_plot(summary: dict[str, Any], folder: Path, plt: Any) -> Path:
     image = axis.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
     axis.set_xlabel("expert")
     axis.set_ylabel("layer")
+    axis.set_yticks(range(len(rows)), [str(layer["layer"]) for layer in summary["layers"]])  # MoE layers only, where some are dense
     axis.set_title(f"tokens per expert / even share\n({summary['tokens']:,} tokens, top-{summary['top_k']} of {summary['num_experts']})",
                    fontsize=10)
     figure.colorbar(image, ax=axis)

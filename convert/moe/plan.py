@@ -23,6 +23,7 @@ from sparsify.convert.moe.describe import DensePath, MoeLayout
 from sparsify.convert.moe.options import FineMoeOptions, MoeOptions
 from sparsify.errors import SparsifyError
 from sparsify.families import FFN_ROLES, Family, check_representable, family_for
+from sparsify.option_values import parse_layers
 
 
 def dense_d_ff(config: Any) -> int:
@@ -58,9 +59,9 @@ def moe_config(family: Family, dense_config: Any, layout: ExpertLayout, dtype: t
     return config
 
 
-def _layer_ffn_names(family: Family, names: set[str], layers: int) -> dict[int, dict[str, str]]:
+def _layer_ffn_names(family: Family, names: set[str], layers: list[int]) -> dict[int, dict[str, str]]:
     found = {}
-    for layer in range(layers):
+    for layer in layers:
         roles = {role: family.layer_name(layer, family.dense_ffn[role]) for role in FFN_ROLES}
         missing = [n for n in roles.values() if n not in names]
         if missing:
@@ -70,12 +71,14 @@ def _layer_ffn_names(family: Family, names: set[str], layers: int) -> dict[int, 
 
 
 def plan_moe_tensors(
-    family: Family, source: Any, layout: ExpertLayout, dtype: torch.dtype, calibrated: list[CalibratedSplit] | None = None
+    family: Family, source: Any, layout: ExpertLayout, dtype: torch.dtype, calibrated: list[CalibratedSplit | None] | None = None,
+    layers: list[int] | None = None,
 ) -> list[PlannedTensor]:
+    """Every tensor of the target: `layers`' FFNs (default every layer) as routers and experts, the rest as they are."""
     reader, config = source.tensors, source.config
     names = reader.names()
     hidden, d_ff = int(config.hidden_size), dense_d_ff(config)
-    ffn_names = _layer_ffn_names(family, set(names), int(config.num_hidden_layers))
+    ffn_names = _layer_ffn_names(family, set(names), list(range(int(config.num_hidden_layers))) if layers is None else layers)
     ffn_to_layer = {name: layer for layer, roles in ffn_names.items() for name in roles.values()}
     plan: list[PlannedTensor] = []
     emitted: set[int] = set()
@@ -144,7 +147,7 @@ def _then_release(produce, experts: LayerExperts) -> torch.Tensor:
 
 
 def layout_record(family: Family, layout: ExpertLayout, d_ff: int, calibration: dict[str, Any] | None = None,
-                  refitted: bool = False) -> MoeLayout:
+                  refitted: bool = False, layers: list[int] | None = None) -> MoeLayout:
     size = d_ff // layout.granularity
     return MoeLayout(
         family=family.name,
@@ -166,28 +169,35 @@ def layout_record(family: Family, layout: ExpertLayout, d_ff: int, calibration: 
         calibration=calibration,
         # Refitted down projections no longer add up to the dense FFN: training then needs the source as its teacher.
         dense_path=None if refitted else DensePath(list(range(layout.routed_per_copy)), 1.0 / layout.expert_scale),
+        layers=layers,
     )
 
 
 def plan(source: Any, options: MoeOptions | FineMoeOptions, dtype: torch.dtype, on_progress: Progress = no_progress) -> ConversionPlan:
     layout = options.layout()
-    family = family_for(source.config.model_type, shared_experts=layout.shared > 0, routing=options.routing)
+    total = int(source.config.num_hidden_layers)
+    layers = parse_layers(options.layers, total)
+    every_layer = len(layers) == total
+    family = family_for(source.config.model_type, shared_experts=layout.shared > 0, routing=options.routing, dense_layers=not every_layer)
     layout = replace(layout, routing=family.routing.kind)
     d_ff = dense_d_ff(source.config)
     layout.validate(d_ff)
     config = moe_config(family, source.config, layout, dtype)  # refuses what the target cannot represent before calibrating
+    if not every_layer:
+        config["mlp_only_layers"] = [layer for layer in range(total) if layer not in layers]
     calibrated, calibration = None, None
     # Refit solves for the fitted router's choices, so it needs that router (and one copy, which it models).
     refitted = layout.router_init == "calibrated" and options.refit and layout.copies == 1 and not layout.exactness().exact
     if layout.calibrated:
-        calibrated, refusal = calibrate_layers(source, options, layout, on_progress, refit=refitted)
+        calibrated, refusal = calibrate_layers(source, options, layout, on_progress, refit=refitted, layers=layers)
         refitted = refitted and refusal is None
-        calibration = {**options.record(), "refit": refitted, **({"refit_skipped": refusal} if refusal else {}), "layers": [split.figures for split in calibrated],
-                       **{f"mean_{key}": sum(split.figures[key] for split in calibrated) / len(calibrated) for key in calibrated[0].figures}}
+        figures = [split.figures for split in calibrated if split is not None]
+        calibration = {**options.record(), "refit": refitted, **({"refit_skipped": refusal} if refusal else {}), "layers": figures,
+                       **{f"mean_{key}": sum(f[key] for f in figures) / len(figures) for key in figures[0]}}
     return ConversionPlan(
         config=config,
-        tensors=plan_moe_tensors(family, source, layout, dtype, calibrated),
-        layout=layout_record(family, layout, d_ff, calibration, refitted),
+        tensors=plan_moe_tensors(family, source, layout, dtype, calibrated, layers),
+        layout=layout_record(family, layout, d_ff, calibration, refitted, None if every_layer else layers),
         exactness=layout.exactness(),
         tags=["moe", "mixture-of-experts", *options.tags],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -18,16 +19,21 @@ class ExpertRoutingProbe(Probe):
 
     kind = "moe"
 
-    def __init__(self, routers: list[nn.Module]):
+    def __init__(self, routers: list[nn.Module], layers: list[int] | None = None):
         super().__init__(routers)
         self.routers = routers
+        self.layers = layers or list(range(len(routers)))  # the model's layer index of each router (some layers may be dense)
         self.kinds = [settings_of(router).kind for router in routers]
         self.reset()
 
     @classmethod
     def find(cls, model: nn.Module) -> ExpertRoutingProbe | None:
         routers = find_routers(model)
-        return cls(routers) if routers else None
+        if not routers:
+            return None
+        names = {id(module): name for name, module in model.named_modules()}
+        found = [re.search(r"layers\.(\d+)\.", names.get(id(router), "")) for router in routers]
+        return cls(routers, [int(m.group(1)) for m in found] if all(found) else None)
 
     def reset(self) -> None:
         self.counts = [torch.zeros(r.weight.shape[0], dtype=torch.long) for r in self.routers]
@@ -46,7 +52,7 @@ class ExpertRoutingProbe(Probe):
             experts, tokens = counts.numel(), max(self.tokens[i], 1)
             mean = counts.sum().item() / experts
             layers.append({
-                "layer": i,
+                "layer": self.layers[i],
                 "load": counts.tolist(),
                 "imbalance": counts.max().item() / mean if mean else 0.0,
                 "entropy": self.entropy_sums[i] / tokens,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsify.convert.variant import Layout
+from sparsify.option_values import layer_ranges
 
 MODEL_TYPE = "sparsify_mot"
 
@@ -29,10 +30,8 @@ class MoTLayout(Layout):
 
     def rows(self) -> list[tuple[str, str]]:
         layers = self.mot_layers
-        contiguous = layers == list(range(layers[0], layers[-1] + 1))
-        span = (f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])) if contiguous else ", ".join(map(str, layers))
         return [
-            ("MoT layers", f"{span} ({len(layers)} layer{'s' if len(layers) > 1 else ''})"),
+            ("MoT layers", f"{layer_ranges(layers)} ({len(layers)} layer{'s' if len(layers) > 1 else ''})"),
             ("experts", f"{self.experts} x {self.expert_size} neurons" + (f" (from {self.copies} copies of the FFN)" if self.copies > 1 else "")),
             ("group size", f"{self.group_size} (1 reproduces the dense model)"),
             ("mixture temperature", f"{self.temperature:g}"),

@@ -7,31 +7,10 @@ from typing import ClassVar
 
 from sparsify.convert.calibration.options import CalibrationTextOptions
 from sparsify.errors import SparsifyError
-from sparsify.option_values import check_rules, require
+from sparsify.option_values import LAYER_CHOICES, check_rules, parse_layers, require
 
-LAYER_CHOICES = ("later-half", "all")  # or explicit indices: "0-3,8"
 CONTROLLER_INITS = ("weights", "data")
 SPLITS = ("contiguous", "coactivation")
-
-
-def mot_layers(spec: str, num_layers: int) -> list[int]:
-    """The layers `--layers` names: later-half (the paper's configs), all, or indices and ranges ("0-3,8")."""
-    if spec == "later-half":
-        return list(range(num_layers // 2, num_layers))
-    if spec == "all":
-        return list(range(num_layers))
-    chosen: set[int] = set()
-    for part in spec.split(","):
-        first, _, last = part.strip().partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise SparsifyError(f"--layers takes later-half, all or indices like 0-3,8; got '{spec}'") from None
-        chosen.update(range(low, high + 1))
-    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
-    if outside or not chosen:
-        raise SparsifyError(f"--layers {spec} names layers outside 0-{num_layers - 1}" if outside else f"--layers {spec} names no layer")
-    return sorted(chosen)
 
 
 @dataclass
@@ -88,7 +67,7 @@ class MoTOptions(CalibrationTextOptions):
                 f"{' and '.join(needs_data)} measure{'s' if len(needs_data) == 1 else ''} the dense model on text: pass --calibration-data FILES (e.g. some of your training text)")
         self.validate_calibration()
         if self.layers not in LAYER_CHOICES:
-            mot_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
+            parse_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
 
 
 @dataclass
@@ -122,8 +101,16 @@ def parse_growth(text: str) -> tuple[int, int]:
     return low, high
 
 
+# The routers' peak learning rate of transition training. They start as the controllers' directions at
+# small logits (transition.py), where the MoE variants' rate (5e-3 to 1e-2, tuned for routers trained from
+# scratch) scrambles them within the warm-up: on SmolLM2-135M (later half, E16 G2, 1M tokens, H100) the
+# KL to the teacher rose from 0.32 to 0.53 by step 5 and the tune-split perplexity ended at 15.5, worse than
+# the untrained switch (14.4); 5e-4, 1e-4 and 2e-5 ended at 14.1, 13.5 and 13.5 (chosen on tune; valid and
+# git's documentation unread). bench/results/mot_later_half_10m_smollm2_h100/tau0.03.
+TRANSITION_ROUTER_LR = 1e-4
+
 # `sparsify transition` trains briefly (the paper: ~10% of the MoT's steps) unless told otherwise.
-TRANSITION_TRAINING_DEFAULTS = {"tokens": "1M"}
+TRANSITION_TRAINING_DEFAULTS = {"tokens": "1M", "router_lr": TRANSITION_ROUTER_LR}
 
 
 @dataclass

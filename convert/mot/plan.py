@@ -26,9 +26,10 @@ from sparsify.checkpoint_writer import PlannedTensor
 from sparsify.convert.base import DROPPED_CONFIG_KEYS, ConversionPlan, Exactness, Progress, kept_source_tensors, no_progress, passthrough
 from sparsify.convert.mot.describe import MoTLayout
 from sparsify.convert.mot.modeling import remote_code
-from sparsify.convert.mot.options import MoTOptions, mot_layers
+from sparsify.convert.mot.options import MoTOptions
 from sparsify.errors import SparsifyError
 from sparsify.families import FFN_ROLES, family_for
+from sparsify.option_values import parse_layers
 
 # Families whose decoder the MoT modeling code wraps (SwiGLU FFN under layers.N.mlp, no FFN biases).
 MOT_BASES = ("llama", "mistral", "qwen2", "qwen3")
@@ -45,7 +46,7 @@ def check_source(config: Any, options: MoTOptions) -> list[int]:
     if (d_ff * copies) % experts:
         raise SparsifyError(f"--experts {experts} does not divide the FFN's {d_ff} neurons x --copies {copies} into equal experts; "
                             f"pick a divisor of {d_ff * copies}")
-    return mot_layers(options.layers, int(config.num_hidden_layers))
+    return parse_layers(options.layers, int(config.num_hidden_layers))
 
 
 def plan(source: Any, options: MoTOptions, dtype: torch.dtype, on_progress: Progress = no_progress) -> ConversionPlan:

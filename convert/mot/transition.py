@@ -34,9 +34,9 @@ from sparsify.convert.base import ConversionPlan, Exactness, kept_source_tensors
 from sparsify.convert.moe.describe import MoeLayout
 from sparsify.convert.mot.describe import MODEL_TYPE
 from sparsify.convert.mot.modeling_mot import MOT_FIELDS
-from sparsify.convert.mot.options import TransitionOptions
+from sparsify.convert.mot.options import TRANSITION_ROUTER_LR, TransitionOptions
 from sparsify.errors import SparsifyError
-from sparsify.families import FAMILIES, FFN_ROLES, Family
+from sparsify.families import FFN_ROLES, Family, family_for
 from sparsify.provenance import read_record, source_reference
 
 INIT_FOLDER = "moe-init"  # inside the run folder: the transitioned MoE before its training
@@ -63,11 +63,7 @@ class TransitionResult:
 def target_family(base_model_type: str, every_layer: bool) -> Family:
     """The first softmax-routed native target of the base family that can hold the model: any, when every
     FFN is MoT; one with dense layers (`mlp_only_layers`) otherwise."""
-    for family in FAMILIES:
-        if base_model_type in family.dense_model_types and family.routing.kind == "softmax" and (
-                every_layer or "mlp_only_layers" in family.moe_config_fixed):
-            return family
-    raise SparsifyError(f"no native MoE target of {base_model_type} can hold this MoT model")
+    return family_for(base_model_type, routing="softmax", dense_layers=not every_layer)
 
 
 def dense_config(mot_config: Any):
@@ -141,7 +137,7 @@ def plan(source: Any, options: TransitionOptions, dtype: torch.dtype) -> Convers
         family=family.name, architecture=family.moe_architecture, experts=experts, copies=int(config.mot_copies),
         granularity=experts // int(config.mot_copies), top_k=top_k, expert_size=size, dense_d_ff=d_ff,
         active_ffn_ratio=top_k * size / d_ff, split={"strategy": "mot-slices", "seed": 0}, router_init="mot-controller",
-        reinit_ratio=0.0, dense_path=None,
+        reinit_ratio=0.0, dense_path=None, layers=None if layers == list(range(total)) else layers,
     )
     exact = Exactness(False, f"Token Choice (top-{top_k} of {experts} per token) in place of the MoT's mixture over {group} "
                              "tokens: transition tuning trains it back")
@@ -195,5 +191,7 @@ def transition(model_dir: str | Path, output: str | Path, options: TransitionOpt
     from sparsify.train.loop import train
 
     training = replace(training, distillation=replace(training.distillation, teacher=teacher))
+    if training.optimisation.router_lr is None:  # the library's callers get the command's default too
+        training = replace(training, optimisation=replace(training.optimisation, router_lr=TRANSITION_ROUTER_LR))
     trained = train(target, training, output=output, run_dir=run_dir, resume=resume, restart=restart, command=command, **(train_callbacks or {}))
     return TransitionResult(output, run_dir, top_k, trained)

@@ -116,3 +116,12 @@ def test_a_rerun_with_other_options_rewrites_the_untrained_moe_instead_of_reusin
     result = transition(mot, tmp_path / "moe", TransitionOptions(top_k=3), tiny_options(corpus, tokens="512"))
     assert result.top_k == 3
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_experts_per_tok"] == 3
+
+
+def test_transition_training_defaults_to_the_low_router_rate_its_small_logits_need(dense_models, corpus, tmp_path):
+    from sparsify.convert.mot.options import TRANSITION_ROUTER_LR
+
+    mot = _mot(dense_models["llama"], tmp_path / "mot")
+    result = transition(mot, tmp_path / "moe", TransitionOptions(), tiny_options(corpus, tokens="256", router_lr=None))
+    record = json.loads((result.output / "sparsify.json").read_text())
+    assert record["training"][-1]["options"]["router_lr"] == TRANSITION_ROUTER_LR == 1e-4
