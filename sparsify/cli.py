@@ -329,6 +329,51 @@ _with_options(transition, _transition_parameters())
 app.command(help=transition.__doc__)(transition)
 
 
+# --- generate ---------------------------------------------------------------------------------
+
+
+def generate(
+    model: Annotated[str, typer.Argument(help="A folder, .gguf file, alias (smollm2-135m) or Hub id; --speculative needs a skip model.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat the flag for a batch.")],
+    **options: Any,
+) -> None:
+    """Generate text. With --speculative a skip model drafts with its gates and verifies with every gate open,
+    so the output is its dense teacher's, and the summary says how many drafts were accepted."""
+    from sparsify.generate import generate as run_generate
+    from sparsify.generate_options import GenerateOptions
+
+    settings = _given(GenerateOptions, options)
+    settings.validate()
+    with err.status("starting") as status:
+        result = run_generate(model, prompt, settings, on_status=lambda text: status.update(text))
+    for text, continuation in zip(result.prompts, result.texts):
+        out.print(f"[bold]{text}[/bold]{continuation}", highlight=False, markup=True)
+    table = Table(title=f"{model}: {result.engine}")
+    rows = [("prompts", str(len(result.prompts))), ("new tokens", str(result.new_tokens)),
+            ("tokens/s (all prompts)", f"{result.tokens_per_second:.1f}")]
+    if result.speculative:
+        s = result.speculative
+        rows += [("drafted per verification", str(s["draft_tokens"])), ("verifications", str(s["rounds"])),
+                 ("drafts accepted", f"{s['acceptance_rate']:.1%}"), ("tokens per verification", f"{s['tokens_per_round']:.2f}"),
+                 ("accepted drafts 0..k (count)", " ".join(map(str, s["accepted_histogram"])))]
+    table.add_column("")
+    table.add_column("", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    err.print(table)
+
+
+def _generate_parameters() -> list[inspect.Parameter]:
+    from sparsify.generate_options import GenerateOptions
+
+    hints = typing.get_type_hints(GenerateOptions)
+    return [_option(f, hints[f.name], "Generation options", _default_text(GenerateOptions, f.name)) for f in fields(GenerateOptions)]
+
+
+_with_options(generate, _generate_parameters())
+app.command(help=generate.__doc__)(generate)
+
+
 # --- eval / compare ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,79 @@
+"""`sparsify generate`: text from any model sparsify reads, and self-speculative decoding from skip models."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sparsify.errors import SparsifyError
+from sparsify.generate_options import GenerateOptions
+
+
+@dataclass
+class GenerateResult:
+    prompts: list[str]
+    texts: list[str]  # the continuations, without the prompts
+    new_tokens: int  # generated tokens over all prompts (up to each one's end of sequence)
+    seconds: float  # wall clock of the generation (the model loaded)
+    engine: str  # "speculative" or "generate" (transformers)
+    speculative: dict[str, Any] | None = None  # SpeculativeStats.record()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
+             on_status: Callable[[str], None] = lambda text: None) -> GenerateResult:
+    import torch
+
+    from sparsify.convert.skip.speculative import Sampling, speculative_generate
+    from sparsify.sources import load_model, load_tokenizer
+
+    options.validate()
+    if not prompts:
+        raise SparsifyError("give at least one --prompt")
+    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if options.device == "auto" else options.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsifyError("--device cuda, but torch sees no GPU here; use --device cpu")
+    on_status("loading the model")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(model_ref, dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(model_ref)
+    tokenizer.padding_side = "left"  # generation continues every row from its last column
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = pad
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    sampling = Sampling(options.do_sample, options.temperature, options.top_p)
+    on_status("generating")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    stats = None
+    if options.speculative:
+        result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=options.max_new_tokens,
+                                      draft_tokens=options.draft_tokens, draft_threshold=options.draft_threshold, sampling=sampling,
+                                      generator=generator, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        sequences, stats = result.sequences, result.stats.record()
+    else:
+        torch.manual_seed(options.seed)
+        with torch.no_grad():
+            sequences = model.generate(**batch, max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
+                                       temperature=options.temperature if options.do_sample else None,
+                                       top_p=options.top_p if options.do_sample else None, pad_token_id=pad)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    new = sequences[:, batch["input_ids"].shape[1]:]
+    lengths = [_length(row.tolist(), tokenizer.eos_token_id) for row in new]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
+    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats)
+
+
+def _length(tokens: list[int], eos: int | None) -> int:
+    """Tokens up to and including the first end of sequence."""
+    return tokens.index(eos) + 1 if eos is not None and eos in tokens else len(tokens)

@@ -1,0 +1,36 @@
+"""Options of `sparsify generate` (torch-free, so `--help` and bad values answer at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsify.option_values import check_rules, require
+
+
+@dataclass
+class GenerateOptions:
+    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt."})
+    speculative: bool = field(
+        default=False,
+        metadata={"help": "Skip models: self-speculative decoding. The gates at --draft-threshold draft tokens, and the model with "
+                          "every gate open (the dense teacher) verifies them in one pass, so the output is the teacher's."},
+    )
+    draft_threshold: float | None = field(
+        default=None, metadata={"help": "--speculative: the gates' threshold while drafting (higher: more skipping); auto: the model's."})
+    draft_tokens: int = field(default=4, metadata={"help": "--speculative: tokens drafted per verification."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding (speculative sampling keeps the teacher's distribution)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu or auto (cuda when there is one)."})
+
+    def validate(self) -> None:
+        check_rules(self, (
+            ("max_new_tokens", lambda v: v >= 1, "must be at least 1"),
+            ("draft_tokens", lambda v: v >= 1, "must be at least 1"),
+            ("temperature", lambda v: v > 0, "must be above 0"),
+            ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ))
+        require(self.draft_threshold is None or 0 < self.draft_threshold < 1,
+                f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
+        require(self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got '{self.device}'")

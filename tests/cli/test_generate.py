@@ -1,0 +1,63 @@
+"""`sparsify generate` over the installed command: a skip model's speculative output is its dense
+teacher's output, text for text; bad input gets one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from support import randomise_gates, sparsify_command
+from transformers import AutoModelForCausalLM
+
+from sparsify.upcycle import upcycle
+
+PROMPTS = ["def main():", "The kernel scheduler"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*sparsify_command(), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def skip_folder(dense_models, tmp_path_factory):
+    """A skip model of the tokenized tiny llama whose gates skip about half the tokens."""
+    folder = tmp_path_factory.mktemp("generate")
+    converted = upcycle(str(dense_models["llama"]), "skip", folder / "converted").output
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    randomise_gates(model)
+    model.save_pretrained(folder / "skip")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (converted / name).exists():
+            shutil.copy(converted / name, folder / "skip" / name)
+    return folder / "skip"
+
+
+def _continuations(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.strip()]
+
+
+def test_speculative_generation_prints_the_teachers_text_and_the_acceptance(skip_folder, dense_models):
+    prompts = [arg for text in PROMPTS for arg in ("-p", text)]
+    teacher = run_cli("generate", str(dense_models["llama"]), *prompts, "--max-new-tokens", "12", "--device", "cpu")
+    assert teacher.returncode == 0, teacher.stderr
+    speculative = run_cli("generate", str(skip_folder), *prompts, "--max-new-tokens", "12", "--device", "cpu",
+                          "--speculative", "--draft-threshold", "0.6", "--draft-tokens", "3")
+    assert speculative.returncode == 0, speculative.stderr
+    assert _continuations(speculative.stdout) == _continuations(teacher.stdout)
+    assert all(any(line.startswith(p) for line in _continuations(teacher.stdout)) for p in PROMPTS)
+    assert "drafts accepted" in speculative.stderr and "tokens per verification" in speculative.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--speculative"], "drafts with a skip model's gates"),
+    (["--draft-threshold", "1.5"], "--draft-threshold must be between 0 and 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+])
+def test_bad_generation_input_gets_one_line(dense_models, args, message):
+    done = run_cli("generate", str(dense_models["llama"]), "-p", "hi", "--device", "cpu", *args)
+    assert done.returncode != 0 and message in done.stderr
+    assert "Traceback" not in done.stderr
