@@ -361,6 +361,7 @@ def generate(
     for row in rows:
         table.add_row(*row)
     err.print(table)
+    print_notes(result.notes)
 
 
 def _generate_parameters() -> list[inspect.Parameter]:

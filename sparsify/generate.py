@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from sparsify.errors import SparsifyError
@@ -18,6 +19,7 @@ class GenerateResult:
     seconds: float  # wall clock of the generation (the model loaded)
     engine: str  # "speculative" or "generate" (transformers)
     speculative: dict[str, Any] | None = None  # SpeculativeStats.record()
+    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,10 +70,25 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
+    notes = [verifier_note(model_ref)] if options.speculative and verifier_note(model_ref) else []
     new = sequences[:, batch["input_ids"].shape[1]:]
     lengths = [_length(row.tolist(), tokenizer.eos_token_id) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
-    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats)
+    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats, notes)
+
+
+def verifier_note(model_ref: str) -> str | None:
+    """Why the verified output is not the dense source's, when it is not: training merged LoRA adapters
+    into the weights, so every gate open computes the trained model rather than its source."""
+    from sparsify.provenance import read_record
+
+    folder = Path(model_ref)
+    record = read_record(folder) if (folder / "config.json").exists() else None
+    layout = (record or {}).get("layout") or {}
+    if (record or {}).get("variant") == "skip" and layout and not layout.get("dense_path"):
+        return ("this skip model's training merged LoRA adapters into its weights, so the verified output is its own full path "
+                "(every gate open), not its dense source's; train with --lora-rank 0 (gates only) to decode exactly as the source")
+    return None
 
 
 def _length(tokens: list[int], eos: int | None) -> int:

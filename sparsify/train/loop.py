@@ -448,7 +448,8 @@ def _save(run: _Run, before: dict[str, float], after: dict[str, float]) -> None:
         merged = _merged(run.model_dir, run.options, run.dtype, trainable, run.record)
         record = dict(run.record)
         variant = variant_of_record(record)
-        if variant is not None and record.get("layout"):
+        weights_changed = run.options.lora.lora_rank > 0 or run.options.lora.full_experts  # not so when only routers or gates trained
+        if variant is not None and record.get("layout") and weights_changed:
             # Merged adapters changed the weights: the dense path is no longer the teacher.
             record["layout"] = variant.layout(record["layout"]).without_dense_path().to_record()
         record["training"] = [*record.get("training", []), {

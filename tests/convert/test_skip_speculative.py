@@ -4,6 +4,8 @@ its own number of drafts; sampled tokens distributed as the teacher's)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from support import IDS, randomise_gates
@@ -28,8 +30,10 @@ def _skip_model(folder, seed=0):
 
 def _teacher_greedy(dense_folder, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     teacher = AutoModelForCausalLM.from_pretrained(dense_folder, dtype=torch.float32).eval()
+    greedy = copy.deepcopy(teacher.generation_config)
+    greedy.eos_token_id = None  # the full length, as speculative_generate without an eos_token_id (min_new_tokens would mask EOS)
     with torch.no_grad():
-        out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy, max_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=0)
     return out[0, prompt.shape[1]:].tolist()
 
@@ -98,3 +102,20 @@ def test_a_model_without_gates_is_refused(dense_weights):
     dense = AutoModelForCausalLM.from_pretrained(dense_weights["llama"]).eval()
     with pytest.raises(SparsifyError, match="drafts with a skip model's gates"):
         speculative_generate(dense, IDS[:1, :4], max_new_tokens=4)
+
+
+def test_gates_only_training_keeps_the_verifier_the_dense_source_and_merged_adapters_are_named(dense_models, corpus, tmp_path):
+    from support import tiny_options
+
+    from sparsify.generate import verifier_note
+    from sparsify.train.loop import train
+
+    converted = upcycle(str(dense_models["llama"]), "skip", tmp_path / "skip").output
+    gates_only = train(converted, tiny_options(corpus, lora_rank=0, target_skip=0.5), output=tmp_path / "gates-only").output
+    adapted = train(converted, tiny_options(corpus, target_skip=0.5), output=tmp_path / "adapted").output
+    assert verifier_note(str(gates_only)) is None
+    assert "merged LoRA adapters" in verifier_note(str(adapted))
+    model = AutoModelForCausalLM.from_pretrained(gates_only, dtype=torch.float32).eval()
+    prompt = IDS[:1, :6]
+    result = speculative_generate(model, prompt, max_new_tokens=10, draft_tokens=3, draft_threshold=0.5)
+    assert result.sequences[0, 6:].tolist() == _teacher_greedy(dense_models["llama"], prompt, 10)
