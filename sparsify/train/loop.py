@@ -605,7 +605,7 @@ def _teacher(options: TrainOptions, record: dict[str, Any], decisions: Decisions
 
 
 def _losses(run: _Run, ids: torch.Tensor, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The step's loss parts: KL to the teacher (online, or against the teacher cache), cross-entropy,
+    """The step's loss parts: the divergence to the teacher (online, or the KL against the teacher cache), cross-entropy,
     the FFN outputs' (with --hidden-weight), the decisions' own; and the total."""
     distillation = run.options.distillation
     hidden = distillation.hidden_weight > 0
@@ -619,16 +619,20 @@ def _losses(run: _Run, ids: torch.Tensor, blocks: torch.Tensor) -> dict[str, tor
     with run.decisions.watch() as seen, capture_ffn_outputs(run.model) if hidden else nullcontext({}) as student_ffn:
         out = run.model(input_ids=ids)
     parts = {"ce": _ce(out.logits, ids, track_grad=distillation.ce_weight > 0)}
+    tie, divergence = losses.DIVERGENCES[distillation.divergence]  # the teacher cache holds top-k log-probs: KL only
     if soft and run.teacher_cache is not None:
         parts["kl"] = losses.kl_to_top_k(out.logits, targets.logprobs, targets.ids, targets.tail, distillation.temperature)
     elif soft:
-        parts["kl"] = losses.kl_to_teacher(out.logits, teacher_logits, distillation.temperature)
+        parts[tie] = divergence(out.logits, teacher_logits, distillation.temperature)
+        if tie != "kl":  # the KL is still logged, so that runs with different divergences compare
+            with torch.no_grad():
+                parts["kl"] = losses.kl_to_teacher(out.logits.detach(), teacher_logits, distillation.temperature)
     if hidden:
         parts["hidden"] = hidden_state_loss(student_ffn, teacher_ffn)
     auxiliary, decision_parts = run.decisions.loss(out, seen)
     total = distillation.ce_weight * parts["ce"] + auxiliary
     if soft:
-        total = total + distillation.kl_weight * parts["kl"]
+        total = total + distillation.kl_weight * parts[tie]
     if hidden:
         total = total + distillation.hidden_weight * parts["hidden"]
     return {**parts, **decision_parts, "total": total}

@@ -50,15 +50,48 @@ def kl_to_top_k(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch
 def _chunked_kl(kl_sum, student: torch.Tensor, targets: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
     """Mean over tokens of `kl_sum(student rows, target rows..., T)` times T^2, CHUNK_TOKENS rows at a time,
     each chunk recomputed in the backward pass."""
+    return _chunked_mean(kl_sum, student, targets, temperature) * temperature**2
+
+
+def _chunked_mean(row_sum, student: torch.Tensor, targets: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
+    """Mean over tokens of `row_sum(student rows, target rows..., T)`, CHUNK_TOKENS rows at a time."""
     total = student.new_zeros((), dtype=torch.float32)
     for start in range(0, student.shape[0], CHUNK_TOKENS):
         chunk = slice(start, start + CHUNK_TOKENS)
         pieces = (student[chunk], *(target[chunk] for target in targets), temperature)
         if student.requires_grad:
-            total = total + checkpoint(kl_sum, *pieces, use_reentrant=False)
+            total = total + checkpoint(row_sum, *pieces, use_reentrant=False)
         else:
-            total = total + kl_sum(*pieces)
-    return total / student.shape[0] * temperature**2
+            total = total + row_sum(*pieces)
+    return total / student.shape[0]
+
+
+def _tvd_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    q = F.softmax(student.float() / temperature, dim=-1)
+    p = F.softmax(teacher.float() / temperature, dim=-1)
+    return (p - q).abs().sum() / 2
+
+
+def tvd_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of the total variation between the teacher's and the student's distributions at T:
+    1 - sum min(p, q), the chance that speculative sampling rejects a token the student drafted."""
+    vocab = student_logits.shape[-1]
+    return _chunked_mean(_tvd_sum, student_logits.reshape(-1, vocab), (teacher_logits.reshape(-1, vocab),), temperature)
+
+
+def _top1_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.cross_entropy(student.float() / temperature, teacher.argmax(-1), reduction="sum")
+
+
+def top1_ce_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of the student's cross-entropy on the teacher's most likely token: what greedy
+    speculative decoding accepts (the student's argmax must be the teacher's), made differentiable."""
+    vocab = student_logits.shape[-1]
+    return _chunked_mean(_top1_sum, student_logits.reshape(-1, vocab), (teacher_logits.reshape(-1, vocab),), temperature)
+
+
+# --divergence: the loss that ties the student to its teacher, and the name it is logged under.
+DIVERGENCES = {"kl": ("kl", kl_to_teacher), "tvd": ("tvd", tvd_to_teacher), "top1": ("top1_ce", top1_ce_to_teacher)}
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -132,11 +132,20 @@ class LoraOptions:
         return tuple(t for t in self.targets if not (t == "experts" and self.full_experts))
 
 
+DIVERGENCE_NAMES = ("kl", "tvd", "top1")  # sparsify/train/losses.py DIVERGENCES (this module stays torch-free)
+
+
 @dataclass
 class DistillationOptions:
     teacher: str = field(default="self", metadata={"help": "self: the dense path inside the student's frozen weights (no second model); or a model (alias, folder, .gguf, Hub id)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL-to-teacher loss."})
-    kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence to the teacher (--divergence; KL(teacher || student) by default)."})
+    divergence: str = field(
+        default="kl",
+        metadata={"help": "How the student is tied to its teacher: kl (KL(teacher || student)); tvd (total variation, the "
+                          "chance that speculative sampling rejects the student's draft); top1 (cross-entropy on the teacher's "
+                          "most likely token, what greedy speculative decoding accepts). Skip models trained as drafts: tvd or top1."},
+    )
     ce_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy (hard labels)."})
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the per-layer FFN-output loss against the teacher (MSE over the teacher's mean square, averaged over layers)."})
     cache_teacher: str = field(
@@ -157,6 +166,11 @@ class DistillationOptions:
         ))
         if self.kl_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise SparsifyError("--kl-weight, --ce-weight and --hidden-weight are all 0: nothing would tie the model to its teacher or to the text")
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise SparsifyError(f"--divergence must be one of {', '.join(DIVERGENCE_NAMES)}, not '{self.divergence}'")
+        if self.cache_teacher and self.divergence != "kl":
+            raise SparsifyError(f"--cache-teacher stores the teacher's top-k log-probabilities, which give the KL only; "
+                                f"--divergence {self.divergence} needs the teacher's forward pass every step: drop one of them")
         if self.cache_teacher and self.hidden_weight > 0:
             raise SparsifyError("--cache-teacher stores logits only, while --hidden-weight needs the teacher's forward pass every step; drop one of them")
 
