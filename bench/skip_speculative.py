@@ -8,8 +8,9 @@ threshold and draft length decodes `--prompts` prompts of `--prompt-len` tokens 
 (no setting is chosen here) at batch 1, `--new-tokens` greedy tokens each, with
 `speculative_generate` (plain transformers, eager), and the teacher with transformers' greedy
 `generate` in the same process: the same engine class. Per setting: drafts accepted, tokens per
-verification, the accepted-count histogram, decode tokens/s and its ratio to the teacher's, the
-gates' skip rate while drafting, and the share of prompts whose tokens equal the teacher's greedy
+verification, the accepted-count histogram, tokens/s of the whole call (`decode_tokens_per_s`: the
+prompt's prefill included, for both sides alike) and its ratio to the teacher's, the gates' skip rate at
+the draft threshold (measured on the prompts), and the share of prompts whose tokens equal the teacher's greedy
 tokens (bf16: a near-tie may flip a token; the CPU tests check identity in fp32). Prints JSON and
 writes --out and a PNG beside it. The CUDA-graph engine path is not built yet, so the speeds here are
 eager transformers', not the issue's target engine.

@@ -346,8 +346,10 @@ def generate(
     settings.validate()
     with err.status("starting") as status:
         result = run_generate(model, prompt, settings, on_status=lambda text: status.update(text))
-    for text, continuation in zip(result.prompts, result.texts):
-        out.print(f"[bold]{text}[/bold]{continuation}", highlight=False, markup=True)
+    from rich.text import Text
+
+    for text, continuation in zip(result.prompts, result.texts):  # as text: brackets in code are not markup, lines not re-wrapped
+        out.print(Text.assemble((text, "bold"), continuation), highlight=False, soft_wrap=True)
     table = Table(title=f"{model}: {result.engine}")
     rows = [("prompts", str(len(result.prompts))), ("new tokens", str(result.new_tokens)),
             ("tokens/s (all prompts)", f"{result.tokens_per_second:.1f}")]

@@ -49,6 +49,9 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = pad
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    # Stop where the plain path stops: the model's generation config may name several end tokens (e.g. <|eot_id|>).
+    stops = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
     generator = torch.Generator(device=device).manual_seed(options.seed)
     sampling = Sampling(options.do_sample, options.temperature, options.top_p)
     on_status("generating")
@@ -59,7 +62,7 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if options.speculative:
         result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=options.max_new_tokens,
                                       draft_tokens=options.draft_tokens, draft_threshold=options.draft_threshold, sampling=sampling,
-                                      generator=generator, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                      generator=generator, eos_token_id=stops, pad_token_id=pad)
         sequences, stats = result.sequences, result.stats.record()
     else:
         torch.manual_seed(options.seed)
@@ -72,7 +75,7 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     seconds = time.perf_counter() - started
     notes = [verifier_note(model_ref)] if options.speculative and verifier_note(model_ref) else []
     new = sequences[:, batch["input_ids"].shape[1]:]
-    lengths = [_length(row.tolist(), tokenizer.eos_token_id) for row in new]
+    lengths = [_length(row.tolist(), stops) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
     return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats, notes)
 
@@ -91,6 +94,6 @@ def verifier_note(model_ref: str) -> str | None:
     return None
 
 
-def _length(tokens: list[int], eos: int | None) -> int:
+def _length(tokens: list[int], stops: list[int]) -> int:
     """Tokens up to and including the first end of sequence."""
-    return tokens.index(eos) + 1 if eos is not None and eos in tokens else len(tokens)
+    return next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))

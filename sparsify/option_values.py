@@ -64,6 +64,9 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             low, high = int(first), int(last or first)
         except ValueError:
             raise SparsifyError(f"--layers takes later-half, all or indices like 0-3,8; got '{spec}'") from None
+        if low > high or high >= num_layers:  # checked here: a huge range is refused before it is spelled out
+            raise SparsifyError(f"--layers {spec}: range {part.strip()} runs backwards" if low > high
+                                else f"--layers {spec} names layers outside 0-{num_layers - 1}")
         chosen.update(range(low, high + 1))
     outside = sorted(i for i in chosen if not 0 <= i < num_layers)
     if outside or not chosen:

@@ -122,30 +122,40 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs
 def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, draft_tokens: int = 4,
                          draft_threshold: float | None = None, attention_mask: torch.Tensor | None = None,
                          sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-                         eos_token_id: int | None = None, pad_token_id: int = 0) -> SpeculativeResult:
+                         eos_token_id: int | list[int] | None = None, pad_token_id: int = 0) -> SpeculativeResult:
     """Generate `max_new_tokens` per row from the teacher inside `model` (a skip model), drafting with its
     gates at `draft_threshold` (default: the model's own threshold). Left-padded prompts take an
-    `attention_mask`; rows stop at `eos_token_id` and are padded with `pad_token_id` after it."""
+    `attention_mask`; rows stop at `eos_token_id` (one id or several) and are padded with `pad_token_id` after it."""
     gates = find_gates(model)
     if not gates:
         raise SparsifyError("self-speculative decoding drafts with a skip model's gates; this model has none "
                             "(make one with `sparsify upcycle MODEL --to skip` and train it)")
     if draft_tokens < 1 or max_new_tokens < 1:
         raise SparsifyError(f"--draft-tokens and --max-new-tokens must be at least 1, got {draft_tokens} and {max_new_tokens}")
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True):
+        # A sliding-window cache cannot be cropped once full, and it would count the masked slots of
+        # rejected drafts as tokens: the verifier would no longer see what the teacher sees.
+        raise SparsifyError(f"this model attends through a sliding window ({window} tokens), which self-speculative decoding "
+                            "does not support yet")
     device = input_ids.device
     batch = input_ids.shape[0]
     mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device).long()
+    if not bool(mask[:, -1].all()):
+        raise SparsifyError("pad prompts on the left (tokenizer.padding_side = 'left'): every row continues from its last column")
+    stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     thresholds = [gate.threshold for gate in gates]
     stats = SpeculativeStats(draft_tokens, accepted_histogram=[0] * (draft_tokens + 1))
     key = cache_argument(model.forward)
     try:
         with gates_open(gates):  # the prompt's K/V are the teacher's
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                        logits_to_keep=1)
         cache = returned_cache(out)
         lengths = mask.sum(-1)  # the next position of each row
         last = sampling.pick(out.logits[:, -1], generator)  # the teacher's first token, not yet in the cache
         emitted = [[int(t)] for t in last]
-        done = torch.tensor([eos_token_id is not None and int(t) == eos_token_id for t in last], device=device)
+        done = torch.tensor([int(t) in stops for t in last], device=device)
         while not all(d or len(e) >= max_new_tokens for d, e in zip(done.tolist(), emitted)):
             active = torch.tensor([not d and len(e) < max_new_tokens for d, e in zip(done.tolist(), emitted)], device=device)
             # Draft: k single-token steps with the gates deciding at the draft threshold.
@@ -184,7 +194,7 @@ def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int,
             # Row b keeps the slots of `last` and its n accepted drafts; the rest are masked for good.
             slots = torch.arange(draft_tokens + 1, device=device)
             mask[:, -(draft_tokens + 1):] = (slots[None] <= n[:, None]).long()
-            kept = int(n.max()) + 1
+            kept = int(n[active].max()) + 1  # rows already finished decide nothing
             if kept <= draft_tokens:  # slots no row kept: drop them
                 cache.crop(-(draft_tokens + 1 - kept))
                 mask = mask[:, :mask.shape[1] - (draft_tokens + 1 - kept)]
@@ -204,7 +214,7 @@ def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int,
                     if len(emitted[row]) >= max_new_tokens or done[row]:
                         break
                     emitted[row].append(token)
-                    if eos_token_id is not None and token == eos_token_id:
+                    if token in stops:
                         done[row] = True
     finally:
         for gate, threshold in zip(gates, thresholds):

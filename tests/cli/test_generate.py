@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from sparsify.upcycle import upcycle
 
-PROMPTS = ["def main():", "The kernel scheduler"]
+PROMPTS = ["def main():", "The kernel scheduler", "x = a[i] + b[/x]"]  # brackets: text, not rich markup
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

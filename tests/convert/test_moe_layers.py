@@ -68,6 +68,7 @@ def test_a_calibrated_split_of_some_layers_records_those_layers_and_trains(dense
 @pytest.mark.parametrize(("family", "options", "message"), [
     ("llama", dict(layers="0-4"), r"--layers 0-4 names layers outside 0-1"),
     ("llama", dict(layers="top"), r"--layers takes later-half, all or indices"),
+    ("llama", dict(layers="1-0"), r"range 1-0 runs backwards"),
     ("llama", dict(layers="later-half", routing="sigmoid"), r"makes every layer an MoE; converting only some layers needs"),
     ("mistral", dict(layers="later-half"), r"sliding_window=8"),  # Qwen2-MoE would drop the sliding window
 ])

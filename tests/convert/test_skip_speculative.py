@@ -98,10 +98,24 @@ def test_sampled_generation_runs_and_top_p_keeps_only_the_nucleus(skip_folders):
     assert result.sequences.shape == (2, 15) and result.stats.rounds >= 1
 
 
-def test_a_model_without_gates_is_refused(dense_weights):
+def test_inputs_it_cannot_decode_exactly_are_refused_in_one_line(dense_weights, skip_folders, tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(dense_weights["llama"]).eval()
     with pytest.raises(SparsifyError, match="drafts with a skip model's gates"):
         speculative_generate(dense, IDS[:1, :4], max_new_tokens=4)
+    sliding = AutoModelForCausalLM.from_pretrained(upcycle(str(dense_weights["mistral"]), "skip", tmp_path / "mistral").output).eval()
+    with pytest.raises(SparsifyError, match="sliding window"):
+        speculative_generate(sliding, IDS[:1, :4], max_new_tokens=4)
+    right_padded = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.raises(SparsifyError, match="pad prompts on the left"):
+        speculative_generate(_skip_model(skip_folders["llama"]), IDS[:2, :4], attention_mask=right_padded, max_new_tokens=4)
+
+
+def test_any_of_several_end_tokens_stops_a_row(skip_folders, dense_weights):
+    model = _skip_model(skip_folders["llama"])
+    first = _teacher_greedy(dense_weights["llama"], IDS[:1, :6], 8)
+    result = speculative_generate(model, IDS[:1, :6], max_new_tokens=8, draft_tokens=2, eos_token_id=[-5, first[2]], pad_token_id=-1)
+    row = result.sequences[0, 6:].tolist()
+    assert row[: row.index(first[2]) + 1] == first[: row.index(first[2]) + 1] and row[-1] == -1
 
 
 def test_gates_only_training_keeps_the_verifier_the_dense_source_and_merged_adapters_are_named(dense_models, corpus, tmp_path):
