@@ -55,18 +55,11 @@ def draft_skip_rate(model, prompt, threshold: float) -> float:
     """Share of gate decisions that skip on the prompt at the draft threshold (frozen gates excluded)."""
     import torch
 
-    from sparsify.convert.skip.decisions import find_gates, recording
+    from sparsify.convert.skip.decisions import find_gates, gates_at_threshold, recording
 
     gates = [g for g in find_gates(model) if g.forced is None]
-    saved = [g.threshold for g in gates]
-    for gate in gates:
-        gate.threshold = threshold
-    try:
-        with torch.no_grad(), recording(gates) as seen:
-            model(input_ids=prompt)
-    finally:
-        for gate, value in zip(gates, saved):
-            gate.threshold = value
+    with torch.no_grad(), gates_at_threshold(gates, threshold), recording(gates) as seen:
+        model(input_ids=prompt)
     keep = torch.cat([k.float().flatten() for _, k in seen])
     return 1.0 - float(keep.mean())
 

@@ -73,11 +73,12 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    notes = [verifier_note(model_ref)] if options.speculative and verifier_note(model_ref) else []
+    note = verifier_note(model_ref) if options.speculative else None
     new = sequences[:, batch["input_ids"].shape[1]:]
     lengths = [_length(row.tolist(), stops) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
-    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats, notes)
+    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats,
+                          [note] if note else [])
 
 
 def verifier_note(model_ref: str) -> str | None:

@@ -74,6 +74,12 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(chosen)
 
 
+def check_layers_form(spec: str) -> None:
+    """Refuse a `--layers` value that names no layers whatever the model (before the model is opened)."""
+    if spec not in LAYER_CHOICES:
+        parse_layers(spec, 10**6)
+
+
 def layer_ranges(layers: list[int]) -> str:
     """[15, 16, 17, 20] -> '15-17, 20': what parse_layers reads back."""
     runs: list[list[int]] = []

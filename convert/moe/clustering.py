@@ -175,7 +175,7 @@ def _figures(x, ffn, statistics: NeuronStatistics, shared_neurons, groups, norms
 
 def calibrate_layers(source: Any, options: Any, layout: Any, on_progress=lambda stage, done, total: None,
                      refit: bool = False, layers: list[int] | None = None) -> tuple[list[CalibratedSplit | None], str | None]:
-    """Every layer's calibrated split (None for a layer outside `layers`, which stays dense), computed while
+    """Every layer's calibrated split up to the last of `layers` (None for a layer outside them, which stays dense), computed while
     the model runs layer by layer on `options`' calibration text (a CalibrationOptions), each layer seeing
     the layers before it converted; and why the down projections were not refitted although asked (too
     few tokens), or None."""
@@ -185,10 +185,11 @@ def calibrate_layers(source: Any, options: Any, layout: Any, on_progress=lambda 
     blocks = calibration_blocks(source, options)
     refusal = refit_refusal(blocks.numel(), int(source.config.intermediate_size)) if refit else None
     refit = refit and refusal is None
-    on_progress("calibrating", 0, int(source.config.num_hidden_layers))
+    last = int(source.config.num_hidden_layers) - 1 if layers is None else max(layers)
+    on_progress("calibrating", 0, last + 1)
     spill = TensorSpill() if refit else None
     splits = []
-    for activity in layer_activity(source, blocks, on_layer=lambda done, total: on_progress("calibrating", done, total)):
+    for activity in layer_activity(source, blocks, on_layer=lambda done, total: on_progress("calibrating", done, last + 1)):
         if layers is not None and activity.layer not in layers:
             splits.append(None)  # a dense layer: the next one sees its dense output
             continue
@@ -199,4 +200,6 @@ def calibrate_layers(source: Any, options: Any, layout: Any, on_progress=lambda 
             fixed = torch.arange(d_ff) if fixed is None else fixed
         splits.append(calibrated_split(activity, layout, seed=layout.seed * 1009 + activity.layer, fixed_order=fixed,
                                        refit=refit, spill=spill))
+        if activity.layer == last:
+            break  # nothing after the last MoE layer is measured
     return splits, refusal

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from sparsify.convert.calibration.options import CalibrationOptions
 from sparsify.families import ROUTING_KINDS
-from sparsify.option_values import LAYER_CHOICES, check_rules, parse_layers, require
+from sparsify.option_values import check_layers_form, check_rules, require
 
 SPLITS = ("contiguous", "random", "coactivation")
 ROUTER_INITS = ("virtual-group", "random", "gate-mean", "calibrated")
@@ -45,8 +45,7 @@ class ExpertInitOptions:
     def validate(self) -> None:
         """What can be checked without the model (called before it is opened); the plan checks the rest."""
         require(0.0 <= self.reinit_ratio < 1.0, f"--reinit-ratio must be in [0, 1), got {self.reinit_ratio}")
-        if self.layers not in LAYER_CHOICES:
-            parse_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
+        check_layers_form(self.layers)  # the model's layer count is checked at conversion
         require(self.router_std > 0, f"--router-std must be greater than 0, got {self.router_std}")
         require(self.routing is None or self.routing in ROUTING_KINDS,
                 f"--routing must be one of {', '.join(ROUTING_KINDS)}, got '{self.routing}'")

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from sparsify.convert.calibration.options import CalibrationTextOptions
 from sparsify.errors import SparsifyError
-from sparsify.option_values import LAYER_CHOICES, check_rules, parse_layers, require
+from sparsify.option_values import check_layers_form, check_rules, require
 
 CONTROLLER_INITS = ("weights", "data")
 SPLITS = ("contiguous", "coactivation")
@@ -66,8 +66,7 @@ class MoTOptions(CalibrationTextOptions):
         require(self.calibrated or not needs_data,
                 f"{' and '.join(needs_data)} measure{'s' if len(needs_data) == 1 else ''} the dense model on text: pass --calibration-data FILES (e.g. some of your training text)")
         self.validate_calibration()
-        if self.layers not in LAYER_CHOICES:
-            parse_layers(self.layers, 10**6)  # the form only; the model's layer count is checked at conversion
+        check_layers_form(self.layers)  # the model's layer count is checked at conversion
 
 
 @dataclass

@@ -13,7 +13,7 @@ in place; any order of the neurons sums to the same FFN.
 Controller (d x E, fp32): `--controller-init weights`: column e is the mean of expert e's gate-projection
 rows, so x . C[:, e] is the mean pre-activation of the expert's neurons: within a group, the token that
 drives the expert's neurons hardest weighs most in its mixture. `--controller-init data`: fitted on
-calibration text to rank tokens by the expert's output size (calibrate.py). Copies of a slice start alike.
+calibration text to rank tokens by the expert's share of their FFN output (calibrate.py). Copies of a slice start alike.
 """
 
 from __future__ import annotations

@@ -37,6 +37,20 @@ def gates_open(gates: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
+def gates_at_threshold(gates: list[nn.Module], threshold: float | None) -> Iterator[None]:
+    """The gates deciding at `threshold` inside the block (None: as they are); frozen gates keep their decision."""
+    before = [gate.threshold for gate in gates]
+    if threshold is not None:
+        for gate in gates:
+            gate.threshold = threshold
+    try:
+        yield
+    finally:
+        for gate, value in zip(gates, before, strict=True):
+            gate.threshold = value
+
+
+@contextmanager
 def recording(gates: list[nn.Module]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Collect every gate's (probability, keep) of the forward passes run inside the block."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []

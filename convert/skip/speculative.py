@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsify.convert.skip.decisions import find_gates, gates_open
+from sparsify.convert.skip.decisions import find_gates, gates_at_threshold, gates_open
 from sparsify.convert.skip.modeling_skip import cache_argument, returned_cache
 from sparsify.errors import SparsifyError
 
@@ -43,6 +43,16 @@ class SpeculativeStats:
     def tokens_per_round(self) -> float:
         """Tokens a row gains per verification: its accepted drafts plus the teacher's own token."""
         return (self.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    def add_round(self, accepted: list[int]) -> None:
+        """One verification: the drafts each row still generating accepted."""
+        self.rounds += 1
+        self.uneven_rounds += int(len(set(accepted)) > 1)
+        self.row_rounds += len(accepted)
+        self.drafted += self.draft_tokens * len(accepted)
+        self.accepted += sum(accepted)
+        for count in accepted:
+            self.accepted_histogram[count] += 1
 
     def record(self) -> dict:
         return {"draft_tokens": self.draft_tokens, "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
@@ -118,6 +128,29 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs
     return n, tokens
 
 
+def _ones(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat([mask, mask.new_ones(mask.shape[0], columns)], dim=1)
+
+
+def _draft(model, cache, mask: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor, count: int, sampling: Sampling,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`count` tokens drafted one at a time after `last` with the gates as they are set: (B, count), and
+    their processed probabilities (B, count, V) when sampling. Their K/V stay in `cache` for the caller to crop."""
+    key = cache_argument(model.forward)
+    drafts, probs, token = [], [], last
+    for step in range(count):
+        mask = _ones(mask, 1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None], use_cache=True,
+                       **{key: cache}).logits[:, -1]
+        if sampling.do_sample:
+            probs.append(sampling.probabilities(logits))
+            token = sample(probs[-1], generator)
+        else:
+            token = logits.argmax(-1)
+        drafts.append(token)
+    return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+
 @torch.no_grad()
 def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, draft_tokens: int = 4,
                          draft_threshold: float | None = None, attention_mask: torch.Tensor | None = None,
@@ -138,88 +171,52 @@ def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int,
         # rejected drafts as tokens: the verifier would no longer see what the teacher sees.
         raise SparsifyError(f"this model attends through a sliding window ({window} tokens), which self-speculative decoding "
                             "does not support yet")
-    device = input_ids.device
-    batch = input_ids.shape[0]
+    device, batch, k = input_ids.device, input_ids.shape[0], draft_tokens
     mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device).long()
     if not bool(mask[:, -1].all()):
         raise SparsifyError("pad prompts on the left (tokenizer.padding_side = 'left'): every row continues from its last column")
     stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    thresholds = [gate.threshold for gate in gates]
-    stats = SpeculativeStats(draft_tokens, accepted_histogram=[0] * (draft_tokens + 1))
+    stats = SpeculativeStats(k, accepted_histogram=[0] * (k + 1))
     key = cache_argument(model.forward)
-    try:
-        with gates_open(gates):  # the prompt's K/V are the teacher's
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
-                        logits_to_keep=1)
+    with gates_open(gates):  # the prompt's K/V are the teacher's
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+                    logits_to_keep=1)
+    cache = returned_cache(out)
+    lengths = mask.sum(-1)  # the next position of each row
+    last = sampling.pick(out.logits[:, -1], generator)  # the teacher's first token, not yet in the cache
+    emitted = [[int(t)] for t in last]
+    done = [int(t) in stops for t in last]
+    while rows := [row for row in range(batch) if not done[row] and len(emitted[row]) < max_new_tokens]:
+        with gates_at_threshold(gates, draft_threshold):
+            drafts, draft_probs = _draft(model, cache, mask, lengths, last, k, sampling, generator)
+        cache.crop(-k)  # the drafts' K/V: verification writes the teacher's
+        # Verify: the last token and every draft in one forward pass with the gates open (the teacher).
+        mask = _ones(mask, k + 1)
+        with gates_open(gates):
+            out = model(input_ids=torch.cat([last[:, None], drafts], dim=1), attention_mask=mask,
+                        position_ids=lengths[:, None] + torch.arange(k + 1, device=device), use_cache=True, **{key: cache})
         cache = returned_cache(out)
-        lengths = mask.sum(-1)  # the next position of each row
-        last = sampling.pick(out.logits[:, -1], generator)  # the teacher's first token, not yet in the cache
-        emitted = [[int(t)] for t in last]
-        done = torch.tensor([int(t) in stops for t in last], device=device)
-        while not all(d or len(e) >= max_new_tokens for d, e in zip(done.tolist(), emitted)):
-            active = torch.tensor([not d and len(e) < max_new_tokens for d, e in zip(done.tolist(), emitted)], device=device)
-            # Draft: k single-token steps with the gates deciding at the draft threshold.
-            if draft_threshold is not None:
-                for gate in gates:
-                    gate.threshold = draft_threshold
-            drafts, draft_probs, token = [], [], last
-            for step in range(draft_tokens):
-                mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None], use_cache=True,
-                            **{key: cache})
-                cache = returned_cache(out)
-                logits = out.logits[:, -1]
-                if sampling.do_sample:
-                    draft_probs.append(sampling.probabilities(logits))
-                    token = sample(draft_probs[-1], generator)
-                else:
-                    token = logits.argmax(-1)
-                drafts.append(token)
-            for gate, threshold in zip(gates, thresholds):
-                gate.threshold = threshold
-            cache.crop(-draft_tokens)  # the drafts' K/V: verification writes the teacher's
-            mask = mask[:, :-draft_tokens]
-            drafts = torch.stack(drafts, dim=1)
-            # Verify: the last token and every draft in one forward pass with the gates open (the teacher).
-            block = torch.cat([last[:, None], drafts], dim=1)
-            mask = torch.cat([mask, torch.ones(batch, draft_tokens + 1, dtype=mask.dtype, device=device)], dim=1)
-            positions = lengths[:, None] + torch.arange(draft_tokens + 1, device=device)
-            with gates_open(gates):
-                out = model(input_ids=block, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache})
-            cache = returned_cache(out)
-            if sampling.do_sample:
-                n, tokens = accept_sampled(drafts, torch.stack(draft_probs, dim=1), sampling.probabilities(out.logits), generator)
-            else:
-                n, tokens = accept_greedy(drafts, out.logits)
-            # Row b keeps the slots of `last` and its n accepted drafts; the rest are masked for good.
-            slots = torch.arange(draft_tokens + 1, device=device)
-            mask[:, -(draft_tokens + 1):] = (slots[None] <= n[:, None]).long()
-            kept = int(n[active].max()) + 1  # rows already finished decide nothing
-            if kept <= draft_tokens:  # slots no row kept: drop them
-                cache.crop(-(draft_tokens + 1 - kept))
-                mask = mask[:, :mask.shape[1] - (draft_tokens + 1 - kept)]
-            lengths = lengths + n + 1
-            last = tokens.gather(1, n[:, None]).squeeze(1)
-            stats.rounds += 1
-            stats.uneven_rounds += int(len(set(n[active].tolist())) > 1)
-            for row in range(batch):
-                if not active[row]:
-                    continue
-                count = int(n[row])
-                stats.row_rounds += 1
-                stats.drafted += draft_tokens
-                stats.accepted += count
-                stats.accepted_histogram[count] += 1
-                for token in tokens[row, : count + 1].tolist():
-                    if len(emitted[row]) >= max_new_tokens or done[row]:
-                        break
-                    emitted[row].append(token)
-                    if token in stops:
-                        done[row] = True
-    finally:
-        for gate, threshold in zip(gates, thresholds):
-            gate.threshold = threshold
+        if sampling.do_sample:
+            n, tokens = accept_sampled(drafts, draft_probs, sampling.probabilities(out.logits), generator)
+        else:
+            n, tokens = accept_greedy(drafts, out.logits)
+        # Row b keeps the slots of `last` and its n accepted drafts; the rest are masked for good, and
+        # the slots no row still generating kept are dropped.
+        mask[:, -(k + 1):] = (torch.arange(k + 1, device=device)[None] <= n[:, None]).long()
+        unused = k - int(n[rows].max())
+        if unused:
+            cache.crop(-unused)
+            mask = mask[:, : mask.shape[1] - unused]
+        lengths = lengths + n + 1
+        last = tokens.gather(1, n[:, None]).squeeze(1)
+        stats.add_round(n[rows].tolist())
+        for row in rows:
+            for token in tokens[row, : int(n[row]) + 1].tolist():
+                if len(emitted[row]) >= max_new_tokens or done[row]:
+                    break
+                emitted[row].append(token)
+                done[row] = token in stops
     new = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
     for row, tokens in enumerate(emitted):
-        new[row, : min(len(tokens), max_new_tokens)] = torch.tensor(tokens[:max_new_tokens], dtype=input_ids.dtype)
+        new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     return SpeculativeResult(torch.cat([input_ids, new], dim=1), stats)

@@ -138,7 +138,7 @@ DIVERGENCE_NAMES = ("kl", "tvd", "top1")  # sparsify/train/losses.py DIVERGENCES
 @dataclass
 class DistillationOptions:
     teacher: str = field(default="self", metadata={"help": "self: the dense path inside the student's frozen weights (no second model); or a model (alias, folder, .gguf, Hub id)."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL-to-teacher loss."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the divergence to the teacher."})
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence to the teacher (--divergence; KL(teacher || student) by default)."})
     divergence: str = field(
         default="kl",

@@ -56,5 +56,8 @@ def test_a_skip_model_trains_its_gates_against_the_rejection_chance(dense_models
     (dict(divergence="tvd", cache_teacher="/tmp/cache"), "--divergence tvd needs the teacher's forward pass every step"),
 ])
 def test_bad_divergence_options_are_refused(corpus, options, message):
+    from sparsify.train.options import DIVERGENCE_NAMES
+
+    assert set(DIVERGENCE_NAMES) == set(losses.DIVERGENCES)  # the torch-free list names every loss
     with pytest.raises(SparsifyError, match=message):
         tiny_options(corpus, **options).validate()
