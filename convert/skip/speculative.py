@@ -33,6 +33,9 @@ class SpeculativeStats:
     accepted: int = 0
     accepted_histogram: list[int] = field(default_factory=list)  # [n] = row-rounds that accepted n drafts
     uneven_rounds: int = 0  # rounds in which the rows still generating accepted different numbers of drafts
+    # Where rounds keep the fewest drafts any row accepted (the graph engine's one position): the share
+    # each row accepted on its own. None where each row keeps its own.
+    row_acceptance_rate: float | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,7 +60,8 @@ class SpeculativeStats:
     def record(self) -> dict:
         return {"draft_tokens": self.draft_tokens, "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round,
-                "accepted_histogram": self.accepted_histogram, "uneven_rounds": self.uneven_rounds}
+                "accepted_histogram": self.accepted_histogram, "uneven_rounds": self.uneven_rounds,
+                "row_acceptance_rate": self.row_acceptance_rate}
 
 
 @dataclass

@@ -106,8 +106,12 @@ class GraphDecoder:
     The gates' thresholds and frozen decisions are read when the decoder is built and the step
     captured: after changing them, build a new decoder."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None, skipped_kv: bool = True):
+        """`skipped_kv=False`: a sublayer whose gate is frozen closed costs nothing at all, not even
+        its attention's K/V write. Only for callers that never let a later token read those slots
+        (a speculative draft, whose slots verification rewrites)."""
         _check_supported(model)
+        self.skipped_kv = skipped_kv
         window = getattr(model.config, "sliding_window", None)
         if window and max_len > window:
             raise SparsifyError(f"the decode engine does not apply sliding windows: keep prompt + new tokens <= {window}")
@@ -202,10 +206,13 @@ class GraphDecoder:
         kernels run (a GPU) and Triton is there; on CPU the step stays the model's own modules."""
         if self.kernels is None or not decode_kernel.available(torch.empty(0, dtype=self.dtype, device=self.device)):
             return
+        def runs_plainly(gate: nn.Module | None) -> bool:  # ungated, or frozen open: nothing to evaluate
+            return gate is None or gate.forced is True
+
         for layer in self.layers:
             block = layer.block
-            layer.fused_attention = layer.attention_gate is None and fused_sublayers.attention_fusable(block.self_attn, self.dtype)
-            layer.fused_mlp = layer.ffn_gate is None and layer.routed is None and fused_sublayers.mlp_fusable(block.mlp)
+            layer.fused_attention = runs_plainly(layer.attention_gate) and fused_sublayers.attention_fusable(block.self_attn, self.dtype)
+            layer.fused_mlp = runs_plainly(layer.ffn_gate) and layer.routed is None and fused_sublayers.mlp_fusable(block.mlp)
 
     @property
     def routed_ffn_kernels(self) -> bool:
@@ -268,6 +275,9 @@ class GraphDecoder:
         visible = None if all_on_kernel else (self.slots <= self.position)[None, None, None, :]
         for layer in self.layers:
             block, attention = layer.block, layer.block.self_attn
+            if self._costs_nothing(layer.attention_gate):
+                self._ffn(layer, hidden)
+                continue
             if layer.fused_attention:
                 fused_sublayers.attend(attention, block.input_layernorm, hidden, self.position, self.cos_table, self.sin_table,
                                        self.keys[layer.index], self.values[layer.index], visible, self._norm, self.attention_scratch)
@@ -298,8 +308,13 @@ class GraphDecoder:
         self.history.index_copy_(1, self.position, self.token)
         self.last_logits = logits
 
+    def _costs_nothing(self, gate: nn.Module | None) -> bool:
+        return not self.skipped_kv and gate is not None and gate.forced is False
+
     def _ffn(self, layer: _Layer, hidden: torch.Tensor) -> None:
         block = layer.block
+        if self._costs_nothing(layer.ffn_gate):
+            return
         if layer.routed is not None:
             layer.routed.add_to(hidden)
         elif layer.fused_mlp:
@@ -329,7 +344,7 @@ class GraphDecoder:
         """Feed the last chosen token, choose the next one."""
         if self.use_graph:
             if self.graph is None:
-                self._capture()
+                self.graph = self._capture()  # only a finished capture is ever replayed
             self.graph.replay()
         else:
             self._step()
@@ -343,38 +358,42 @@ class GraphDecoder:
         end = ids.shape[1] + new_tokens
         return self.history[:, :end].clone()
 
-    def _capture(self) -> None:
+    def _capture(self, program: Callable[[], None] | None = None, state: tuple[torch.Tensor, ...] = ()) -> torch.cuda.CUDAGraph:
+        """Capture `program` (default: one step) as one graph; the decoder's state, and the caller's
+        `state` buffers, are as before."""
+        program = program or self._step
         stream = self.capture_stream
-        state = [t.clone() for t in (self.token, self.position, self.history)]
+        buffers = (self.token, self.position, self.history, *state)
+        saved = [t.clone() for t in buffers]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up on a side stream, every branch taken, as capture requires
             self._force_bodies = True
             try:
-                self._step()
+                program()
             finally:
                 self._force_bodies = False
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        for buffer, saved in zip((self.token, self.position, self.history), state, strict=True):
-            buffer.copy_(saved)  # the warm-up's cache write lands on the slot the first real step overwrites
+        for buffer, before in zip(buffers, saved, strict=True):
+            buffer.copy_(before)  # the warm-up's cache write lands on the slot the first real step overwrites
         graph = torch.cuda.CUDAGraph()
         self._capturing = True
         try:
             with torch.cuda.graph(graph, stream=stream):
-                self._step()
+                program()
         finally:
             self._capturing = False
-        self.graph = graph  # only a finished capture is ever replayed
+        return graph
 
 
 def time_decode_steps(model: nn.Module, ids: torch.Tensor, steps: int, *, warmup: int, repeats: int,
-                      use_graph: bool | None = None) -> tuple[list[float], GraphDecoder]:
+                      use_graph: bool | None = None, skipped_kv: bool = True) -> tuple[list[float], GraphDecoder]:
     """Seconds per decode step, one figure per repeat: each repeat prefills `ids` (untimed), then
     times `steps` back-to-back steps. The graph is captured once, during the warm-up. Also returns
     the engine, which says what ran: CUDA graphs or not (not on CPU, nor for gated models without
     nvcc), fused MoE sublayers or the model's own blocks."""
     import time
 
-    engine = GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=use_graph)
+    engine = GraphDecoder(model, batch=ids.shape[0], max_len=ids.shape[1] + steps + 1, use_graph=use_graph, skipped_kv=skipped_kv)
     cuda = engine.device.type == "cuda"
 
     def once() -> float:

@@ -1,0 +1,252 @@
+"""Self-speculative decoding on the CUDA-graph engine: acceptance, cost per round and speed against the
+teacher decoded by the same engine, in the same process.
+
+    python bench/skip_speculative_graph.py --model smollm2.gguf --tune-data train.jsonl.gz \
+        --eval-data valid.jsonl.gz --ood-data ood-git-doc.jsonl.gz --shares 0.1,0.2,0.3,0.4,0.5 --draft-tokens 1,2,3,4 --out spec.json
+    python bench/skip_speculative_graph.py --shape 1b --shares 0.3,0.5,0.7,0.9 --draft-tokens 2,4 --out spec_1b.json
+
+Real model: the checkpoint is converted to a skip model (its full path is the source exactly; static
+draft plans need no gate training), static draft plans are searched on --tune-data (training text:
+greedy elimination by top-1 agreement, convert/skip/draft_search.py), and each plan and draft length
+decodes `--prompts` prompts from --eval-data and from --ood-data (the other domain) at batch 1:
+drafts accepted, tokens per verification, decode tokens/s and its ratio to the teacher's graph
+decode (both time the decode only, after the same prefill), and the share of prompts whose tokens
+equal the teacher's greedy tokens on the same engine (bf16: verifying k + 1 tokens in one pass rounds
+differently from k + 1 single steps, so a near-tie may flip). With --trained FOLDER the per-token
+gates of a trained skip model are measured too, at --thresholds.
+
+--shape: random weights at that shape, acceptance meaningless; what is measured is the cost model: the
+teacher's step, the draft step under a static plan dropping a share of sublayers (spread evenly over
+depth), the round for each k, and the speedup each acceptance rate would give, E(a) / round.
+
+Prints JSON lines, writes --out and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 49152, "tie_word_embeddings": True},
+}
+
+
+def windows(path: str, tokenizer, count: int, length: int, skip_docs: int = 0) -> list[torch.Tensor]:
+    from sparsify.data import iter_documents
+
+    found = []
+    for index, text in enumerate(iter_documents(path)):
+        if index < skip_docs:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            found.append(torch.tensor([ids[:length]]))
+        if len(found) == count:
+            break
+    return found
+
+
+def expected_tokens(accept: float, k: int) -> float:
+    """Tokens per round when each draft is accepted with probability `accept`, independently."""
+    return float(k + 1) if accept >= 1 else (1 - accept ** (k + 1)) / (1 - accept)
+
+
+def teacher_decode(teacher, prompts, new_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+    from sparsify.engine.graph_decode import GraphDecoder, time_decode_steps
+
+    seconds, tokens = [], []
+    for prompt in prompts:
+        times, _ = time_decode_steps(teacher, prompt, new_tokens, warmup=1, repeats=repeats)
+        seconds.append(statistics.median(times))
+        decoder = GraphDecoder(teacher, 1, prompt.shape[1] + new_tokens + 1)
+        tokens.append(decoder.generate(prompt, new_tokens)[0, prompt.shape[1]:].tolist())
+    return statistics.mean(seconds), tokens
+
+
+def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, repeats: int, teacher_s: float) -> dict:
+    from sparsify.engine.speculative_decode import SpeculativeDecoder, time_speculative_decode
+
+    seconds, accepted, drafted, rounds, same, first_diff = [], 0, 0, 0, 0, []
+    for prompt, expected in zip(prompts, reference, strict=True):
+        timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats)
+        seconds.append(statistics.median(timing.seconds_per_token))
+        result = SpeculativeDecoder(model, 1, prompt.shape[1] + new_tokens, plan, k).generate(prompt, new_tokens)
+        got = result.sequences[0, prompt.shape[1]:].tolist()
+        same += int(got == expected)
+        first_diff.append(next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None))
+        accepted, drafted, rounds = accepted + result.stats.accepted, drafted + result.stats.drafted, rounds + result.stats.rounds
+    per_token = statistics.mean(seconds)
+    return {"draft_tokens": k, "acceptance_rate": accepted / drafted, "tokens_per_verification": (accepted + rounds) / rounds,
+            "ms_per_token": per_token * 1e3, "ms_per_round": per_token * 1e3 * (accepted + rounds) / rounds,
+            "vs_teacher": teacher_s / per_token, "prompts_identical_to_teacher": same / len(prompts), "first_difference": first_diff}
+
+
+def draft_step_ms(model, plan, prompt, new_tokens: int, repeats: int) -> float:
+    """One draft step on its own: the engine under the plan, statically skipped sublayers costing nothing."""
+    from sparsify.convert.skip.draft_plan import drafting
+    from sparsify.engine.graph_decode import time_decode_steps
+
+    with drafting(model, plan):
+        times, _ = time_decode_steps(model, prompt, new_tokens, warmup=1, repeats=repeats, skipped_kv=False)
+    return statistics.median(times) * 1e3
+
+
+def real_model(args, report: dict) -> list[dict]:
+    from sparsify.convert.skip.draft_plan import DraftPlan
+    from sparsify.convert.skip.draft_search import search_draft_plan
+    from sparsify.sources import load_model, load_tokenizer
+    from sparsify.upcycle import upcycle
+
+    device = torch.device("cuda")
+    tokenizer = load_tokenizer(args.model)
+    teacher = load_model(args.model, dtype=torch.bfloat16).to(device).eval()
+    folder = upcycle(args.model, "skip", args.work / "skip").output
+    model = load_model(str(folder), dtype=torch.bfloat16).to(device).eval()
+    sets = {"valid": [p.to(device) for p in windows(args.eval_data, tokenizer, args.prompts, args.prompt_len)]}
+    if args.ood_data:
+        sets["other_domain"] = [p.to(device) for p in windows(args.ood_data, tokenizer, args.prompts, args.prompt_len)]
+    references = {}
+    for name, prompts in sets.items():
+        teacher_s, references[name] = teacher_decode(teacher, prompts, args.new_tokens, args.repeats)
+        report.setdefault("teacher_ms_per_token", {})[name] = teacher_s * 1e3
+    print(json.dumps({"teacher_ms_per_token": report["teacher_ms_per_token"]}), flush=True)
+    tune = [w.to(device) for w in windows(args.tune_data, tokenizer, args.search_windows, args.search_len)]
+    tune = [torch.cat(tune[i:i + 4]) for i in range(0, len(tune), 4)]
+    search = search_draft_plan(model, tune, max(float(s) for s in args.shares.split(",")),
+                               progress=lambda done, total: print(json.dumps({"search": f"{done}/{total}"}), flush=True))
+    report["search"] = {"tune_tokens": search.tune_tokens, "curve": search.curve()}
+    plans = {f"static {float(s):.2f}": search.plan_for(float(s)) for s in args.shares.split(",")}
+    if args.trained:
+        model_gates = load_model(args.trained, dtype=torch.bfloat16).to(device).eval()
+        plans.update({f"per-token t={float(t):g}": (DraftPlan.per_token(float(t)), model_gates) for t in args.thresholds.split(",")})
+    rows = []
+    for label, plan in plans.items():
+        drafter = model
+        if isinstance(plan, tuple):
+            plan, drafter = plan
+        step_ms = draft_step_ms(drafter, plan, sets["valid"][0], args.new_tokens, args.repeats)
+        for k in (int(v) for v in args.draft_tokens.split(",")):
+            for name, prompts in sets.items():
+                row = {"plan": label, "skipped": list(plan.skip), "prompts": name, "draft_step_ms": step_ms,
+                       **speculative_row(drafter, plan, k, prompts, references[name], args.new_tokens, args.repeats,
+                                         report["teacher_ms_per_token"][name] / 1e3)}
+                rows.append(row)
+                print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items() if key != "skipped"}), flush=True)
+    return rows
+
+
+def random_shape(args, report: dict) -> list[dict]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import sparsify  # noqa: F401 - registers SkipForCausalLM
+    from sparsify.convert.skip.draft_plan import DraftPlan
+    from sparsify.engine.graph_decode import time_decode_steps
+    from sparsify.upcycle import upcycle
+
+    device = torch.device("cuda")
+    config = AutoConfig.for_model("llama", **SHAPES[args.shape])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(args.work / "dense")
+    upcycle(str(args.work / "dense"), "skip", args.work / "skip")
+    teacher = AutoModelForCausalLM.from_pretrained(args.work / "dense", dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.work / "skip", dtype=torch.bfloat16).to(device).eval()
+    prompt = torch.randint(0, 4000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    times, _ = time_decode_steps(teacher, prompt, args.new_tokens, warmup=2, repeats=args.repeats)
+    teacher_ms = statistics.median(times) * 1e3
+    report["teacher_ms_per_token"] = teacher_ms
+    keys = [f"{layer}.{sublayer}" for layer in range(config.num_hidden_layers) for sublayer in ("attention", "ffn")]
+    rows = []
+    for share in (float(s) for s in args.shares.split(",")):
+        count = round(share * len(keys))
+        chosen = tuple(keys[round(i * len(keys) / count)] for i in range(count)) if count else ()  # spread over depth
+        plan = DraftPlan(chosen)
+        step_ms = draft_step_ms(model, plan, prompt, args.new_tokens, args.repeats)
+        for k in (int(v) for v in args.draft_tokens.split(",")):
+            row = {"share": share, "draft_step_ms": step_ms, "draft_step_vs_teacher": step_ms / teacher_ms,
+                   **speculative_row(model, plan, k, [prompt], [[0] * args.new_tokens], args.new_tokens, args.repeats, teacher_ms / 1e3)}
+            round_vs_teacher = row["ms_per_round"] / teacher_ms
+            row.update(round_vs_teacher=round_vs_teacher, verify_vs_teacher=round_vs_teacher - k * row["draft_step_vs_teacher"],
+                       predicted_speedup={f"{a:.2f}": expected_tokens(a, k) / round_vs_teacher for a in (0.6, 0.7, 0.8, 0.9, 1.0)},
+                       acceptance_note="random weights: acceptance and identity are not meaningful")
+            for drop in ("prompts_identical_to_teacher", "first_difference"):
+                row.pop(drop)
+            rows.append(row)
+            print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for k in sorted({r["draft_tokens"] for r in rows}):
+        mine = [r for r in rows if r["draft_tokens"] == k and r.get("prompts", "valid") == "valid" and "share" not in r]
+        if mine:
+            axes[0].plot([len(r["skipped"]) for r in mine], [r["acceptance_rate"] for r in mine], marker="o", label=f"k={k}")
+            axes[1].plot([len(r["skipped"]) for r in mine], [r["vs_teacher"] for r in mine], marker="o", label=f"k={k}")
+        shaped = [r for r in rows if r["draft_tokens"] == k and "share" in r]
+        if shaped:
+            axes[0].plot([r["share"] for r in shaped], [r["round_vs_teacher"] for r in shaped], marker="o", label=f"k={k}")
+            axes[1].plot([r["share"] for r in shaped], [r["predicted_speedup"]["0.80"] for r in shaped], marker="o", label=f"k={k}")
+    shaped = any("share" in r for r in rows)
+    axes[0].set_ylabel("round cost / teacher step" if shaped else "drafts accepted (valid)")
+    axes[1].set_ylabel("speedup if 80% accepted" if shaped else "decode speed / teacher's (graph engine)")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    for axis in axes:
+        axis.set_xlabel("share of sublayers the draft drops" if shaped else "sublayers the draft drops (static plan)")
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights at this shape: the cost model only")
+    parser.add_argument("--tune-data", help="training text the static plans are searched on")
+    parser.add_argument("--eval-data", help="held-out prompts")
+    parser.add_argument("--ood-data", help="other-domain prompts")
+    parser.add_argument("--trained", help="a trained skip model folder: measure its per-token gates too")
+    parser.add_argument("--thresholds", default="0.5,0.6")
+    parser.add_argument("--shares", default="0.1,0.2,0.3,0.4,0.5")
+    parser.add_argument("--draft-tokens", default="1,2,3,4")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--search-windows", type=int, default=16)
+    parser.add_argument("--search-len", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark times the CUDA-graph engine: run it on a GPU machine")
+    if args.shape is None and not (args.tune_data and args.eval_data):
+        raise SystemExit("a real model needs --tune-data (training text) and --eval-data")
+    shutil.rmtree(args.work, ignore_errors=True)
+    report = {"benchmark": "skip_speculative_graph", "device": torch.cuda.get_device_name(), "batch": 1,
+              "args": {k: str(v) for k, v in vars(args).items()}}
+    report["rows"] = random_shape(args, report) if args.shape else real_model(args, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report["rows"], args.out.with_suffix(".png"), f"self-speculative decoding, graph engine, {report['device']}, "
+                                                       f"{args.shape + ' random weights' if args.shape else args.model}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Self-speculative greedy decoding on the static-cache engine, one CUDA graph per round.
+
+A round: the skip model's draft path (convert/skip/draft_plan.py) drafts `draft_tokens` tokens one
+step at a time, the teacher (every gate open: the dense model exactly) verifies the last token and
+every draft in one forward pass of k + 1 tokens, and the accepted drafts plus the teacher's own next
+token are kept, all on the GPU: the draft steps, the verification forward and the acceptance are
+captured as one graph and replayed once per round; the host reads one small tensor per round (where
+the sequences stand, whether they all ended).
+
+The cache is the engine's static one, masked by position, so rejecting drafts is moving the position
+back: verification has already written the teacher's K/V for every slot it saw, the accepted ones are
+kept as they are, and the rejected ones are masked and rewritten by the next round. A draft step
+writes K/V only for the sublayers it runs (a sublayer the plan skips statically is read by no draft
+token, and verification rewrites it); a sublayer the draft gates per token keeps the KV rule.
+
+All sequences share one position (the engine's), so at batch > 1 each round keeps the fewest drafts
+any sequence accepted: still exactly the teacher's greedy tokens for every sequence, fewer tokens per
+round than each would accept alone (reported beside it). The plain-transformers path
+(convert/skip/speculative.py) keeps per-sequence acceptance, and sampling.
+
+Without CUDA (or with `use_graph=False`) the same round runs eagerly: that is how it is tested
+against the teacher's own greedy decode on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsify.convert.skip.draft_plan import DraftPlan, drafting
+from sparsify.convert.skip.modeling_skip import rotate_heads
+from sparsify.convert.skip.speculative import SpeculativeResult, SpeculativeStats
+from sparsify.engine import fused_sublayers
+from sparsify.engine.graph_decode import GraphDecoder
+from sparsify.errors import SparsifyError
+
+TEACHER = DraftPlan()  # nothing skipped, nothing gated: every sublayer runs
+
+
+class SpeculativeDecoder:
+    """Greedy self-speculative decoding of `batch` sequences of up to `max_len` tokens (prompt and
+    new tokens; the round needs `draft_tokens + 2` slots of headroom, added here)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, plan: DraftPlan, draft_tokens: int,
+                 use_graph: bool | None = None):
+        if draft_tokens < 1:
+            raise SparsifyError(f"--draft-tokens must be at least 1, got {draft_tokens}")
+        self.model, self.plan, self.k = model, plan, draft_tokens
+        with drafting(model, plan):  # the draft engine reads the gates' state when it is built
+            self.draft = GraphDecoder(model, batch, max_len + draft_tokens + 2, use_graph=use_graph, skipped_kv=False)
+        engine = self.draft
+        self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
+        self.fused_mlp = [engine.kernels is not None and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp)
+                          for layer in engine.layers]
+        self.offsets = torch.arange(draft_tokens + 1, device=self.device)
+        self.start = torch.zeros(1, dtype=torch.long, device=self.device)  # the slot of the round's first token
+        # Per round, how many drafts were kept (the fewest any sequence accepted), and per sequence what it accepted.
+        self.kept_histogram = torch.zeros(draft_tokens + 1, dtype=torch.long, device=self.device)
+        self.row_accepted = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # -- one round ---------------------------------------------------------------------------------
+    def _verify(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for `tokens` (B, T) at cache `slots` (T,), writing their K/V."""
+        engine = self.draft
+        decoder = self.model.model
+        batch, width = tokens.shape
+        hidden = decoder.embed_tokens(tokens)
+        cos, sin = engine.cos_table.index_select(0, slots)[None], engine.sin_table.index_select(0, slots)[None]
+        visible = (engine.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, max_len): causal over the cache
+        for layer, fused_mlp in zip(engine.layers, self.fused_mlp, strict=True):
+            block, attention = layer.block, layer.block.self_attn
+            normed = engine._norm(block.input_layernorm, hidden)
+            shape = (batch, width, -1, attention.head_dim)
+            queries, keys = attention.q_proj(normed).view(shape), attention.k_proj(normed).view(shape)
+            if hasattr(attention, "q_norm"):
+                queries, keys = attention.q_norm(queries), attention.k_norm(keys)
+            engine.keys[layer.index].index_copy_(2, slots, rotate_heads(keys.transpose(1, 2), cos, sin))
+            engine.values[layer.index].index_copy_(2, slots, attention.v_proj(normed).view(shape).transpose(1, 2))
+            queries = rotate_heads(queries.transpose(1, 2), cos, sin)
+            out = F.scaled_dot_product_attention(queries, engine.keys[layer.index], engine.values[layer.index], attn_mask=visible,
+                                                 scale=attention.scaling, enable_gqa=True)
+            hidden.add_(attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)))
+            normed = engine._norm(block.post_attention_layernorm, hidden)
+            if fused_mlp:
+                fused_sublayers.dense_ffn(block.mlp, normed, hidden)
+            else:
+                hidden.add_(block.mlp(normed))
+        return self.model.lm_head(engine._norm(decoder.norm, hidden))
+
+    def _round(self) -> None:
+        engine, k = self.draft, self.k
+        self.start.copy_(engine.position)
+        for _ in range(k):  # history[start + 1 .. start + k] = the drafts
+            engine._step()
+        slots = self.start + self.offsets
+        tokens = engine.history.index_select(1, slots)  # the round's first token, then the drafts
+        target = self._verify(tokens, slots).argmax(-1)  # (B, k + 1): the teacher's choice after each
+        accepted = (target[:, :k] == tokens[:, 1:]).long().cumprod(-1).sum(-1)
+        kept = accepted.min()  # one position for every sequence: the fewest accepted
+        # target[:, :kept + 1] are the kept drafts, then the teacher's token; later slots are rewritten.
+        engine.history.index_copy_(1, slots + 1, target)
+        engine.position.copy_(self.start + kept + 1)
+        engine.token.copy_(target.gather(1, kept.view(1, 1).expand(self.batch, 1)))
+        self.kept_histogram.index_add_(0, kept.view(1), torch.ones(1, dtype=torch.long, device=self.device))
+        self.row_accepted.add_(accepted)
+
+    def _run_round(self) -> None:
+        if not self.use_graph:
+            with drafting(self.model, self.plan):
+                self._round()
+            return
+        if self.graph is None:
+            with drafting(self.model, self.plan):  # the gate kernels take the draft threshold when captured
+                self.graph = self.draft._capture(self._round, state=(self.start, self.kept_histogram, self.row_accepted))
+        self.graph.replay()
+
+    # -- public ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int = 0) -> SpeculativeResult:
+        """The teacher's greedy continuation of `ids` (no padding), `new_tokens` per row; rows stop at
+        an end token and are padded after it. Stops early once every row has ended."""
+        engine = self.draft
+        length = ids.shape[1]
+        if length + new_tokens + self.k + 2 > engine.max_len:
+            raise SparsifyError(f"prompt ({length}) + new tokens ({new_tokens}) exceed the decoder's {engine.max_len - self.k - 2} tokens")
+        with drafting(self.model, TEACHER):  # the prompt's K/V and the first token are the teacher's
+            engine.prefill(ids)
+        self.kept_histogram.zero_()
+        self.row_accepted.zero_()
+        stops = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                             dtype=torch.long, device=self.device)
+        end = length + new_tokens  # history[length:end] are the new tokens
+        while True:
+            emitted = engine.history[:, length:end]
+            reached = engine.position + 1 - length  # tokens emitted so far, every row alike
+            ended = torch.isin(emitted, stops) & (torch.arange(new_tokens, device=self.device) < reached)
+            state = torch.cat([reached, ended.any(-1).all().long().view(1)]).tolist()  # the round's one synchronisation
+            if state[0] >= new_tokens or state[1]:
+                break
+            self._run_round()
+        new = engine.history[:, length:end].clone()
+        if stops.numel():  # after a row's end token: padding
+            seen = torch.isin(new, stops).long().cumsum(-1)
+            new[(seen - torch.isin(new, stops).long()) > 0] = pad_token_id
+        return SpeculativeResult(torch.cat([ids, new], dim=1), self.stats())
+
+    def stats(self) -> SpeculativeStats:
+        """Acceptance so far: what the rounds kept; `row_acceptance_rate` what sequences accepted alone."""
+        histogram = self.kept_histogram.tolist()
+        stats = SpeculativeStats(self.k, accepted_histogram=[0] * (self.k + 1))
+        for kept, rounds in enumerate(histogram):
+            for _ in range(rounds):
+                stats.add_round([kept] * self.batch)
+        stats.row_acceptance_rate = float(self.row_accepted.sum()) / stats.drafted if stats.drafted else None
+        return stats
+
+
+@dataclass
+class SpeculativeTiming:
+    seconds_per_token: list[float]  # per repeat: wall time of the rounds / new tokens per row (prefill excluded)
+    stats: SpeculativeStats  # of the last repeat
+    use_graph: bool
+
+
+def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, plan: DraftPlan, draft_tokens: int, *,
+                            warmup: int, repeats: int, use_graph: bool | None = None) -> SpeculativeTiming:
+    """Seconds per new token of greedy self-speculative decoding, one figure per repeat: each repeat
+    prefills `ids` (untimed: the same prefill as the teacher's), then times the rounds to `new_tokens`."""
+    decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph)
+    cuda = decoder.device.type == "cuda"
+    engine = decoder.draft
+
+    def once() -> float:
+        with torch.no_grad(), drafting(model, TEACHER):
+            engine.prefill(ids)
+        decoder.kept_histogram.zero_()
+        decoder.row_accepted.zero_()
+        if cuda:
+            torch.cuda.synchronize(decoder.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            while int(engine.position) + 1 - ids.shape[1] < new_tokens:
+                decoder._run_round()
+        if cuda:
+            torch.cuda.synchronize(decoder.device)
+        return (time.perf_counter() - started) / new_tokens
+
+    for _ in range(max(warmup, 1)):
+        once()
+    seconds = [once() for _ in range(repeats)]
+    return SpeculativeTiming(seconds, decoder.stats(), decoder.use_graph)
