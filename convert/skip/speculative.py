@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparsify.convert.skip.decisions import find_gates, gates_at_threshold, gates_open
+from sparsify.convert.skip.decisions import find_gates, gates_open
+from sparsify.convert.skip.draft_plan import DraftPlan, drafting
 from sparsify.convert.skip.modeling_skip import cache_argument, returned_cache
 from sparsify.errors import SparsifyError
 
@@ -157,11 +158,12 @@ def _draft(model, cache, mask: torch.Tensor, lengths: torch.Tensor, last: torch.
 
 @torch.no_grad()
 def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int, draft_tokens: int = 4,
-                         draft_threshold: float | None = None, attention_mask: torch.Tensor | None = None,
+                         draft_threshold: float | None = None, plan: DraftPlan | None = None, attention_mask: torch.Tensor | None = None,
                          sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                          eos_token_id: int | list[int] | None = None, pad_token_id: int = 0) -> SpeculativeResult:
     """Generate `max_new_tokens` per row from the teacher inside `model` (a skip model), drafting with its
-    gates at `draft_threshold` (default: the model's own threshold). Left-padded prompts take an
+    gates at `draft_threshold` (default: the model's own threshold), or as `plan` says (convert/skip/draft_plan.py).
+    Left-padded prompts take an
     `attention_mask`; rows stop at `eos_token_id` (one id or several) and are padded with `pad_token_id` after it."""
     gates = find_gates(model)
     if not gates:
@@ -191,7 +193,7 @@ def speculative_generate(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     emitted = [[int(t)] for t in last]
     done = [int(t) in stops for t in last]
     while rows := [row for row in range(batch) if not done[row] and len(emitted[row]) < max_new_tokens]:
-        with gates_at_threshold(gates, draft_threshold):
+        with drafting(model, plan or DraftPlan.per_token(draft_threshold)):
             drafts, draft_probs = _draft(model, cache, mask, lengths, last, k, sampling, generator)
         cache.crop(-k)  # the drafts' K/V: verification writes the teacher's
         # Verify: the last token and every draft in one forward pass with the gates open (the teacher).
