@@ -35,6 +35,8 @@ import torch
 SHAPES = {
     "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 4096, "tie_word_embeddings": True},  # a CPU smoke test of this script
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 49152, "tie_word_embeddings": True},
 }
@@ -75,11 +77,13 @@ def teacher_decode(teacher, prompts, new_tokens: int, repeats: int) -> tuple[flo
 def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, repeats: int, teacher_s: float) -> dict:
     from sparsify.engine.speculative_decode import SpeculativeDecoder, time_speculative_decode
 
+    # One decoder (one captured round) serves every prompt: they share a length.
+    decoder = SpeculativeDecoder(model, 1, max(p.shape[1] for p in prompts) + new_tokens, plan, k)
     seconds, accepted, drafted, rounds, same, first_diff = [], 0, 0, 0, 0, []
     for prompt, expected in zip(prompts, reference, strict=True):
-        timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats)
+        timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats, decoder=decoder)
         seconds.append(statistics.median(timing.seconds_per_token))
-        result = SpeculativeDecoder(model, 1, prompt.shape[1] + new_tokens, plan, k).generate(prompt, new_tokens)
+        result = decoder.generate(prompt, new_tokens)
         got = result.sequences[0, prompt.shape[1]:].tolist()
         same += int(got == expected)
         first_diff.append(next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None))
@@ -88,6 +92,14 @@ def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, re
     return {"draft_tokens": k, "acceptance_rate": accepted / drafted, "tokens_per_verification": (accepted + rounds) / rounds,
             "ms_per_token": per_token * 1e3, "ms_per_round": per_token * 1e3 * (accepted + rounds) / rounds,
             "vs_teacher": teacher_s / per_token, "prompts_identical_to_teacher": same / len(prompts), "first_difference": first_diff}
+
+
+def emit(args, record: dict) -> None:
+    """Print a row and append it to the JSON-lines file beside --out, so a cut-off run keeps its rows."""
+    line = json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in record.items()})
+    print(line, flush=True)
+    with args.out.with_suffix(".rows.jsonl").open("a") as rows:
+        rows.write(line + "\n")
 
 
 def draft_step_ms(model, plan, prompt, new_tokens: int, repeats: int) -> float:
@@ -106,7 +118,7 @@ def real_model(args, report: dict) -> list[dict]:
     from sparsify.sources import load_model, load_tokenizer
     from sparsify.upcycle import upcycle
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
     teacher = load_model(args.model, dtype=torch.bfloat16).to(device).eval()
     folder = upcycle(args.model, "skip", args.work / "skip").output
@@ -118,12 +130,14 @@ def real_model(args, report: dict) -> list[dict]:
     for name, prompts in sets.items():
         teacher_s, references[name] = teacher_decode(teacher, prompts, args.new_tokens, args.repeats)
         report.setdefault("teacher_ms_per_token", {})[name] = teacher_s * 1e3
-    print(json.dumps({"teacher_ms_per_token": report["teacher_ms_per_token"]}), flush=True)
+    emit(args, {"teacher_ms_per_token": report["teacher_ms_per_token"]})
     tune = [w.to(device) for w in windows(args.tune_data, tokenizer, args.search_windows, args.search_len)]
     tune = [torch.cat(tune[i:i + 4]) for i in range(0, len(tune), 4)]
     search = search_draft_plan(model, tune, max(float(s) for s in args.shares.split(",")),
                                progress=lambda done, total: print(json.dumps({"search": f"{done}/{total}"}), flush=True))
     report["search"] = {"tune_tokens": search.tune_tokens, "curve": search.curve()}
+    emit(args, {"search_curve": [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4)) for step in search.curve()],
+                "order": list(search.steps[-1].skip)})
     plans = {f"static {float(s):.2f}": search.plan_for(float(s)) for s in args.shares.split(",")}
     if args.trained:
         model_gates = load_model(args.trained, dtype=torch.bfloat16).to(device).eval()
@@ -140,7 +154,7 @@ def real_model(args, report: dict) -> list[dict]:
                        **speculative_row(drafter, plan, k, prompts, references[name], args.new_tokens, args.repeats,
                                          report["teacher_ms_per_token"][name] / 1e3)}
                 rows.append(row)
-                print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items() if key != "skipped"}), flush=True)
+                emit(args, {key: v for key, v in row.items() if key != "skipped"})
     return rows
 
 
@@ -152,7 +166,7 @@ def random_shape(args, report: dict) -> list[dict]:
     from sparsify.engine.graph_decode import time_decode_steps
     from sparsify.upcycle import upcycle
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     config = AutoConfig.for_model("llama", **SHAPES[args.shape])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(args.work / "dense")
@@ -180,7 +194,7 @@ def random_shape(args, report: dict) -> list[dict]:
             for drop in ("prompts_identical_to_teacher", "first_difference"):
                 row.pop(drop)
             rows.append(row)
-            print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}), flush=True)
+            emit(args, row)
     return rows
 
 
@@ -233,13 +247,16 @@ def main() -> None:
     parser.add_argument("--search-len", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cpu: an eager smoke test of this script, no timing worth reading")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark times the CUDA-graph engine: run it on a GPU machine")
     if args.shape is None and not (args.tune_data and args.eval_data):
         raise SystemExit("a real model needs --tune-data (training text) and --eval-data")
     shutil.rmtree(args.work, ignore_errors=True)
-    report = {"benchmark": "skip_speculative_graph", "device": torch.cuda.get_device_name(), "batch": 1,
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".rows.jsonl").unlink(missing_ok=True)
+    report = {"benchmark": "skip_speculative_graph", "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "batch": 1,
               "args": {k: str(v) for k, v in vars(args).items()}}
     report["rows"] = random_shape(args, report) if args.shape else real_model(args, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

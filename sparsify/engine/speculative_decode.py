@@ -169,10 +169,19 @@ class SpeculativeTiming:
 
 
 def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, plan: DraftPlan, draft_tokens: int, *,
-                            warmup: int, repeats: int, use_graph: bool | None = None) -> SpeculativeTiming:
+                            warmup: int, repeats: int, use_graph: bool | None = None,
+                            decoder: SpeculativeDecoder | None = None) -> SpeculativeTiming:
     """Seconds per new token of greedy self-speculative decoding, one figure per repeat: each repeat
-    prefills `ids` (untimed: the same prefill as the teacher's), then times the rounds to `new_tokens`."""
-    decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph)
+    prefills `ids` (untimed: the same prefill as the teacher's), then times the rounds to `new_tokens`.
+    `decoder`: one built before for the same batch, plan and draft length and room for the tokens
+    (its captured round is reused, so several prompts of one length cost one capture)."""
+    if decoder is None:
+        decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph)
+    elif (decoder.plan, decoder.k, decoder.batch) != (plan, draft_tokens, ids.shape[0]):
+        raise SparsifyError("the decoder given was built for another plan, draft length or batch")
+    if ids.shape[1] + new_tokens + decoder.k + 2 > decoder.draft.max_len:
+        raise SparsifyError(f"prompt ({ids.shape[1]}) + new tokens ({new_tokens}) exceed the decoder's "
+                            f"{decoder.draft.max_len - decoder.k - 2} tokens")
     cuda = decoder.device.type == "cuda"
     engine = decoder.draft
 
