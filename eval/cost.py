@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sparsify.convert import hooks
+from sparsify.errors import SparsifyError
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -129,11 +130,14 @@ def _peak_bytes(model: nn.Module, device: torch.device, baseline: int) -> int | 
 
 
 def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[int], prompt_len: int, decode_tokens: int,
-                  warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf") -> dict[str, Any]:
+                  warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf", draft_tokens: int = 4,
+                  draft_threshold: float | None = None) -> dict[str, Any]:
     """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text).
     Decode runs through `generate` ("hf") or the static-cache CUDA-graph engine ("graph",
-    sparsify/engine/graph_decode.py); prefill is always the model's own forward pass. Each entry
-    names the path it timed: the decode engine and, for an MoE, the experts implementation."""
+    sparsify/engine/graph_decode.py), or a skip model's greedy self-speculative decoding on that engine
+    ("speculative": `draft_tokens` per round, drafted as DraftPlan.for_model says); prefill is always
+    the model's own forward pass. Each entry names the path it timed: the decode engine and, for an
+    MoE, the experts implementation; a speculative entry also what the draft ran and what was accepted."""
     from sparsify.experts import execution_path
 
     device = next(model.parameters()).device
@@ -150,7 +154,22 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, warmup, repeats)
         entry["prefill_tokens_per_s"] = timing_stats(prefill, lambda t: needed / t)
         entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
-        if decode_tokens > 1 and decode_engine == "graph":
+        if decode_tokens > 1 and decode_engine == "speculative":
+            from sparsify.convert.skip.draft_plan import DraftPlan
+            from sparsify.engine.speculative_decode import time_speculative_decode
+
+            if not hasattr(model, "skip_gates"):
+                raise SparsifyError("--decode-engine speculative drafts with a skip model's gates; this model has none "
+                                    "(use --decode-engine graph for it)")
+            plan = DraftPlan.for_model(model, draft_threshold)
+            baseline = _start_peak(device)
+            timing = time_speculative_decode(model, ids, decode_tokens, plan, draft_tokens, warmup=warmup, repeats=repeats)
+            per_token = timing.seconds_per_token
+            entry["decode_engine"] = "speculative" if timing.use_graph else "speculative (static cache, eager)"
+            entry["decode_speculative"] = {"draft": plan.summary(len(model.skip_gates())), "plan": plan.to_config(),
+                                           **timing.stats.record()}
+            non_positive = "a speculative decode time that is not positive"
+        elif decode_tokens > 1 and decode_engine == "graph":
             from sparsify.engine.graph_decode import time_decode_steps
 
             baseline = _start_peak(device)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sparsify.errors import SparsifyError
 from sparsify.option_values import DTYPE_NAMES, check_rules, dtype_name, parse_count, parse_list
 
 SUITES = ("quality", "cost", "routing", "tasks")
-DECODE_ENGINES = ("hf", "graph")
+DECODE_ENGINES = ("hf", "graph", "speculative")
 
 
 @dataclass
@@ -25,7 +25,9 @@ class EvalOptions:
     speed_batch: str = field(default="1,8", metadata={"help": "Batch sizes for the prefill/decode speed measurement."})
     prompt_len: int = field(default=256, metadata={"help": "Prompt tokens per sequence for the speed measurement."})
     decode_tokens: int = field(default=32, metadata={"help": "Tokens generated per sequence when timing decode (0 or 1: skip decode)."})
-    decode_engine: str = field(default="hf", metadata={"help": "Decode timing engine: hf (transformers generate) or graph (static KV cache, each step one CUDA graph, gated sublayers as conditional nodes; Llama-style models)."})
+    decode_engine: str = field(default="hf", metadata={"help": "Decode timing engine: hf (transformers generate), graph (static KV cache, each step one CUDA graph, gated sublayers as conditional nodes; Llama-style models) or speculative (skip models: greedy self-speculative decoding on the graph engine, the teacher timed on graph)."})
+    draft_tokens: int = field(default=4, metadata={"help": "--decode-engine speculative: tokens drafted per verification."})
+    draft_threshold: float | None = field(default=None, metadata={"help": "--decode-engine speculative: gate the sublayers the draft keeps per token at this threshold; auto: the model's saved draft plan as it is (else its gates at its own threshold)."})
     warmup: int = field(default=1, metadata={"help": "Untimed runs before each speed measurement."})
     repeats: int = field(default=3, metadata={"help": "Timed runs per speed measurement (the median is reported, with min and max)."})
     tasks: str = field(default="", metadata={"help": "lm-evaluation-harness tasks, comma-separated (e.g. sparsify_tiny, hellaswag)."})
@@ -34,6 +36,11 @@ class EvalOptions:
     num_fewshot: int = field(default=-1, metadata={"help": "Few-shot examples per task (-1: the task's default)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu, cuda, cuda:N."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32 (bfloat16, float16, float32 also read)."})
+
+    def for_teacher(self) -> EvalOptions:
+        """The teacher's settings: it has no draft path, so speculative decoding is compared with the
+        teacher on the same static-cache engine."""
+        return replace(self, decode_engine="graph") if self.decode_engine == "speculative" else self
 
     @property
     def suites(self) -> list[str]:
@@ -65,6 +72,8 @@ class EvalOptions:
         dtype_name(self.dtype, "--dtype", tuple(set(DTYPE_NAMES.values())))
         if self.decode_engine not in DECODE_ENGINES:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
+        if self.draft_threshold is not None and not 0 < self.draft_threshold < 1:
+            raise SparsifyError(f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:
             raise SparsifyError("--speed-batch, --prompt-len and --repeats must be positive")
         check_rules(self, _RULES)
@@ -86,5 +95,6 @@ _RULES = (
     ("batch_size", lambda v: v >= 1, "must be at least 1"),
     ("decode_tokens", lambda v: v >= 0, "must be 0 or more (0 or 1: no decode timing)"),
     ("warmup", lambda v: v >= 0, "must be 0 or more"),
+    ("draft_tokens", lambda v: v >= 1, "must be at least 1"),
     ("task_limit", lambda v: v >= 0, "must be 0 or more (0: every example)"),
 )

@@ -101,7 +101,9 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                         _gflops(_at(cost, "model", "flops_per_token", "total")), _gflops(_at(cost, "teacher", "flops_per_token", "total")), ".4f"))
         for name, entry in (_at(cost, "model", "speed") or {}).items():
             batch = entry["batch"]
-            engine = {"hf": "", "graph": " (CUDA graph)"}.get(entry.get("decode_engine", "hf"), " (static cache, eager)")
+            engine = {"hf": "", "graph": " (CUDA graph)", "speculative": " (speculative, CUDA graph)",
+                      "speculative (static cache, eager)": " (speculative, static cache, eager)"}.get(
+                entry.get("decode_engine", "hf"), " (static cache, eager)")
             experts = f" [experts: {entry['experts_implementation']}]" if entry.get("experts_implementation") else ""
             fused = " [MoE sublayer: fused kernels]" if entry.get("decode_moe_sublayer") == "fused kernels" else ""
             for key, label, fmt in (("prefill_tokens_per_s", f"prefill tokens/s{experts}, batch {batch}", ",.0f"),
@@ -111,6 +113,11 @@ def metric_rows(report: dict[str, Any]) -> list[Row]:
                 problems = {side: m["problem"] for side, m in measured.items() if m and m.get("problem")}
                 rows.append(Row("cost", label + " (median, min-max)", _at(measured, "model", "median"),
                                 _at(measured, "teacher", "median"), fmt, spread=spread, problems=problems))
+            speculative = entry.get("decode_speculative")
+            if speculative:  # what the speed above rests on: how many drafts the teacher kept
+                rows.append(Row("cost", f"speculative: drafts accepted, batch {batch} ({speculative['draft']}; "
+                                        f"{speculative['draft_tokens']} a round)", speculative["acceptance_rate"], None, ".1%"))
+                rows.append(Row("cost", f"speculative: tokens per verification, batch {batch}", speculative["tokens_per_round"], None, ".2f"))
             peak = _at(entry, "decode_peak_bytes") or _at(entry, "prefill_peak_bytes")
             if peak is not None:
                 teacher_entry = _at(cost, "teacher", "speed", name) or {}

@@ -88,7 +88,8 @@ def measure_model_speed(model, tokenizer, options: EvalOptions, sample: torch.Te
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
                               decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad,
-                              decode_engine=options.decode_engine)
+                              decode_engine=options.decode_engine, draft_tokens=options.draft_tokens,
+                              draft_threshold=options.draft_threshold)
 
 
 def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context: int) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def evaluate(
         report["cost"] = {"model": _cost(model, tokenizer, options, sample, options.window)}
         if teacher is not None:
             on_status("cost: speed of the teacher")
-            report["cost"]["teacher"] = _cost(teacher, teacher_tokenizer, options, sample, options.window)
+            report["cost"]["teacher"] = _cost(teacher, teacher_tokenizer, options.for_teacher(), sample, options.window)
         report["cost"]["process_peak_rss_bytes"] = cost.process_peak_rss_bytes()
         flops = report["cost"]["model"]["flops_per_token"]
         kinds = probe_kinds()

@@ -355,7 +355,7 @@ def generate(
             ("tokens/s (all prompts)", f"{result.tokens_per_second:.1f}")]
     if result.speculative:
         s = result.speculative
-        rows += [("drafted per verification", str(s["draft_tokens"])), ("verifications", str(s["rounds"])),
+        rows += [("draft", result.draft or ""), ("drafted per verification", str(s["draft_tokens"])), ("verifications", str(s["rounds"])),
                  ("drafts accepted", f"{s['acceptance_rate']:.1%}"), ("tokens per verification", f"{s['tokens_per_round']:.2f}"),
                  ("accepted drafts 0..k (count)", " ".join(map(str, s["accepted_histogram"])))]
     table.add_column("")

@@ -17,8 +17,9 @@ class GenerateResult:
     texts: list[str]  # the continuations, without the prompts
     new_tokens: int  # generated tokens over all prompts (up to each one's end of sequence)
     seconds: float  # wall clock of the generation (the model loaded)
-    engine: str  # "speculative" or "generate" (transformers)
+    engine: str  # "generate" (transformers), "speculative, transformers" or "speculative, graph engine"
     speculative: dict[str, Any] | None = None  # SpeculativeStats.record()
+    draft: str | None = None  # what the draft path ran (DraftPlan.summary)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -30,6 +31,7 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
              on_status: Callable[[str], None] = lambda text: None) -> GenerateResult:
     import torch
 
+    from sparsify.convert.skip.draft_plan import DraftPlan
     from sparsify.convert.skip.speculative import Sampling, speculative_generate
     from sparsify.sources import load_model, load_tokenizer
 
@@ -58,12 +60,22 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    stats = None
+    stats, engine, draft = None, "generate", None
     if options.speculative:
-        result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=options.max_new_tokens,
-                                      draft_tokens=options.draft_tokens, draft_threshold=options.draft_threshold, sampling=sampling,
-                                      generator=generator, eos_token_id=stops, pad_token_id=pad)
+        plan = DraftPlan.for_model(model, options.draft_threshold)
+        engine = speculative_engine(options, device, bool(batch["attention_mask"].all()))
+        if engine == "speculative, graph engine":
+            from sparsify.engine.speculative_decode import SpeculativeDecoder
+
+            ids = batch["input_ids"]
+            decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, plan, options.draft_tokens)
+            result = decoder.generate(ids, options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+        else:
+            result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          max_new_tokens=options.max_new_tokens, draft_tokens=options.draft_tokens, plan=plan,
+                                          sampling=sampling, generator=generator, eos_token_id=stops, pad_token_id=pad)
         sequences, stats = result.sequences, result.stats.record()
+        draft = plan.summary(len(model.skip_gates()))
     else:
         torch.manual_seed(options.seed)
         with torch.no_grad():
@@ -77,8 +89,20 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     new = sequences[:, batch["input_ids"].shape[1]:]
     lengths = [_length(row.tolist(), stops) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
-    return GenerateResult(prompts, texts, sum(lengths), seconds, "speculative" if options.speculative else "generate", stats,
-                          [note] if note else [])
+    return GenerateResult(prompts, texts, sum(lengths), seconds, engine, stats, draft, [note] if note else [])
+
+
+def speculative_engine(options: GenerateOptions, device, unpadded: bool) -> str:
+    """Which speculative path runs: the graph engine decodes greedily, prompts of one length; auto takes
+    it on a GPU when it applies, the transformers path otherwise."""
+    if options.engine == "graph":
+        if not unpadded:
+            raise SparsifyError("--engine graph needs prompts of one token length (it does not pad); "
+                                "use --engine transformers for prompts of different lengths")
+        return "speculative, graph engine"
+    if options.engine == "auto" and device.type == "cuda" and unpadded and not options.do_sample:
+        return "speculative, graph engine"
+    return "speculative, transformers"
 
 
 def verifier_note(model_ref: str) -> str | None:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from sparsify.option_values import check_rules, require
 
 
+SPECULATIVE_ENGINES = ("auto", "graph", "transformers")
+
+
 @dataclass
 class GenerateOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt."})
@@ -18,6 +21,10 @@ class GenerateOptions:
     draft_threshold: float | None = field(
         default=None, metadata={"help": "--speculative: the gates' threshold while drafting (higher: more skipping); auto: the model's."})
     draft_tokens: int = field(default=4, metadata={"help": "--speculative: tokens drafted per verification."})
+    engine: str = field(
+        default="auto",
+        metadata={"help": "--speculative: graph (the static-cache engine, one CUDA graph per round: greedy, prompts of one length, "
+                          "Llama-style models), transformers (any batch, sampling), or auto (graph on a GPU where it applies)."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding (speculative sampling keeps the teacher's distribution)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
@@ -34,3 +41,6 @@ class GenerateOptions:
         require(self.draft_threshold is None or 0 < self.draft_threshold < 1,
                 f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         require(self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got '{self.device}'")
+        require(self.engine in SPECULATIVE_ENGINES, f"--engine must be one of {', '.join(SPECULATIVE_ENGINES)}, got '{self.engine}'")
+        require(not (self.engine == "graph" and self.do_sample),
+                "--engine graph decodes greedily; drop --do-sample or use --engine transformers")

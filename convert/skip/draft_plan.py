@@ -69,6 +69,26 @@ class DraftPlan:
     def save_to(self, model: Any) -> None:
         model.config.draft_plan = self.to_config()
 
+    @classmethod
+    def for_model(cls, model: Any, threshold: float | None = None) -> DraftPlan:
+        """How `model` drafts when asked to: its saved plan (a given `threshold` gates the sublayers
+        the plan keeps per token at it), else every gate per token at `threshold` (None: the model's own)."""
+        saved = cls.of_model(model)
+        if saved is None:
+            return cls.per_token(threshold)
+        if threshold is None:
+            return saved
+        return cls(saved.skip, gated=True, threshold=threshold, chosen_by=saved.chosen_by)
+
+    def summary(self, gated_sublayers: int) -> str:
+        """One line for reports: what the draft skips and how the rest decides."""
+        rest = (f"the rest gated per token at {self.threshold if self.threshold is not None else 'the model threshold'}"
+                if self.gated else "the rest run")
+        if not self.skip:
+            return "every gate per token at " + (f"{self.threshold}" if self.threshold is not None else "the model's threshold") \
+                if self.gated else "nothing skipped (the teacher)"
+        return f"{len(self.skip)} of {gated_sublayers} sublayers skipped ({self.skipped_share(gated_sublayers):.0%}), {rest}"
+
 
 def _check_keys(plan: DraftPlan, gates: dict[str, Any]) -> None:
     unknown = [key for key in plan.skip if key not in gates]

@@ -52,7 +52,25 @@ def test_speculative_generation_prints_the_teachers_text_and_the_acceptance(skip
     assert "drafts accepted" in speculative.stderr and "tokens per verification" in speculative.stderr
 
 
+def test_the_graph_engine_drafts_with_the_saved_plan_and_prints_the_teachers_text(skip_folder, dense_models, tmp_path):
+    """--engine graph (eager on CPU: the same rounds, uncaptured) with a static draft plan saved in the config."""
+    from sparsify.convert.skip.draft_plan import DraftPlan
+
+    model = AutoModelForCausalLM.from_pretrained(skip_folder, dtype=torch.float32)
+    DraftPlan(("0.ffn", "1.attention")).save_to(model)
+    shutil.copytree(skip_folder, tmp_path / "planned")
+    model.save_pretrained(tmp_path / "planned")
+    teacher = run_cli("generate", str(dense_models["llama"]), "-p", PROMPTS[1], "--max-new-tokens", "10", "--device", "cpu")
+    speculative = run_cli("generate", str(tmp_path / "planned"), "-p", PROMPTS[1], "--max-new-tokens", "10", "--device", "cpu",
+                          "--speculative", "--engine", "graph", "--draft-tokens", "2")
+    assert speculative.returncode == 0, speculative.stderr
+    assert _continuations(speculative.stdout) == _continuations(teacher.stdout)
+    assert "graph engine" in speculative.stderr and "2 of 4 sublayers skipped" in speculative.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["--speculative", "--engine", "graph", "--do-sample"], "--engine graph decodes greedily"),
+    (["--engine", "fast"], "--engine must be one of auto, graph, transformers"),
     (["--speculative"], "drafts with a skip model's gates"),
     (["--draft-threshold", "1.5"], "--draft-threshold must be between 0 and 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),

@@ -157,3 +157,28 @@ def test_plan_search_drops_greedily_by_agreement_with_the_teacher(skip_folders):
     assert plan.chosen_by["tune_tokens"] == IDS.numel()
     with pytest.raises(SparsifyError, match="stopped at"):
         search.plan_for(0.9)
+
+
+def test_eval_times_speculative_decoding_against_the_teacher_on_the_static_cache_engine(dense_models, tmp_path):
+    """`sparsify eval --decode-engine speculative`: the skip model decodes speculatively with its saved
+    plan, the teacher (no gates) on the graph engine; the report says what was drafted and accepted."""
+    from sparsify.eval.options import EvalOptions
+    from sparsify.eval.report import metric_rows
+    from sparsify.eval.run import evaluate
+
+    folder = upcycle(str(dense_models["llama"]), "skip", tmp_path / "planned").output  # with the tokenizer
+    model = _skip_model(folder)
+    DraftPlan(("0.ffn",)).save_to(model)
+    model.save_pretrained(folder)
+    options = EvalOptions(teacher=str(dense_models["llama"]), suite="cost", speed_batch="1", prompt_len=6, decode_tokens=8,
+                          decode_engine="speculative", draft_tokens=2, repeats=1, device="cpu")
+    report = evaluate(str(folder), options)
+    mine, teachers = report["cost"]["model"]["speed"]["batch_1"], report["cost"]["teacher"]["speed"]["batch_1"]
+    assert mine["decode_engine"] == "speculative (static cache, eager)" and teachers["decode_engine"].startswith("static-cache")
+    drafted = mine["decode_speculative"]
+    assert drafted["plan"]["skip"] == ["0.ffn"] and drafted["draft_tokens"] == 2 and 0 <= drafted["acceptance_rate"] <= 1
+    assert drafted["rounds"] >= 7 / 3 and mine["decode_tokens_per_s"]["median"] > 0
+    labels = [row.label for row in metric_rows(report)]
+    assert any(label.startswith("speculative: drafts accepted, batch 1 (1 of 4 sublayers skipped") for label in labels)
+    with pytest.raises(SparsifyError, match="this model has none"):
+        evaluate(str(dense_models["llama"]), options)
