@@ -507,6 +507,38 @@ def skip_freeze(
     print_notes([note] if note else [])
 
 
+@app.command(name="draft-plan")
+def draft_plan(
+    model: Annotated[Path, typer.Argument(help="A layer-skip model folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the copy that carries the draft plan.")],
+    data: Annotated[str, typer.Option(help="Tune text (.txt/.jsonl[.gz] files, comma-separated): training text, "
+                                           "not the held-out text you report on.")],
+    share: Annotated[float, typer.Option(help="Share of the gated sublayers every draft token skips (no gate, no K/V written).")] = 0.3,
+    windows: Annotated[int, typer.Option(help="Tune windows the search scores each candidate on.")] = 16,
+    window_len: Annotated[int, typer.Option(help="Tokens per tune window.")] = 256,
+    device: Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Find the sublayers a self-speculative draft can drop and still agree with the teacher (greedy
+    elimination by top-1 agreement on tune text) and write a copy of the model whose config carries that
+    static draft plan, used by `generate --speculative` and `eval --decode-engine speculative`."""
+
+    from sparsify.convert.skip.draft_copy import write_draft_plan_copy
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("searching the draft plan (sublayers dropped)", total=None)
+        result = write_draft_plan_copy(model, output, data, share=share, windows=windows, window_len=window_len, device=device,
+                                       overwrite=overwrite, command=shlex.join(["sparsify", *sys.argv[1:]]),
+                                       on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"{output}: draft plan on {result.tune_tokens:,} tune tokens")
+    for column in ("sublayers dropped", "share", "top-1 agreement with the teacher", "KL, nats/token"):
+        table.add_column(column, justify="right")
+    for step in result.curve:
+        table.add_row(str(step["dropped"]), f"{step['share']:.0%}", f"{step['agreement']:.1%}", f"{step['kl']:.3f}")
+    out.print(table)
+    out.print(f"draft: {result.plan.summary(result.gated_sublayers)}; skipped: {', '.join(result.plan.skip) or 'none'}", soft_wrap=True)
+
+
 # --- info -------------------------------------------------------------------------------------
 
 

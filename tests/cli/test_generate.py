@@ -30,7 +30,7 @@ def skip_folder(dense_models, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
     randomise_gates(model)
     model.save_pretrained(folder / "skip")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sparsify.json"):
         if (converted / name).exists():
             shutil.copy(converted / name, folder / "skip" / name)
     return folder / "skip"
@@ -66,6 +66,30 @@ def test_the_graph_engine_drafts_with_the_saved_plan_and_prints_the_teachers_tex
     assert speculative.returncode == 0, speculative.stderr
     assert _continuations(speculative.stdout) == _continuations(teacher.stdout)
     assert "graph engine" in speculative.stderr and "2 of 4 sublayers skipped" in speculative.stderr
+
+
+def test_draft_plan_writes_a_copy_whose_saved_plan_generate_drafts_with(skip_folder, dense_models, corpus, tmp_path):
+    """`sparsify draft-plan`: searched on training text, the weights copied byte for byte, the plan in
+    config.json; generation with it still prints the teacher's text."""
+    import json
+
+    out = tmp_path / "planned"
+    done = run_cli("draft-plan", str(skip_folder), "-o", str(out), "--data", str(corpus["train"]), "--share", "0.5",
+                   "--windows", "2", "--window-len", "16", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((out / "config.json").read_text())["draft_plan"]
+    assert len(plan["skip"]) == 2 and plan["chosen_by"]["tune_tokens"] == 32 and not plan["gated"]
+    record = json.loads((out / "sparsify.json").read_text())["draft_plan"]
+    assert [step["dropped"] for step in record["curve"]] == [0, 1, 2] and record["curve"][0]["agreement"] == 1.0
+    assert (out / "model.safetensors").read_bytes() == (skip_folder / "model.safetensors").read_bytes()
+    assert "2 of 4 sublayers skipped" in done.stdout
+    teacher = run_cli("generate", str(dense_models["llama"]), "-p", PROMPTS[0], "--max-new-tokens", "8", "--device", "cpu")
+    speculative = run_cli("generate", str(out), "-p", PROMPTS[0], "--max-new-tokens", "8", "--device", "cpu", "--speculative")
+    assert _continuations(speculative.stdout) == _continuations(teacher.stdout)
+    again = run_cli("draft-plan", str(skip_folder), "-o", str(out), "--data", str(corpus["train"]), "--device", "cpu")
+    assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    dense = run_cli("draft-plan", str(dense_models["llama"]), "-o", str(tmp_path / "x"), "--data", str(corpus["train"]))
+    assert dense.returncode != 0 and "not a layer-skip model" in dense.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,0 +1,80 @@
+"""`sparsify draft-plan`: search a static draft plan for self-speculative decoding on tune text and
+write a copy of the skip model that carries it.
+
+The weights are copied byte for byte; only config.json (`draft_plan`, read by `sparsify generate
+--speculative` and `sparsify eval --decode-engine speculative`) and sparsify.json (the search: tune
+tokens, the agreement curve) change. The search runs on training text (convert/skip/draft_search.py):
+never on the held-out text a report scores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sparsify.atomic_output import atomic_folder, check_output_free
+from sparsify.convert.skip.describe import MODEL_TYPE
+from sparsify.convert.skip.draft_plan import DraftPlan
+from sparsify.errors import SparsifyError
+
+
+@dataclass
+class DraftPlanCopy:
+    output: Path
+    plan: DraftPlan
+    gated_sublayers: int
+    curve: list[dict[str, Any]]  # agreement and KL on the tune text after each sublayer dropped
+    tune_tokens: int
+
+
+def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, share: float, windows: int = 16, window_len: int = 256,
+                          batch_size: int = 4, device: str = "auto", overwrite: bool = False, command: str | None = None,
+                          on_progress: Callable[[int, int], None] = lambda done, total: None) -> DraftPlanCopy:
+    import torch
+
+    from sparsify.convert.calibration.runner import text_blocks
+    from sparsify.convert.skip.draft_search import search_draft_plan
+    from sparsify.model_folder import write_record_and_card
+    from sparsify.option_values import parse_list
+    from sparsify.provenance import read_record
+    from sparsify.sources import check_model_ref, load_model, load_tokenizer
+    from sparsify.text_files import check_sources
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise SparsifyError(f"{model_dir} is not a model folder; draft-plan takes the folder of a layer-skip model")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != MODEL_TYPE:
+        raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    if not 0.0 < share <= 1.0:
+        raise SparsifyError(f"--share must be in (0, 1]: the share of gated sublayers every draft token skips, got {share}")
+    if windows < 1 or window_len < 2:
+        raise SparsifyError("--windows must be at least 1 and --window-len at least 2")
+    check_sources(parse_list(data), "--data")
+    check_model_ref(str(model_dir))
+    check_output_free(output, overwrite)  # fail before the slow part
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    model = load_model(str(model_dir), dtype=dtype).to(target).eval()
+    blocks = text_blocks(parse_list(data), load_tokenizer(str(model_dir)), windows * window_len, window_len)
+    if len(blocks) == 0:
+        raise SparsifyError(f"--data holds fewer than {window_len} tokens outside the held-out bucket; give more training text")
+    batches = [blocks[i:i + batch_size].to(target) for i in range(0, len(blocks), batch_size)]
+    search = search_draft_plan(model, batches, share, progress=on_progress)
+    plan = search.plan_for(share)
+    record = read_record(model_dir) or {}
+    record["draft_plan"] = {**plan.to_config(), "data": data, "curve": search.curve(), "command": command,
+                            "after_training_runs": len(record.get("training", []))}
+    with atomic_folder(output, overwrite=overwrite) as staging:
+        for item in model_dir.iterdir():
+            if item.name in ("config.json", "sparsify.json", "README.md"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        config["draft_plan"] = plan.to_config()
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if record.get("variant"):
+            write_record_and_card(staging, record, config)
+    return DraftPlanCopy(output, plan, search.gated_sublayers, search.curve(), search.tune_tokens)
