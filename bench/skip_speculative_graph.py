@@ -79,19 +79,36 @@ def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, re
 
     # One decoder (one captured round) serves every prompt: they share a length.
     decoder = SpeculativeDecoder(model, 1, max(p.shape[1] for p in prompts) + new_tokens, plan, k)
-    seconds, accepted, drafted, rounds, same, first_diff = [], 0, 0, 0, 0, []
+    seconds, accepted, drafted, rounds, same, first_diff, margins = [], 0, 0, 0, 0, [], []
     for prompt, expected in zip(prompts, reference, strict=True):
         timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats, decoder=decoder)
         seconds.append(statistics.median(timing.seconds_per_token))
         result = decoder.generate(prompt, new_tokens)
         got = result.sequences[0, prompt.shape[1]:].tolist()
         same += int(got == expected)
-        first_diff.append(next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None))
+        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        first_diff.append(first)
+        if first is not None:  # a near-tie the verify pass rounded the other way, or a real error: the teacher's margin says
+            margins.append(teacher_margin(model, prompt, expected, first))
         accepted, drafted, rounds = accepted + result.stats.accepted, drafted + result.stats.drafted, rounds + result.stats.rounds
     per_token = statistics.mean(seconds)
     return {"draft_tokens": k, "acceptance_rate": accepted / drafted, "tokens_per_verification": (accepted + rounds) / rounds,
             "ms_per_token": per_token * 1e3, "ms_per_round": per_token * 1e3 * (accepted + rounds) / rounds,
-            "vs_teacher": teacher_s / per_token, "prompts_identical_to_teacher": same / len(prompts), "first_difference": first_diff}
+            "vs_teacher": teacher_s / per_token, "prompts_identical_to_teacher": same / len(prompts), "first_difference": first_diff,
+            "teacher_logit_margin_at_difference": margins}
+
+
+@torch.no_grad()
+def teacher_margin(model, prompt: torch.Tensor, expected: list[int], position: int) -> float:
+    """The teacher's top-1 minus top-2 logit where the speculative tokens first left its greedy ones
+    (model with every gate open = the teacher); near 0: a tie that rounding decides."""
+    from sparsify.engine.speculative_decode import TEACHER
+    from sparsify.convert.skip.draft_plan import drafting
+
+    ids = torch.cat([prompt, torch.tensor([expected[:position]], device=prompt.device, dtype=prompt.dtype)], dim=1)
+    with drafting(model, TEACHER):
+        top = model(input_ids=ids).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
 
 
 def emit(args, record: dict) -> None:
@@ -120,9 +137,10 @@ def real_model(args, report: dict) -> list[dict]:
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
-    teacher = load_model(args.model, dtype=torch.bfloat16).to(device).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: fp32, so identity is exact
+    teacher = load_model(args.model, dtype=dtype).to(device).eval()
     folder = upcycle(args.model, "skip", args.work / "skip").output
-    model = load_model(str(folder), dtype=torch.bfloat16).to(device).eval()
+    model = load_model(str(folder), dtype=dtype).to(device).eval()
     sets = {"valid": [p.to(device) for p in windows(args.eval_data, tokenizer, args.prompts, args.prompt_len)]}
     if args.ood_data:
         sets["other_domain"] = [p.to(device) for p in windows(args.ood_data, tokenizer, args.prompts, args.prompt_len)]
@@ -140,7 +158,7 @@ def real_model(args, report: dict) -> list[dict]:
                 "order": list(search.steps[-1].skip)})
     plans = {f"static {float(s):.2f}": search.plan_for(float(s)) for s in args.shares.split(",")}
     if args.trained:
-        model_gates = load_model(args.trained, dtype=torch.bfloat16).to(device).eval()
+        model_gates = load_model(args.trained, dtype=dtype).to(device).eval()
         plans.update({f"per-token t={float(t):g}": (DraftPlan.per_token(float(t)), model_gates) for t in args.thresholds.split(",")})
     rows = []
     for label, plan in plans.items():
@@ -191,7 +209,7 @@ def random_shape(args, report: dict) -> list[dict]:
             row.update(round_vs_teacher=round_vs_teacher, verify_vs_teacher=round_vs_teacher - k * row["draft_step_vs_teacher"],
                        predicted_speedup={f"{a:.2f}": expected_tokens(a, k) / round_vs_teacher for a in (0.6, 0.7, 0.8, 0.9, 1.0)},
                        acceptance_note="random weights: acceptance and identity are not meaningful")
-            for drop in ("prompts_identical_to_teacher", "first_difference"):
+            for drop in ("prompts_identical_to_teacher", "first_difference", "teacher_logit_margin_at_difference"):
                 row.pop(drop)
             rows.append(row)
             emit(args, row)
