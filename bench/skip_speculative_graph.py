@@ -236,7 +236,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             axes[1].plot([r["share"] for r in shaped], [r["predicted_speedup"]["0.80"] for r in shaped], marker="o", label=f"k={k}")
     shaped = any("share" in r for r in rows)
     axes[0].set_ylabel("round cost / teacher step" if shaped else "drafts accepted (valid)")
-    axes[1].set_ylabel("speedup if 80% accepted" if shaped else "decode speed / teacher's (graph engine)")
+    axes[1].set_ylabel("speedup if 80% accepted" if shaped else "decode speed / teacher's (same engine)")
     axes[1].axhline(1.0, color="grey", lw=0.8)
     for axis in axes:
         axis.set_xlabel("share of sublayers the draft drops" if shaped else "sublayers the draft drops (static plan)")
@@ -279,7 +279,7 @@ def main() -> None:
     report["rows"] = random_shape(args, report) if args.shape else real_model(args, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report["rows"], args.out.with_suffix(".png"), f"self-speculative decoding, graph engine, {report['device']}, "
+    plot(report["rows"], args.out.with_suffix(".png"), f"self-speculative decoding, static-cache engine ({'CUDA graphs' if args.device == 'cuda' else 'eager, timings not meaningful'}), {report['device']}, "
                                                        f"{args.shape + ' random weights' if args.shape else args.model}")
 
 
