@@ -82,12 +82,11 @@ class DraftPlan:
 
     def summary(self, gated_sublayers: int) -> str:
         """One line for reports: what the draft skips and how the rest decides."""
-        rest = (f"the rest gated per token at {self.threshold if self.threshold is not None else 'the model threshold'}"
-                if self.gated else "the rest run")
-        if not self.skip:
-            return "every gate per token at " + (f"{self.threshold}" if self.threshold is not None else "the model's threshold") \
-                if self.gated else "nothing skipped (the teacher)"
-        return f"{len(self.skip)} of {gated_sublayers} sublayers skipped ({self.skipped_share(gated_sublayers):.0%}), {rest}"
+        threshold = "the model's threshold" if self.threshold is None else f"{self.threshold:g}"
+        rest = f"the rest gated per token at {threshold}" if self.gated else "the rest run"
+        if self.skip:
+            return f"{len(self.skip)} of {gated_sublayers} sublayers skipped ({self.skipped_share(gated_sublayers):.0%}), {rest}"
+        return f"every gate per token at {threshold}" if self.gated else "nothing skipped (the teacher)"
 
 
 def _check_keys(plan: DraftPlan, gates: dict[str, Any]) -> None:

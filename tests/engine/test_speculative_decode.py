@@ -182,3 +182,14 @@ def test_eval_times_speculative_decoding_against_the_teacher_on_the_static_cache
     assert any(label.startswith("speculative: drafts accepted, batch 1 (1 of 4 sublayers skipped") for label in labels)
     with pytest.raises(SparsifyError, match="this model has none"):
         evaluate(str(dense_models["llama"]), options)
+
+
+def test_a_model_drafts_with_its_saved_plan_and_a_given_threshold_gates_the_rest(skip_folders):
+    model = _skip_model(skip_folders["llama"])
+    assert DraftPlan.for_model(model, 0.7) == DraftPlan.per_token(0.7)  # nothing saved: the gates per token
+    saved = DraftPlan(("0.ffn", "1.attention"))
+    saved.save_to(model)
+    assert DraftPlan.for_model(model) == saved
+    assert DraftPlan.for_model(model, 0.7) == DraftPlan(saved.skip, gated=True, threshold=0.7)
+    assert saved.summary(4) == "2 of 4 sublayers skipped (50%), the rest run"
+    assert DraftPlan.per_token(0.7).summary(4) == "every gate per token at 0.7"
