@@ -60,15 +60,22 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    stats, engine, draft = None, "generate", None
+    stats, engine, draft, fallback = None, "generate", None, None
     if options.speculative:
         plan = DraftPlan.for_model(model, options.draft_threshold)
         engine = speculative_engine(options, device, bool(batch["attention_mask"].all()))
+        decoder = None
         if engine == "speculative, graph engine":
             from sparsify.engine.speculative_decode import SpeculativeDecoder
 
             ids = batch["input_ids"]
-            decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, plan, options.draft_tokens)
+            try:
+                decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, plan, options.draft_tokens)
+            except SparsifyError as error:
+                if options.engine == "graph":
+                    raise
+                engine, fallback = "speculative, transformers", f"the graph engine does not apply here ({error}); decoded with transformers"
+        if decoder is not None:
             result = decoder.generate(ids, options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
         else:
             result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -89,7 +96,7 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     new = sequences[:, batch["input_ids"].shape[1]:]
     lengths = [_length(row.tolist(), stops) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, lengths)]
-    return GenerateResult(prompts, texts, sum(lengths), seconds, engine, stats, draft, [note] if note else [])
+    return GenerateResult(prompts, texts, sum(lengths), seconds, engine, stats, draft, [n for n in (note, fallback) if n])
 
 
 def speculative_engine(options: GenerateOptions, device, unpadded: bool) -> str:

@@ -56,7 +56,13 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     check_sources(parse_list(data), "--data")
     check_model_ref(str(model_dir))
     check_output_free(output, overwrite)  # fail before the slow part
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if output.resolve().is_relative_to(model_dir.resolve()):
+        raise SparsifyError(f"-o {output} lies inside the model folder {model_dir}; write the copy somewhere else")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise SparsifyError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
+    from sparsify.eval.run import resolve_device
+
+    target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     model = load_model(str(model_dir), dtype=dtype).to(target).eval()
     blocks = text_blocks(parse_list(data), load_tokenizer(str(model_dir)), windows * window_len, window_len)
@@ -69,8 +75,9 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     record["draft_plan"] = {**plan.to_config(), "data": data, "curve": search.curve(), "command": command,
                             "after_training_runs": len(record.get("training", []))}
     with atomic_folder(output, overwrite=overwrite) as staging:
+        rewritten = ("config.json", "sparsify.json", "README.md") if record.get("variant") else ("config.json",)
         for item in model_dir.iterdir():
-            if item.name in ("config.json", "sparsify.json", "README.md"):
+            if item.name in rewritten:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         config["draft_plan"] = plan.to_config()

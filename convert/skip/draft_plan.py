@@ -100,7 +100,8 @@ def drafting(model: Any, plan: DraftPlan) -> Iterator[None]:
     """The model's gates set to draft by `plan` inside the block, restored after: skipped sublayers
     forced closed, the others deciding per token at the plan's threshold (frozen gates keep their
     decision) or, for a static plan, forced open."""
-    gates = {sublayer_key(layer, sublayer): gate for layer, sublayer, gate in model.skip_gates()}
+    skip_gates = getattr(model, "skip_gates", None)
+    gates = {sublayer_key(layer, sublayer): gate for layer, sublayer, gate in (skip_gates() if skip_gates else ())}
     if not gates:
         raise SparsifyError("self-speculative decoding drafts with a skip model's gates; this model has none "
                             "(make one with `sparsify upcycle MODEL --to skip` and train it)")

@@ -7,7 +7,9 @@ teacher's (top-1 agreement with the teacher under teacher forcing, the proxy for
 mean KL to the teacher breaks ties). The curve of agreement against the share dropped is returned
 with a plan per requested share, so one search serves several draft budgets.
 
-Agreement here is a lower bound on acceptance: in decoding the draft reads the teacher's K/V for the
+Agreement here is a per-token proxy, not the acceptance rate: a round keeps drafts only up to the first
+miss, so the share of drafts accepted falls with the draft length (k = 2 keeps less than one-token
+agreement would say). In the other direction, in decoding the draft reads the teacher's K/V for the
 whole verified prefix, whereas the teacher-forced draft forward reads its own K/V everywhere.
 """
 
@@ -39,6 +41,9 @@ class DraftSearch:
     def plan_for(self, share: float) -> DraftPlan:
         """The plan dropping `share` of the gated sublayers (rounded to the nearest count)."""
         count = round(share * self.gated_sublayers)
+        if count < 1:
+            raise SparsifyError(f"a share of {share} drops no sublayer of {self.gated_sublayers} (the draft would be the teacher); "
+                                f"ask for at least {1 / self.gated_sublayers:.3f}")
         if count >= len(self.steps):
             raise SparsifyError(f"the search stopped at {len(self.steps) - 1} sublayers; ask for a share up to "
                                 f"{(len(self.steps) - 1) / self.gated_sublayers:.2f}")

@@ -36,6 +36,7 @@ from sparsify.convert.skip.modeling_skip import rotate_heads
 from sparsify.convert.skip.speculative import SpeculativeResult, SpeculativeStats
 from sparsify.engine import fused_sublayers
 from sparsify.engine.graph_decode import GraphDecoder
+from sparsify.experts import decode_kernel
 from sparsify.errors import SparsifyError
 
 TEACHER = DraftPlan()  # nothing skipped, nothing gated: every sublayer runs
@@ -54,8 +55,9 @@ class SpeculativeDecoder:
             self.draft = GraphDecoder(model, batch, max_len + draft_tokens + 2, use_graph=use_graph, skipped_kv=False)
         engine = self.draft
         self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
-        self.fused_mlp = [engine.kernels is not None and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp)
-                          for layer in engine.layers]
+        # The verify pass fuses an FFN where the engine's own plan would (Triton there, a half dtype).
+        kernels_here = engine.kernels is not None and decode_kernel.available(torch.empty(0, dtype=engine.dtype, device=self.device))
+        self.fused_mlp = [kernels_here and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp) for layer in engine.layers]
         self.offsets = torch.arange(draft_tokens + 1, device=self.device)
         self.start = torch.zeros(1, dtype=torch.long, device=self.device)  # the slot of the round's first token
         # Per round, how many drafts were kept (the fewest any sequence accepted), and per sequence what it accepted.
@@ -172,13 +174,16 @@ def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int
                             warmup: int, repeats: int, use_graph: bool | None = None,
                             decoder: SpeculativeDecoder | None = None) -> SpeculativeTiming:
     """Seconds per new token of greedy self-speculative decoding, one figure per repeat: each repeat
-    prefills `ids` (untimed: the same prefill as the teacher's), then times the rounds to `new_tokens`.
+    prefills `ids` (untimed: the same prefill as the teacher's), then times rounds until `new_tokens`
+    are out, divided by the tokens those rounds made.
     `decoder`: one built before for the same batch, plan and draft length and room for the tokens
     (its captured round is reused, so several prompts of one length cost one capture)."""
     if decoder is None:
         decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph)
     elif (decoder.plan, decoder.k, decoder.batch) != (plan, draft_tokens, ids.shape[0]):
         raise SparsifyError("the decoder given was built for another plan, draft length or batch")
+    if new_tokens < 2:
+        raise SparsifyError(f"time at least 2 new tokens (the prefill makes the first), not {new_tokens}")
     if ids.shape[1] + new_tokens + decoder.k + 2 > decoder.draft.max_len:
         raise SparsifyError(f"prompt ({ids.shape[1]}) + new tokens ({new_tokens}) exceed the decoder's "
                             f"{decoder.draft.max_len - decoder.k - 2} tokens")
@@ -198,7 +203,8 @@ def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int
                 decoder._run_round()
         if cuda:
             torch.cuda.synchronize(decoder.device)
-        return (time.perf_counter() - started) / new_tokens
+        # The rounds made position - length tokens (the prefill made one more): a last round may overshoot by up to k.
+        return (time.perf_counter() - started) / (int(engine.position) - ids.shape[1])
 
     for _ in range(max(warmup, 1)):
         once()

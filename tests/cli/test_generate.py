@@ -90,11 +90,18 @@ def test_draft_plan_writes_a_copy_whose_saved_plan_generate_drafts_with(skip_fol
     assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
     dense = run_cli("draft-plan", str(dense_models["llama"]), "-o", str(tmp_path / "x"), "--data", str(corpus["train"]))
     assert dense.returncode != 0 and "not a layer-skip model" in dense.stderr
+    for args, message in ((["-o", str(skip_folder / "inside")], "inside the model folder"),
+                          (["-o", str(tmp_path / "y"), "--device", "gpu"], "--device must be auto, cpu, cuda"),
+                          (["-o", str(tmp_path / "z"), "--share", "0.1", "--device", "cpu"], "drops no sublayer")):
+        refused = run_cli("draft-plan", str(skip_folder), "--data", str(corpus["train"]), "--windows", "1", "--window-len", "16", *args)
+        assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert not (skip_folder / "inside").exists() and not (tmp_path / "z").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--speculative", "--engine", "graph", "--do-sample"], "--engine graph decodes greedily"),
     (["--engine", "fast"], "--engine must be one of auto, graph, transformers"),
+    (["--speculative", "--engine", "graph"], "drafts with a skip model's gates"),
     (["--speculative"], "drafts with a skip model's gates"),
     (["--draft-threshold", "1.5"], "--draft-threshold must be between 0 and 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
