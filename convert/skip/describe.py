@@ -90,3 +90,17 @@ def routing_plot(summary: dict[str, Any], folder: Path, plt: Any) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def read_skip_config(model_dir: Path, command: str) -> dict:
+    """config.json of a layer-skip model folder, or one line saying what `command` needs instead."""
+    import json
+
+    from sparsify.errors import SparsifyError
+
+    if not (model_dir / "config.json").exists():
+        raise SparsifyError(f"{model_dir} is not a model folder; {command} takes the folder of a layer-skip model")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != MODEL_TYPE:
+        raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    return config

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sparsify.atomic_output import atomic_folder, check_output_free
-from sparsify.convert.skip.describe import MODEL_TYPE
+from sparsify.convert.skip.describe import read_skip_config
 from sparsify.convert.skip.draft_plan import DraftPlan
 from sparsify.errors import SparsifyError
 
@@ -44,11 +44,7 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     from sparsify.text_files import check_sources
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise SparsifyError(f"{model_dir} is not a model folder; draft-plan takes the folder of a layer-skip model")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") != MODEL_TYPE:
-        raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    config = read_skip_config(model_dir, "draft-plan")
     if not 0.0 < share <= 1.0:
         raise SparsifyError(f"--share must be in (0, 1]: the share of gated sublayers every draft token skips, got {share}")
     if windows < 1 or window_len < 2:

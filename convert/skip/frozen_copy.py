@@ -9,7 +9,6 @@ installed) and the decode engine serve exactly that model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sparsify.atomic_output import check_output_free
 from sparsify.errors import SparsifyError
 from sparsify.model_folder import save_model_folder
 from sparsify.provenance import read_record
-from sparsify.convert.skip.describe import MODEL_TYPE, SkipLayout
+from sparsify.convert.skip.describe import SkipLayout, read_skip_config
 from sparsify.convert.skip.freezing import FreezeRule, freeze_gates
 
 
@@ -44,11 +43,7 @@ def write_frozen_copy(model_dir: str | Path, output: Path, rule: FreezeRule, cal
     from sparsify.option_values import parse_count, parse_list
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise SparsifyError(f"{model_dir} is not a model folder; skip-freeze takes the folder of a layer-skip model")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") != MODEL_TYPE:
-        raise SparsifyError(f"{model_dir} is not a layer-skip model (make one with `sparsify upcycle ... --to skip`)")
+    config = read_skip_config(model_dir, "skip-freeze")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise SparsifyError(f"--threshold must be between 0 and 1 (got {threshold})")
     if parse_count(tokens) < 1:
