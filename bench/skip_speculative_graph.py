@@ -277,7 +277,6 @@ def main() -> None:
     report = {"benchmark": "skip_speculative_graph", "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "batch": 1,
               "args": {k: str(v) for k, v in vars(args).items()}}
     report["rows"] = random_shape(args, report) if args.shape else real_model(args, report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report["rows"], args.out.with_suffix(".png"), f"self-speculative decoding, static-cache engine ({'CUDA graphs' if args.device == 'cuda' else 'eager, timings not meaningful'}), {report['device']}, "
                                                        f"{args.shape + ' random weights' if args.shape else args.model}")

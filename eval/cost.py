@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from sparsify.convert import hooks
-from sparsify.errors import SparsifyError
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -158,9 +157,6 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
             from sparsify.convert.skip.draft_plan import DraftPlan
             from sparsify.engine.speculative_decode import time_speculative_decode
 
-            if not hasattr(model, "skip_gates"):
-                raise SparsifyError("--decode-engine speculative drafts with a skip model's gates; this model has none "
-                                    "(use --decode-engine graph for it)")
             plan = DraftPlan.for_model(model, draft_threshold)
             baseline = _start_peak(device)
             timing = time_speculative_decode(model, ids, decode_tokens, plan, draft_tokens, warmup=warmup, repeats=repeats)

@@ -37,7 +37,10 @@ SPEED_TEXT = (
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SparsifyError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SparsifyError(f"--device {name}: no CUDA device here; use --device cpu")
     return device

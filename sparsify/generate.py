@@ -63,24 +63,14 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     stats, engine, draft, fallback = None, "generate", None, None
     if options.speculative:
         plan = DraftPlan.for_model(model, options.draft_threshold)
-        engine = speculative_engine(options, device, bool(batch["attention_mask"].all()))
-        decoder = None
-        if engine == "speculative, graph engine":
-            from sparsify.engine.speculative_decode import SpeculativeDecoder
-
-            ids = batch["input_ids"]
-            try:
-                decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, plan, options.draft_tokens)
-            except SparsifyError as error:
-                if options.engine == "graph":
-                    raise
-                engine, fallback = "speculative, transformers", f"the graph engine does not apply here ({error}); decoded with transformers"
+        decoder, fallback = graph_decoder(model, batch, plan, options, device)
         if decoder is not None:
-            result = decoder.generate(ids, options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+            result = decoder.generate(batch["input_ids"], options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
         else:
             result = speculative_generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
                                           max_new_tokens=options.max_new_tokens, draft_tokens=options.draft_tokens, plan=plan,
                                           sampling=sampling, generator=generator, eos_token_id=stops, pad_token_id=pad)
+        engine = "speculative, graph engine" if decoder is not None else "speculative, transformers"
         sequences, stats = result.sequences, result.stats.record()
         draft = plan.summary(len(model.skip_gates()))
     else:
@@ -99,17 +89,25 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     return GenerateResult(prompts, texts, sum(lengths), seconds, engine, stats, draft, [n for n in (note, fallback) if n])
 
 
-def speculative_engine(options: GenerateOptions, device, unpadded: bool) -> str:
-    """Which speculative path runs: the graph engine decodes greedily, prompts of one length; auto takes
-    it on a GPU when it applies, the transformers path otherwise."""
-    if options.engine == "graph":
-        if not unpadded:
-            raise SparsifyError("--engine graph needs prompts of one token length (it does not pad); "
-                                "use --engine transformers for prompts of different lengths")
-        return "speculative, graph engine"
-    if options.engine == "auto" and device.type == "cuda" and unpadded and not options.do_sample:
-        return "speculative, graph engine"
-    return "speculative, transformers"
+def graph_decoder(model, batch, plan, options: GenerateOptions, device) -> tuple[Any, str | None]:
+    """The graph engine's speculative decoder where it runs (--engine graph; auto: on a GPU, greedy,
+    prompts of one length), else None; with a note when auto found it does not apply to this model."""
+    unpadded = bool(batch["attention_mask"].all())
+    if options.engine == "graph" and not unpadded:
+        raise SparsifyError("--engine graph needs prompts of one token length (it does not pad); "
+                            "use --engine transformers for prompts of different lengths")
+    auto = options.engine == "auto" and device.type == "cuda" and unpadded and not options.do_sample
+    if options.engine != "graph" and not auto:
+        return None, None
+    from sparsify.engine.speculative_decode import SpeculativeDecoder
+
+    ids = batch["input_ids"]
+    try:
+        return SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, plan, options.draft_tokens), None
+    except SparsifyError as error:
+        if options.engine == "graph":
+            raise
+        return None, f"the graph engine does not apply here ({error}); decoded with transformers"
 
 
 def verifier_note(model_ref: str) -> str | None:

@@ -37,6 +37,7 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
 
     from sparsify.convert.calibration.runner import text_blocks
     from sparsify.convert.skip.draft_search import search_draft_plan
+    from sparsify.eval.run import resolve_device
     from sparsify.model_folder import write_record_and_card
     from sparsify.option_values import parse_list
     from sparsify.provenance import read_record
@@ -54,10 +55,6 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     check_output_free(output, overwrite)  # fail before the slow part
     if output.resolve().is_relative_to(model_dir.resolve()):
         raise SparsifyError(f"-o {output} lies inside the model folder {model_dir}; write the copy somewhere else")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise SparsifyError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
-    from sparsify.eval.run import resolve_device
-
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     model = load_model(str(model_dir), dtype=dtype).to(target).eval()
