@@ -8,12 +8,16 @@ queries and of the keys (multiplies, a negation, a concatenation, an add each), 
 in Qwen3, two cache writes. Then cuBLAS ran k_proj and v_proj (2 MB each) at ~5 us apiece, and
 SDPA spent ~10 us on one query row (its own kernel plus the boolean mask's conversion). Here:
 
-    norm_qkv          at 1-2 tokens: the input RMSNorm and q/k/v projections in one launch,
-                      reading the three weights where they are (no concatenated copy)
-    rope_and_cache    program (sequence, head): query head -> norm?, rotate, write the query buffer;
-                      KV head -> norm?, rotate the key, write key and value at the step's slot
-    decode_attention  at 1-2 tokens: program (sequence, head, block of slots), partial softmax
-                      sums merged by the last block to finish (an atomic ticket): one launch
+    norm_qkv          at 1-2 tokens (up to 8 in a speculative verification): the input RMSNorm
+                      and q/k/v projections in one launch, reading the three weights where they
+                      are (no concatenated copy)
+    rope_and_cache    program (sequence x token, head): query head -> norm?, rotate, write the
+                      query buffer; KV head -> norm?, rotate the key, write key and value at the
+                      token's slot
+    decode_attention  at 1-2 sequences: program (sequence x token, head, block of slots), partial
+                      softmax sums merged by the last block to finish (an atomic ticket): one
+                      launch. A speculative verification's k + 1 tokens are k + 1 queries of a
+                      sequence, each seeing the slots up to its own (causal over the cache).
     silu_mul          transformers' act(gate) * up in one kernel instead of two
 
 Each reads the position from the device (no host synchronisation, so the graph replays it at
@@ -37,14 +41,17 @@ def _kernels():
 
     @triton.jit
     def rope_and_cache(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, position_ptr, query_out_ptr, keys_ptr, values_ptr,
-                       q_norm_ptr, k_norm_ptr, eps, max_len, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                       q_norm_ptr, k_norm_ptr, eps, max_len, tokens, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr):
-        sequence = tl.program_id(0)
+        # Program (sequence x token, head): token t of a sequence sits at slot position + t. Queries,
+        # keys and values come in (B, T, heads, d) order, and the queries go out in that order.
+        row = tl.program_id(0)  # sequence * tokens + token
+        sequence = row // tokens
         head = tl.program_id(1)
         dtype = query_out_ptr.dtype.element_ty
         half = tl.arange(0, HALF)
         ok = half < HEAD_DIM // 2
-        position = tl.load(position_ptr)
+        position = tl.load(position_ptr) + row % tokens
         cos1 = tl.load(cos_ptr + position * HEAD_DIM + half, mask=ok, other=0.0).to(tl.float32)
         cos2 = tl.load(cos_ptr + position * HEAD_DIM + HEAD_DIM // 2 + half, mask=ok, other=0.0).to(tl.float32)
         sin1 = tl.load(sin_ptr + position * HEAD_DIM + half, mask=ok, other=0.0).to(tl.float32)
@@ -52,10 +59,10 @@ def _kernels():
         is_query = head < HEADS
         kv_head = head - HEADS
         if is_query:
-            source = q_ptr + (sequence * HEADS + head) * HEAD_DIM
+            source = q_ptr + (row * HEADS + head) * HEAD_DIM
             norm_ptr = q_norm_ptr
         else:
-            source = k_ptr + (sequence * KV_HEADS + kv_head) * HEAD_DIM
+            source = k_ptr + (row * KV_HEADS + kv_head) * HEAD_DIM
             norm_ptr = k_norm_ptr
         x1 = tl.load(source + half, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(source + HEAD_DIM // 2 + half, mask=ok, other=0.0).to(tl.float32)
@@ -70,10 +77,10 @@ def _kernels():
         out1 = ((x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)).to(dtype)
         out2 = ((x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)).to(dtype)
         if is_query:
-            target = query_out_ptr + (sequence * HEADS + head) * HEAD_DIM
+            target = query_out_ptr + (row * HEADS + head) * HEAD_DIM
         else:
             target = keys_ptr + ((sequence * KV_HEADS + kv_head) * max_len + position) * HEAD_DIM
-            value = v_ptr + (sequence * KV_HEADS + kv_head) * HEAD_DIM
+            value = v_ptr + (row * KV_HEADS + kv_head) * HEAD_DIM
             value_target = values_ptr + ((sequence * KV_HEADS + kv_head) * max_len + position) * HEAD_DIM
             tl.store(value_target + half, tl.load(value + half, mask=ok), mask=ok)
             tl.store(value_target + HEAD_DIM // 2 + half, tl.load(value + HEAD_DIM // 2 + half, mask=ok), mask=ok)
@@ -129,7 +136,7 @@ def _kernels():
         tl.store(out_ptr + t[:, None] * rows + n[None, :], y.to(dtype), mask=t_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def decode_attention(q_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, partial_ptr, count_ptr, scale, max_len,
+    def decode_attention(q_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, partial_ptr, count_ptr, scale, max_len, tokens,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_L: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
         # Program (sequence, query head, split): an online softmax over the split's blocks of cache
@@ -138,14 +145,15 @@ def _kernels():
         # does both stages. Slots past the step's position (read from the device: the graph replays
         # it) are masked, unread. Long caches loop over more blocks per split rather than growing a
         # block, which would spill registers.
-        sequence = tl.program_id(0)
+        query = tl.program_id(0)  # sequence * tokens + token: token t sees the slots up to position + t
+        sequence = query // tokens
         head = tl.program_id(1)
         split = tl.program_id(2)
-        row = sequence * HEADS + head
+        row = query * HEADS + head
         kv_head = head // (HEADS // KV_HEADS)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        length = tl.load(position_ptr) + 1
+        length = tl.load(position_ptr) + 1 + query % tokens
         base = (sequence * KV_HEADS + kv_head).to(tl.int64) * max_len * HEAD_DIM
         q = tl.load(q_ptr + row * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
         best = tl.full([1], float("-inf"), tl.float32)
@@ -189,21 +197,24 @@ def _kernels():
 def rope_and_cache(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                    position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, q_norm: torch.nn.Module | None,
                    k_norm: torch.nn.Module | None) -> torch.Tensor:
-    """queries (B, 1, heads*d), keys / values (B, 1, kv_heads*d): the projections of one step;
-    cos/sin tables (max_len, d); position (1,) on the device; caches (B, kv_heads, max_len, d).
-    Writes the rotated key and the value at `position`, returns the rotated queries (B, heads, 1, d)."""
+    """queries (B, T, heads*d), keys / values (B, T, kv_heads*d): the projections of T consecutive
+    tokens (one in a decode step, k + 1 in a speculative verification); cos/sin tables (max_len, d);
+    position (1,) on the device, the first token's slot; caches (B, kv_heads, max_len, d). Writes
+    the rotated keys and the values at slots position .. position + T - 1, returns the rotated
+    queries (B, heads, T, d) (a view of a (B, T, heads, d) buffer, the order decode_attention reads)."""
     import triton
 
     kernel = _kernels()[0]
     batch, kv_heads, max_len, head_dim = key_cache.shape
+    tokens = queries.shape[1]
     heads = queries.shape[-1] // head_dim
-    out = torch.empty(batch, heads, 1, head_dim, dtype=queries.dtype, device=queries.device)
+    out = torch.empty(batch, tokens, heads, head_dim, dtype=queries.dtype, device=queries.device)
     norms = q_norm is not None
-    kernel[(batch, heads + kv_heads)](queries, keys, values, cos_table, sin_table, position, out, key_cache, value_cache,
-                                      q_norm.weight if norms else queries, k_norm.weight if norms else queries,
-                                      q_norm.variance_epsilon if norms else 0.0, max_len, HEADS=heads, KV_HEADS=kv_heads,
-                                      HEAD_DIM=head_dim, HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=norms, num_warps=1)
-    return out
+    kernel[(batch * tokens, heads + kv_heads)](queries, keys, values, cos_table, sin_table, position, out, key_cache, value_cache,
+                                               q_norm.weight if norms else queries, k_norm.weight if norms else queries,
+                                               q_norm.variance_epsilon if norms else 0.0, max_len, tokens, HEADS=heads, KV_HEADS=kv_heads,
+                                               HEAD_DIM=head_dim, HALF=triton.next_power_of_2(head_dim // 2), QK_NORM=norms, num_warps=1)
+    return out.transpose(1, 2)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -224,16 +235,17 @@ MAX_SPLITS = 64  # the merge holds every split's partial in registers; longer ca
 MAX_KERNEL_CACHE = 8192
 
 
-def norm_qkv_fusable(attention: torch.nn.Module, rows: int) -> bool:
-    """Whether `norm_qkv` serves this attention at `rows` tokens: a few tokens, and q, k and v all
-    with a bias or all without. (The caller has checked the norm: an RMSNorm the engine fuses.)"""
+def norm_qkv_fusable(attention: torch.nn.Module, rows: int, most: int | None = None) -> bool:
+    """Whether `norm_qkv` serves this attention at `rows` tokens: at most `most` (a speculative
+    verification passes its k + 1; default FEW_TOKENS, read when called), and q, k and v all with a
+    bias or all without. (The caller has checked the norm: an RMSNorm the engine fuses.)"""
     biases = [getattr(attention, name).bias is not None for name in ("q_proj", "k_proj", "v_proj")]
-    return rows <= FEW_TOKENS and len(set(biases)) == 1
+    return rows <= (FEW_TOKENS if most is None else most) and len(set(biases)) == 1
 
 
 def norm_qkv(norm: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q_proj(norm(x)), k_proj(norm(x)), v_proj(norm(x)) in one launch, reading the weights where
-    they are (no concatenated copy). x (B, 1, H) with B <= FEW_TOKENS; norm an RMSNorm."""
+    they are (no concatenated copy). x (B, T, H), a few rows in all (norm_qkv_fusable); norm an RMSNorm."""
     import triton
 
     kernel = _kernels()[2]
@@ -252,35 +264,42 @@ def norm_qkv(norm: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor)
 
 
 class AttentionScratch:
-    """The decode attention kernel's partials and per-head tickets for one cache shape. The tickets
-    start at zero and the kernel leaves them at zero, so one scratch serves every layer and every
-    replay of a graph, as long as its launches run one after another (one stream)."""
+    """The decode attention kernel's partials and per-head tickets for one cache shape and `tokens`
+    queries per sequence. The tickets start at zero and the kernel leaves them at zero, so one
+    scratch serves every layer and every replay of a graph, as long as its launches run one after
+    another (one stream)."""
 
-    def __init__(self, key_cache: torch.Tensor, heads: int):
+    def __init__(self, key_cache: torch.Tensor, heads: int, tokens: int = 1):
         import triton
 
         batch, _, max_len, head_dim = key_cache.shape
+        self.tokens = tokens
         self.block_l = ATTENTION_BLOCK_L
         self.blocks_per_split = triton.cdiv(triton.cdiv(max_len, self.block_l), MAX_SPLITS)
         self.splits = triton.cdiv(max_len, self.block_l * self.blocks_per_split)
         self.block_d = triton.next_power_of_2(head_dim)
-        self.partials = torch.empty(batch * heads, self.splits, self.block_d + 2, dtype=torch.float32, device=key_cache.device)
-        self.tickets = torch.zeros(batch * heads, dtype=torch.int32, device=key_cache.device)
+        self.partials = torch.empty(batch * tokens * heads, self.splits, self.block_d + 2, dtype=torch.float32, device=key_cache.device)
+        self.tickets = torch.zeros(batch * tokens * heads, dtype=torch.int32, device=key_cache.device)
 
 
 def decode_attention(queries: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
                      scale: float, scratch: AttentionScratch) -> torch.Tensor:
-    """queries (B, heads, 1, d) of the step at `position` (1,) on the device; caches (B, kv_heads,
-    max_len, d) holding slots 0..position. Returns softmax(q k^T * scale) v over those slots as
-    (B, 1, heads*d), the layout o_proj takes."""
+    """queries (B, heads, T, d) of T consecutive tokens, the first at `position` (1,) on the device
+    (as rope_and_cache returns them); caches (B, kv_heads, max_len, d) holding slots 0..position +
+    T - 1. Token t attends causally: softmax(q k^T * scale) v over slots 0..position + t. Returns
+    (B, T, heads*d), the layout o_proj takes."""
     import triton
 
     kernel = _kernels()[3]
-    batch, heads, _, head_dim = queries.shape
+    batch, heads, tokens, head_dim = queries.shape
+    if tokens != scratch.tokens:
+        raise ValueError(f"scratch made for {scratch.tokens} tokens per sequence, queries have {tokens}")
+    queries = queries.transpose(1, 2).contiguous()  # (B, T, heads, d): no copy when rope_and_cache made them
     _, kv_heads, max_len, _ = key_cache.shape
-    out = torch.empty(batch, 1, heads * head_dim, dtype=queries.dtype, device=queries.device)
-    kernel[(batch, heads, scratch.splits)](queries, key_cache, value_cache, position, out, scratch.partials, scratch.tickets, scale,
-                                           max_len, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_D=scratch.block_d,
-                                           BLOCK_L=scratch.block_l, BLOCKS_PER_SPLIT=scratch.blocks_per_split, SPLITS=scratch.splits,
-                                           BLOCK_S=max(2, triton.next_power_of_2(scratch.splits)), num_warps=ATTENTION_WARPS)
+    out = torch.empty(batch, tokens, heads * head_dim, dtype=queries.dtype, device=queries.device)
+    kernel[(batch * tokens, heads, scratch.splits)](queries, key_cache, value_cache, position, out, scratch.partials, scratch.tickets,
+                                                    scale, max_len, tokens, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+                                                    BLOCK_D=scratch.block_d, BLOCK_L=scratch.block_l,
+                                                    BLOCKS_PER_SPLIT=scratch.blocks_per_split, SPLITS=scratch.splits,
+                                                    BLOCK_S=max(2, triton.next_power_of_2(scratch.splits)), num_warps=ATTENTION_WARPS)
     return out

@@ -56,11 +56,14 @@ def _add_projection(hidden: torch.Tensor, x: torch.Tensor, projection: nn.Linear
 
 def attend(attention: nn.Module, input_norm: nn.Module, hidden: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
            sin_table: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, visible: torch.Tensor | None,
-           rms_norm: Callable[[nn.Module, torch.Tensor], torch.Tensor], scratch: attention_kernels.AttentionScratch | None = None) -> None:
-    """hidden += attention(input_norm(hidden)) for one decode step, writing this step's key and
-    value; `rms_norm` runs the norm where it is not fused into the projections. With a scratch
-    (batch <= attention_kernels.FEW_TOKENS) the attention runs as the decode kernel, else SDPA."""
-    if attention_kernels.norm_qkv_fusable(attention, hidden.shape[0] * hidden.shape[1]):
+           rms_norm: Callable[[nn.Module, torch.Tensor], torch.Tensor], scratch: attention_kernels.AttentionScratch | None = None,
+           fused_rows: int | None = None) -> None:
+    """hidden += attention(input_norm(hidden)) for hidden (B, T, H): one decode step (T = 1) or T
+    consecutive tokens from slot `position` on (a speculative verification), writing their keys and
+    values; `rms_norm` runs the norm where it is not fused into the projections (up to `fused_rows`
+    rows it is, default attention_kernels.FEW_TOKENS). With a scratch (batch <= attention_kernels.FEW_TOKENS) the attention runs as the
+    decode kernel, else SDPA under `visible` (B or 1, 1, T, max_len)."""
+    if attention_kernels.norm_qkv_fusable(attention, hidden.shape[0] * hidden.shape[1], fused_rows):
         projected = attention_kernels.norm_qkv(input_norm, attention, hidden)
     else:
         normed = rms_norm(input_norm, hidden)

@@ -34,12 +34,15 @@ from torch import nn
 from sparsify.convert.skip.draft_plan import DraftPlan, drafting
 from sparsify.convert.skip.modeling_skip import rotate_heads
 from sparsify.convert.skip.speculative import SpeculativeResult, SpeculativeStats
-from sparsify.engine import fused_sublayers
+from sparsify.engine import attention_kernels, fused_sublayers
 from sparsify.engine.graph_decode import GraphDecoder
 from sparsify.experts import decode_kernel
 from sparsify.errors import SparsifyError
 
 TEACHER = DraftPlan()  # nothing skipped, nothing gated: every sublayer runs
+# Up to this many verified rows (batch x (k + 1)) the input norm and q/k/v projections are one
+# launch; above, the norm kernel and cuBLAS.
+VERIFY_FUSED_ROWS = 8
 
 
 class SpeculativeDecoder:
@@ -55,9 +58,17 @@ class SpeculativeDecoder:
             self.draft = GraphDecoder(model, batch, max_len + draft_tokens + 2, use_graph=use_graph, skipped_kv=False)
         engine = self.draft
         self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
-        # The verify pass fuses an FFN where the engine's own plan would (Triton there, a half dtype).
+        # The verify pass runs the teacher's sublayers as the engine's own step runs them (fused,
+        # Triton, a half dtype): the same kernel count per layer as one decode step, and the same
+        # rounding as the teacher's step, so its argmax is the teacher's.
         kernels_here = engine.kernels is not None and decode_kernel.available(torch.empty(0, dtype=engine.dtype, device=self.device))
         self.fused_mlp = [kernels_here and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp) for layer in engine.layers]
+        self.fused_attention = [kernels_here and fused_sublayers.attention_fusable(layer.block.self_attn, engine.dtype) for layer in engine.layers]
+        first = engine.layers[0].block.self_attn
+        heads = first.q_proj.weight.shape[0] // first.head_dim
+        self.verify_scratch = (attention_kernels.AttentionScratch(engine.keys[0], heads, tokens=draft_tokens + 1)
+                               if any(self.fused_attention) and batch <= attention_kernels.FEW_TOKENS
+                               and engine.max_len <= attention_kernels.MAX_KERNEL_CACHE else None)
         self.offsets = torch.arange(draft_tokens + 1, device=self.device)
         self.start = torch.zeros(1, dtype=torch.long, device=self.device)  # the slot of the round's first token
         # Per round, how many drafts were kept (the fewest any sequence accepted), and per sequence what it accepted.
@@ -74,8 +85,14 @@ class SpeculativeDecoder:
         hidden = decoder.embed_tokens(tokens)
         cos, sin = engine.cos_table.index_select(0, slots)[None], engine.sin_table.index_select(0, slots)[None]
         visible = (engine.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, max_len): causal over the cache
-        for layer, fused_mlp in zip(engine.layers, self.fused_mlp, strict=True):
+        for layer, fused_attention, fused_mlp in zip(engine.layers, self.fused_attention, self.fused_mlp, strict=True):
             block, attention = layer.block, layer.block.self_attn
+            if fused_attention:
+                fused_sublayers.attend(attention, block.input_layernorm, hidden, slots[:1], engine.cos_table, engine.sin_table,
+                                       engine.keys[layer.index], engine.values[layer.index], visible, engine._norm,
+                                       self.verify_scratch, fused_rows=VERIFY_FUSED_ROWS)
+                self._verify_ffn(block, fused_mlp, hidden)
+                continue
             normed = engine._norm(block.input_layernorm, hidden)
             shape = (batch, width, -1, attention.head_dim)
             queries, keys = attention.q_proj(normed).view(shape), attention.k_proj(normed).view(shape)
@@ -87,12 +104,15 @@ class SpeculativeDecoder:
             out = F.scaled_dot_product_attention(queries, engine.keys[layer.index], engine.values[layer.index], attn_mask=visible,
                                                  scale=attention.scaling, enable_gqa=True)
             hidden.add_(attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)))
-            normed = engine._norm(block.post_attention_layernorm, hidden)
-            if fused_mlp:
-                fused_sublayers.dense_ffn(block.mlp, normed, hidden)
-            else:
-                hidden.add_(block.mlp(normed))
+            self._verify_ffn(block, fused_mlp, hidden)
         return self.model.lm_head(engine._norm(decoder.norm, hidden))
+
+    def _verify_ffn(self, block: nn.Module, fused: bool, hidden: torch.Tensor) -> None:
+        normed = self.draft._norm(block.post_attention_layernorm, hidden)
+        if fused:
+            fused_sublayers.dense_ffn(block.mlp, normed, hidden)
+        else:
+            hidden.add_(block.mlp(normed))
 
     def _round(self) -> None:
         engine, k = self.draft, self.k

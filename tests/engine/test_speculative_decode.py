@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import IDS, randomise_gates, reference_decode
+from support import IDS, engine_decode, randomise_gates, reference_decode
 from transformers import AutoModelForCausalLM
 
 from sparsify.convert.skip.draft_plan import DraftPlan, drafting
@@ -196,3 +196,30 @@ def test_a_model_drafts_with_its_saved_plan_and_a_given_threshold_gates_the_rest
     assert DraftPlan.for_model(model, 0.7) == DraftPlan(saved.skip, gated=True, threshold=0.7)
     assert saved.summary(4) == "2 of 4 sublayers skipped (50%), the rest run"
     assert DraftPlan.per_token(0.7).summary(4) == "every gate per token at 0.7"
+
+
+@pytest.mark.skipif(not graphs_supported(), reason="needs a GPU and nvcc for the graph engine's kernels")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_verification_reproduces_the_teachers_decode_steps_in_bf16_on_gpu(skip_folders, family):
+    """The verify pass runs the teacher's sublayers through the step's fused kernels, k + 1 tokens at
+    once: its logits for each verified token are the teacher's decode-step logits for it, and
+    speculative greedy decoding in bf16 gives the teacher engine's tokens up to a near-tie."""
+    from support import assert_decodes_alike_in_low_precision
+
+    model = AutoModelForCausalLM.from_pretrained(skip_folders[family], dtype=torch.bfloat16).cuda().eval()
+    randomise_gates(model)
+    prompt, steps, k = IDS[:1, :6].cuda(), 12, 3
+    with torch.no_grad(), drafting(model, DraftPlan()):  # every gate open: the teacher
+        want_ids, want_logits = engine_decode(model, prompt, steps=steps, use_graph=True)
+    plan = _plans(model)["static half"]
+    decoder = SpeculativeDecoder(model, 1, prompt.shape[1] + steps + 1, plan, k, use_graph=True)
+    assert all(decoder.fused_attention) and all(decoder.fused_mlp) and decoder.verify_scratch is not None
+    with torch.no_grad(), drafting(model, DraftPlan()):
+        decoder.draft.prefill(prompt)
+        start = prompt.shape[1]  # the prefill's token sits here; the teacher's step at slot start + i gave want_logits[i]
+        slots = start + torch.arange(k + 1, device="cuda")
+        verified = decoder._verify(want_ids[:, start:start + k + 1], slots)
+    assert_decodes_alike_in_low_precision((want_ids[:, :start + k + 2], list(verified.unbind(1))),
+                                          (want_ids[:, :start + k + 2], want_logits[:k + 1]))
+    got = decoder.generate(prompt, steps + 1).sequences
+    assert_decodes_alike_in_low_precision((got, want_logits), (want_ids, want_logits))  # tokens: first difference at a near-tie
