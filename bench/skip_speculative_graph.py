@@ -12,7 +12,9 @@ decodes `--prompts` prompts from --eval-data and from --ood-data (the other doma
 drafts accepted, tokens per verification, decode tokens/s and its ratio to the teacher's graph
 decode (both time the decode only, after the same prefill), and the share of prompts whose tokens
 equal the teacher's greedy tokens on the same engine (bf16: verifying k + 1 tokens in one pass rounds
-differently from k + 1 single steps, so a near-tie may flip). With --trained FOLDER the per-token
+differently from k + 1 single steps, so a near-tie may flip; the engine's argmax reads fp32 logits,
+so exact bf16 ties do not). With --on-policy N the plans are also searched on the teacher's greedy
+continuations (N tokens) of the tune windows ("on-policy" rows). With --trained FOLDER the per-token
 gates of a trained skip model are measured too, at --thresholds.
 
 --shape: random weights at that shape, acceptance meaningless; what is measured is the cost model: the
@@ -131,7 +133,7 @@ def draft_step_ms(model, plan, prompt, new_tokens: int, repeats: int) -> float:
 
 def real_model(args, report: dict) -> list[dict]:
     from sparsify.convert.skip.draft_plan import DraftPlan
-    from sparsify.convert.skip.draft_search import search_draft_plan
+    from sparsify.convert.skip.draft_search import search_draft_plan, teacher_continuations
     from sparsify.sources import load_model, load_tokenizer
     from sparsify.upcycle import upcycle
 
@@ -157,6 +159,13 @@ def real_model(args, report: dict) -> list[dict]:
     emit(args, {"search_curve": [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4)) for step in search.curve()],
                 "order": list(search.steps[-1].skip)})
     plans = {f"static {float(s):.2f}": search.plan_for(float(s)) for s in args.shares.split(",")}
+    if args.on_policy:  # the same windows as prompts, scored on the teacher's own continuations of them
+        continued = teacher_continuations(model, tune, args.on_policy)
+        on_policy = search_draft_plan(model, continued, max(float(s) for s in args.shares.split(",")), scored_from=args.search_len - 1)
+        report["search_on_policy"] = {"tune_tokens": on_policy.tune_tokens, "curve": on_policy.curve()}
+        emit(args, {"search_on_policy_curve": [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4))
+                                               for step in on_policy.curve()], "order": list(on_policy.steps[-1].skip)})
+        plans.update({f"on-policy {float(s):.2f}": on_policy.plan_for(float(s)) for s in args.shares.split(",")})
     if args.trained:
         model_gates = load_model(args.trained, dtype=dtype).to(device).eval()
         plans.update({f"per-token t={float(t):g}": (DraftPlan.per_token(float(t)), model_gates) for t in args.thresholds.split(",")})
@@ -263,6 +272,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--search-windows", type=int, default=16)
     parser.add_argument("--search-len", type=int, default=256)
+    parser.add_argument("--on-policy", type=int, default=0,
+                        help="also search on the teacher's greedy continuations (this many tokens) of the tune windows")
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: an eager smoke test of this script, no timing worth reading")

@@ -516,6 +516,9 @@ def draft_plan(
     share: Annotated[float, typer.Option(help="Share of the gated sublayers every draft token skips (no gate, no K/V written).")] = 0.3,
     windows: Annotated[int, typer.Option(help="Tune windows the search scores each candidate on.")] = 16,
     window_len: Annotated[int, typer.Option(help="Tokens per tune window.")] = 256,
+    on_policy: Annotated[int, typer.Option(help="Score the draft on the teacher's own text: each window becomes a prompt "
+                                                "the teacher continues greedily by this many tokens, and only those are "
+                                                "scored (0: score the tune text itself).")] = 0,
     device: Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -528,9 +531,9 @@ def draft_plan(
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("searching the draft plan (sublayers dropped)", total=None)
         result = write_draft_plan_copy(model, output, data, share=share, windows=windows, window_len=window_len, device=device,
-                                       overwrite=overwrite, command=shlex.join(["sparsify", *sys.argv[1:]]),
+                                       overwrite=overwrite, on_policy=on_policy, command=shlex.join(["sparsify", *sys.argv[1:]]),
                                        on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    table = Table(title=f"{output}: draft plan on {result.tune_tokens:,} tune tokens")
+    table = Table(title=f"{output}: draft plan scored on {result.tune_tokens:,} tokens of {result.scored_on}")
     for column in ("sublayers dropped", "share", "top-1 agreement with the teacher", "KL, nats/token"):
         table.add_column(column, justify="right")
     for step in result.curve:

@@ -27,16 +27,19 @@ class DraftPlanCopy:
     plan: DraftPlan
     gated_sublayers: int
     curve: list[dict[str, Any]]  # agreement and KL on the tune text after each sublayer dropped
-    tune_tokens: int
+    tune_tokens: int  # the tokens scored
+    scored_on: str  # tune text, or the teacher's continuations of it (on_policy)
 
 
 def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, share: float, windows: int = 16, window_len: int = 256,
                           batch_size: int = 4, device: str = "auto", overwrite: bool = False, command: str | None = None,
-                          on_progress: Callable[[int, int], None] = lambda done, total: None) -> DraftPlanCopy:
+                          on_policy: int = 0, on_progress: Callable[[int, int], None] = lambda done, total: None) -> DraftPlanCopy:
+    """`on_policy` > 0: each window is a prompt the teacher continues greedily by that many tokens, and
+    only the teacher's tokens are scored (draft_search.py: the text a draft meets when it decodes)."""
     import torch
 
     from sparsify.convert.calibration.runner import text_blocks
-    from sparsify.convert.skip.draft_search import search_draft_plan
+    from sparsify.convert.skip.draft_search import search_draft_plan, teacher_continuations
     from sparsify.eval.run import resolve_device
     from sparsify.model_folder import write_record_and_card
     from sparsify.option_values import parse_list
@@ -50,6 +53,8 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
         raise SparsifyError(f"--share must be in (0, 1]: the share of gated sublayers every draft token skips, got {share}")
     if windows < 1 or window_len < 2:
         raise SparsifyError("--windows must be at least 1 and --window-len at least 2")
+    if on_policy < 0:
+        raise SparsifyError(f"--on-policy is a number of tokens the teacher continues each window by (0: off), got {on_policy}")
     check_sources(parse_list(data), "--data")
     check_model_ref(str(model_dir))
     check_output_free(output, overwrite)  # fail before the slow part
@@ -62,10 +67,14 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     if len(blocks) == 0:
         raise SparsifyError(f"--data holds fewer than {window_len} tokens outside the held-out bucket; give more training text")
     batches = [blocks[i:i + batch_size].to(target) for i in range(0, len(blocks), batch_size)]
-    search = search_draft_plan(model, batches, share, progress=on_progress)
+    scored_from = 0
+    if on_policy:
+        batches = teacher_continuations(model, batches, on_policy)
+        scored_from = window_len - 1  # the last prompt position predicts the teacher's first token
+    search = search_draft_plan(model, batches, share, progress=on_progress, scored_from=scored_from)
     plan = search.plan_for(share)
     record = read_record(model_dir) or {}
-    record["draft_plan"] = {**plan.to_config(), "data": data, "curve": search.curve(), "command": command,
+    record["draft_plan"] = {**plan.to_config(), "data": data, "on_policy_tokens": on_policy, "curve": search.curve(), "command": command,
                             "after_training_runs": len(record.get("training", []))}
     with atomic_folder(output, overwrite=overwrite) as staging:
         rewritten = ("config.json", "sparsify.json", "README.md") if record.get("variant") else ("config.json",)
@@ -77,4 +86,4 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if record.get("variant"):
             write_record_and_card(staging, record, config)
-    return DraftPlanCopy(output, plan, search.gated_sublayers, search.curve(), search.tune_tokens)
+    return DraftPlanCopy(output, plan, search.gated_sublayers, search.curve(), search.tune_tokens, search.scored_on)

@@ -7,6 +7,11 @@ teacher's (top-1 agreement with the teacher under teacher forcing, the proxy for
 mean KL to the teacher breaks ties). The curve of agreement against the share dropped is returned
 with a plan per requested share, so one search serves several draft budgets.
 
+On-policy search (`teacher_continuations`, `scored_from`): the tune windows become prompts, the
+teacher continues each greedily, and only the teacher's own tokens are scored. A draft is judged on
+exactly that text when it decodes, and the teacher's greedy text is more predictable than the
+corpus that follows a prompt, so it ranks sublayers by what decoding needs from them.
+
 Agreement here is a per-token proxy, not the acceptance rate: a round keeps drafts only up to the first
 miss, so the share of drafts accepted falls with the draft length (k = 2 keeps less than one-token
 agreement would say). In the other direction, in decoding the draft reads the teacher's K/V for the
@@ -36,7 +41,8 @@ class SearchStep:
 class DraftSearch:
     steps: list[SearchStep]  # steps[i]: i sublayers dropped
     gated_sublayers: int
-    tune_tokens: int
+    tune_tokens: int  # the tokens scored
+    scored_on: str = "tune text"
 
     def plan_for(self, share: float) -> DraftPlan:
         """The plan dropping `share` of the gated sublayers (rounded to the nearest count)."""
@@ -48,7 +54,7 @@ class DraftSearch:
             raise SparsifyError(f"the search stopped at {len(self.steps) - 1} sublayers; ask for a share up to "
                                 f"{(len(self.steps) - 1) / self.gated_sublayers:.2f}")
         step = self.steps[count]
-        return DraftPlan(step.skip, chosen_by={"search": "greedy top-1 agreement on tune text", "tune_tokens": self.tune_tokens,
+        return DraftPlan(step.skip, chosen_by={"search": f"greedy top-1 agreement on {self.scored_on}", "tune_tokens": self.tune_tokens,
                                                "tune_agreement": round(step.agreement, 4), "tune_kl": round(step.kl, 4)})
 
     def curve(self) -> list[dict[str, Any]]:
@@ -57,11 +63,25 @@ class DraftSearch:
 
 
 @torch.no_grad()
-def _scores(model, batches: list[torch.Tensor], teacher: list[tuple[torch.Tensor, torch.Tensor]], skip: tuple[str, ...]) -> tuple[float, float]:
+def teacher_continuations(model, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    """Each (B, P) batch of prompts followed by the teacher's own greedy continuation of `new_tokens`
+    tokens (every gate open, on the static-cache engine): the text a speculative draft is judged on
+    when it decodes, as opposed to the corpus text that follows the prompt."""
+    from sparsify.engine.graph_decode import GraphDecoder
+
+    if new_tokens < 1:
+        raise SparsifyError(f"the teacher's continuation needs at least 1 token, got {new_tokens}")
+    with drafting(model, DraftPlan()):
+        return [GraphDecoder(model, ids.shape[0], ids.shape[1] + new_tokens + 1).generate(ids, new_tokens) for ids in prompts]
+
+
+@torch.no_grad()
+def _scores(model, batches: list[torch.Tensor], teacher: list[tuple[torch.Tensor, torch.Tensor]], skip: tuple[str, ...],
+            scored_from: int = 0) -> tuple[float, float]:
     agree, kl, count = 0.0, 0.0, 0
     with drafting(model, DraftPlan(skip)):
         for ids, (choice, log_p) in zip(batches, teacher, strict=True):
-            log_q = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+            log_q = F.log_softmax(model(input_ids=ids).logits[:, scored_from:].float(), dim=-1)
             agree += float((log_q.argmax(-1) == choice).sum())
             kl += float((log_p.exp() * (log_p - log_q)).sum())
             count += choice.numel()
@@ -69,9 +89,11 @@ def _scores(model, batches: list[torch.Tensor], teacher: list[tuple[torch.Tensor
 
 
 @torch.no_grad()
-def search_draft_plan(model, batches: list[torch.Tensor], max_share: float, progress=None) -> DraftSearch:
+def search_draft_plan(model, batches: list[torch.Tensor], max_share: float, progress=None, scored_from: int = 0) -> DraftSearch:
     """Drop sublayers greedily until `max_share` of the gated ones are gone; `batches` are (B, L) token
-    ids of tune text. `progress(done, total)` is called after each step."""
+    ids of tune text, scored from position `scored_from` on (the positions before are context: a
+    prompt whose teacher continuation, from teacher_continuations, is what gets scored).
+    `progress(done, total)` is called after each step."""
     if not 0.0 < max_share <= 1.0:
         raise SparsifyError(f"the draft plan's skipped share must be in (0, 1], got {max_share}")
     keys = [sublayer_key(layer, sublayer) for layer, sublayer, _ in model.skip_gates()]
@@ -80,15 +102,16 @@ def search_draft_plan(model, batches: list[torch.Tensor], max_share: float, prog
     teacher = []
     with drafting(model, DraftPlan()):  # every gate open: the teacher
         for ids in batches:
-            log_p = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+            log_p = F.log_softmax(model(input_ids=ids).logits[:, scored_from:].float(), dim=-1)
             teacher.append((log_p.argmax(-1), log_p))
-    steps = [SearchStep((), *_scores(model, batches, teacher, ()))]
+    steps = [SearchStep((), *_scores(model, batches, teacher, (), scored_from))]
     target = round(max_share * len(keys))
     while len(steps) - 1 < target:
         current = steps[-1].skip
-        trials = [(key, _scores(model, batches, teacher, current + (key,))) for key in keys if key not in current]
+        trials = [(key, _scores(model, batches, teacher, current + (key,), scored_from)) for key in keys if key not in current]
         key, (agreement, kl) = max(trials, key=lambda trial: (trial[1][0], -trial[1][1]))
         steps.append(SearchStep(current + (key,), agreement, kl))
         if progress is not None:
             progress(len(steps) - 1, target)
-    return DraftSearch(steps, len(keys), sum(ids.numel() for ids in batches))
+    scored_on = "the teacher's greedy continuations of tune-text prompts" if scored_from else "tune text"
+    return DraftSearch(steps, len(keys), sum(ids[:, scored_from:].numel() for ids in batches), scored_on)

@@ -155,6 +155,7 @@ class GraphDecoder:
             cos, sin = decoder.rotary_emb(torch.zeros((), dtype=self.dtype, device=self.device), positions)
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.slots = torch.arange(max_len, device=self.device)
+        self.fp32_head = self._fp32_head_possible()
         # Step state lives in fixed buffers so one captured graph serves every step.
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -302,11 +303,34 @@ class GraphDecoder:
 
             self._run_if(layer.attention_gate, decision, attend)
             self._ffn(layer, hidden)
-        logits = self.model.lm_head(self._norm(decoder.norm, hidden))
+        logits = self.head(self._norm(decoder.norm, hidden))
         self.position.add_(1)
         self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.history.index_copy_(1, self.position, self.token)
         self.last_logits = logits
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The logits of `normed` (..., H): in fp32 from the half-precision weights where cuBLAS can
+        (fp32_head), else in the model's dtype. Why: in bf16 the two best logits of a step tie
+        exactly now and then (near 20 they are 0.125 apart), and which one argmax takes then depends
+        on rounding that a speculative verification of several tokens does not share with a one-token
+        step; in fp32 exact ties all but vanish."""
+        if not self.fp32_head:
+            return self.model.lm_head(normed)
+        rows = normed.reshape(-1, normed.shape[-1])
+        return torch.mm(rows, self.model.lm_head.weight.t(), out_dtype=torch.float32).view(*normed.shape[:-1], -1)
+
+    def _fp32_head_possible(self) -> bool:
+        head = getattr(self.model, "lm_head", None)
+        if self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            return False
+        try:  # cuBLAS half -> fp32 output (torch.mm's out_dtype, torch >= 2.8 on CUDA)
+            probe = torch.ones(1, 8, dtype=self.dtype, device=self.device)
+            return torch.mm(probe, probe.t(), out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
 
     def _costs_nothing(self, gate: nn.Module | None) -> bool:
         return not self.skipped_kv and gate is not None and gate.forced is False

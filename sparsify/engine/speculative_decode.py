@@ -105,7 +105,7 @@ class SpeculativeDecoder:
                                                  scale=attention.scaling, enable_gqa=True)
             hidden.add_(attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)))
             self._verify_ffn(block, fused_mlp, hidden)
-        return self.model.lm_head(engine._norm(decoder.norm, hidden))
+        return engine.head(engine._norm(decoder.norm, hidden))
 
     def _verify_ffn(self, block: nn.Module, fused: bool, hidden: torch.Tensor) -> None:
         normed = self.draft._norm(block.post_attention_layernorm, hidden)

@@ -88,11 +88,19 @@ def test_draft_plan_writes_a_copy_whose_saved_plan_generate_drafts_with(skip_fol
     assert _continuations(speculative.stdout) == _continuations(teacher.stdout)
     again = run_cli("draft-plan", str(skip_folder), "-o", str(out), "--data", str(corpus["train"]), "--device", "cpu")
     assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    # On-policy: each 16-token window a prompt the teacher continues by 4; scored from its last token on: 5 per window.
+    on_policy = run_cli("draft-plan", str(skip_folder), "-o", str(out), "--data", str(corpus["train"]), "--share", "0.5",
+                        "--windows", "2", "--window-len", "16", "--on-policy", "4", "--device", "cpu", "--overwrite")
+    assert on_policy.returncode == 0, on_policy.stderr
+    plan = json.loads((out / "config.json").read_text())["draft_plan"]
+    assert plan["chosen_by"]["tune_tokens"] == 10 and "teacher's greedy continuations" in plan["chosen_by"]["search"]
+    assert json.loads((out / "sparsify.json").read_text())["draft_plan"]["on_policy_tokens"] == 4
     dense = run_cli("draft-plan", str(dense_models["llama"]), "-o", str(tmp_path / "x"), "--data", str(corpus["train"]))
     assert dense.returncode != 0 and "not a layer-skip model" in dense.stderr
     for args, message in ((["-o", str(skip_folder / "inside")], "inside the model folder"),
                           (["-o", str(tmp_path / "y"), "--device", "gpu"], "--device must be auto, cpu, cuda"),
-                          (["-o", str(tmp_path / "z"), "--share", "0.1", "--device", "cpu"], "drops no sublayer")):
+                          (["-o", str(tmp_path / "z"), "--share", "0.1", "--device", "cpu"], "drops no sublayer"),
+                          (["-o", str(tmp_path / "w"), "--on-policy", "-1"], "--on-policy is a number of tokens")):
         refused = run_cli("draft-plan", str(skip_folder), "--data", str(corpus["train"]), "--windows", "1", "--window-len", "16", *args)
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     assert not (skip_folder / "inside").exists() and not (tmp_path / "z").exists()

@@ -162,6 +162,22 @@ def test_plan_search_drops_greedily_by_agreement_with_the_teacher(skip_folders):
         search.plan_for(0.9)
 
 
+def test_on_policy_search_scores_the_teachers_own_continuations(skip_folders):
+    from sparsify.convert.skip.draft_search import search_draft_plan, teacher_continuations
+
+    model = _skip_model(skip_folders["llama"])
+    prompts = [IDS[:, :6]]
+    continued = teacher_continuations(model, prompts, 5)
+    with torch.no_grad(), drafting(model, DraftPlan()):
+        want, _ = reference_decode(model, IDS[:, :6], steps=4)
+    assert continued[0].tolist() == want.tolist()  # the prompt, then the teacher's greedy tokens
+    search = search_draft_plan(model, continued, max_share=0.5, scored_from=5)
+    assert search.tune_tokens == 2 * 6 and search.steps[0].agreement == 1.0  # the teacher agrees with its own choices
+    assert "continuations" in search.plan_for(0.5).chosen_by["search"]
+    with pytest.raises(SparsifyError, match="at least 1 token"):
+        teacher_continuations(model, prompts, 0)
+
+
 def test_eval_times_speculative_decoding_against_the_teacher_on_the_static_cache_engine(dense_models, tmp_path):
     """`sparsify eval --decode-engine speculative`: the skip model decodes speculatively with its saved
     plan, the teacher (no gates) on the graph engine; the report says what was drafted and accepted."""
