@@ -60,9 +60,10 @@ def attend(attention: nn.Module, input_norm: nn.Module, hidden: torch.Tensor, po
            fused_rows: int | None = None) -> None:
     """hidden += attention(input_norm(hidden)) for hidden (B, T, H): one decode step (T = 1) or T
     consecutive tokens from slot `position` on (a speculative verification), writing their keys and
-    values; `rms_norm` runs the norm where it is not fused into the projections (up to `fused_rows`
-    rows it is, default attention_kernels.FEW_TOKENS). With a scratch (batch <= attention_kernels.FEW_TOKENS) the attention runs as the
-    decode kernel, else SDPA under `visible` (B or 1, 1, T, max_len)."""
+    values. The norm and q/k/v projections are one launch up to `fused_rows` rows (default
+    attention_kernels.FEW_TOKENS); above, `rms_norm` and cuBLAS. With a scratch (batch <=
+    attention_kernels.FEW_TOKENS) the attention runs as the decode kernel, else SDPA under `visible`
+    (B or 1, 1, T, max_len)."""
     if attention_kernels.norm_qkv_fusable(attention, hidden.shape[0] * hidden.shape[1], fused_rows):
         projected = attention_kernels.norm_qkv(input_norm, attention, hidden)
     else:

@@ -7,6 +7,11 @@ token are kept, all on the GPU: the draft steps, the verification forward and th
 captured as one graph and replayed once per round; the host reads one small tensor per round (where
 the sequences stand, whether they all ended).
 
+On a GPU in a half dtype the verification runs the decode step's own fused kernels over the k + 1
+tokens at once (sparsify/engine/attention_kernels.py): at batch 1 it costs about one teacher step
+(1.09 on the H100 at SmolLM2's shape, k = 2; unfused it cost 2.5), and it rounds as the teacher's
+step does, so its greedy choice is the teacher's; both take the argmax of fp32 logits (GraphDecoder.head).
+
 The cache is the engine's static one, masked by position, so rejecting drafts is moving the position
 back: verification has already written the teacher's K/V for every slot it saw, the accepted ones are
 kept as they are, and the rejected ones are masked and rewritten by the next round. A draft step
@@ -63,7 +68,8 @@ class SpeculativeDecoder:
         # rounding as the teacher's step, so its argmax is the teacher's.
         kernels_here = engine.kernels is not None and decode_kernel.available(torch.empty(0, dtype=engine.dtype, device=self.device))
         self.fused_mlp = [kernels_here and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp) for layer in engine.layers]
-        self.fused_attention = [kernels_here and fused_sublayers.attention_fusable(layer.block.self_attn, engine.dtype) for layer in engine.layers]
+        self.fused_attention = [kernels_here and fused_sublayers.attention_fusable(layer.block.self_attn, engine.dtype)
+                                for layer in engine.layers]
         first = engine.layers[0].block.self_attn
         heads = first.q_proj.weight.shape[0] // first.head_dim
         self.verify_scratch = (attention_kernels.AttentionScratch(engine.keys[0], heads, tokens=draft_tokens + 1)
