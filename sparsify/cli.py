@@ -517,8 +517,8 @@ def draft_plan(
     windows: Annotated[int, typer.Option(help="Tune windows the search scores each candidate on.")] = 16,
     window_len: Annotated[int, typer.Option(help="Tokens per tune window.")] = 256,
     on_policy: Annotated[int, typer.Option(help="Score the draft on the teacher's own text: each window becomes a prompt "
-                                                "the teacher continues greedily by this many tokens, and only those are "
-                                                "scored (0: score the tune text itself).")] = 0,
+                                                "the teacher continues greedily by this many tokens, and only the positions "
+                                                "from the prompt's last on are scored (0: score the tune text itself).")] = 0,
     device: Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -533,7 +533,7 @@ def draft_plan(
         result = write_draft_plan_copy(model, output, data, share=share, windows=windows, window_len=window_len, device=device,
                                        overwrite=overwrite, on_policy=on_policy, command=shlex.join(["sparsify", *sys.argv[1:]]),
                                        on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    table = Table(title=f"{output}: draft plan scored on {result.tune_tokens:,} tokens of {result.scored_on}")
+    table = Table(title=f"{output}: draft plan scored at {result.tune_tokens:,} positions of {result.scored_on}")
     for column in ("sublayers dropped", "share", "top-1 agreement with the teacher", "KL, nats/token"):
         table.add_column(column, justify="right")
     for step in result.curve:

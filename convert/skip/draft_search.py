@@ -41,7 +41,7 @@ class SearchStep:
 class DraftSearch:
     steps: list[SearchStep]  # steps[i]: i sublayers dropped
     gated_sublayers: int
-    tune_tokens: int  # the tokens scored
+    tune_tokens: int  # the positions scored (on-policy: each continuation's tokens, and the teacher's choice after them)
     scored_on: str = "tune text"
 
     def plan_for(self, share: float) -> DraftPlan:

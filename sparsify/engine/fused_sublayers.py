@@ -4,10 +4,11 @@ Same modules, same weights, no copies: the projections read the model's own line
 (cuBLAS, or one Triton launch for q/k/v at batch 1-2), and what lies between them is fused
 (sparsify/engine/attention_kernels.py):
 
-    attention   norm and q/k/v projections (at one or two tokens one matrix-vector launch for
-                the norm and all three; above, the norm kernel and cuBLAS), rope_and_cache (q/k
-                norms, rotary embedding, cache writes: one kernel for ~12), attention over the
-                cache (a decode kernel at one or two tokens, SDPA above), o_proj with the
+    attention   norm and q/k/v projections (at one or two rows, or up to 8 in a speculative
+                verification, one matrix-vector launch for the norm and all three; above, the norm
+                kernel and cuBLAS), rope_and_cache (q/k norms, rotary embedding, cache writes: one
+                kernel for ~12), attention over the cache (a decode kernel at one or two sequences,
+                each with one token or a verification's k + 1; SDPA above), o_proj with the
                 residual add folded into the GEMM (addmm_, beta = 1)
     dense FFN   norm, gate and up projections, silu_mul (one kernel for two), down_proj with the
                 residual add folded into the GEMM

@@ -9,8 +9,9 @@ the sequences stand, whether they all ended).
 
 On a GPU in a half dtype the verification runs the decode step's own fused kernels over the k + 1
 tokens at once (sparsify/engine/attention_kernels.py): at batch 1 it costs about one teacher step
-(1.09 on the H100 at SmolLM2's shape, k = 2; unfused it cost 2.5), and it rounds as the teacher's
-step does, so its greedy choice is the teacher's; both take the argmax of fp32 logits (GraphDecoder.head).
+(1.09 on the H100 at SmolLM2's shape, k = 2; unfused it cost 2.5). It rounds nearly as the teacher's
+step does (its GEMMs see k + 1 rows, and cuBLAS may pick other kernels for them), and both take the
+argmax of fp32 logits (GraphDecoder.head), so only a near-tie of the teacher's may still flip.
 
 The cache is the engine's static one, masked by position, so rejecting drafts is moving the position
 back: verification has already written the teacher's K/V for every slot it saw, the accepted ones are
@@ -64,8 +65,8 @@ class SpeculativeDecoder:
         engine = self.draft
         self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
         # The verify pass runs the teacher's sublayers as the engine's own step runs them (fused,
-        # Triton, a half dtype): the same kernel count per layer as one decode step, and the same
-        # rounding as the teacher's step, so its argmax is the teacher's.
+        # Triton, a half dtype): the same kernel count per layer as one decode step, and nearly the
+        # same rounding as the teacher's step (the GEMMs see k + 1 rows).
         kernels_here = engine.kernels is not None and decode_kernel.available(torch.empty(0, dtype=engine.dtype, device=self.device))
         self.fused_mlp = [kernels_here and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp) for layer in engine.layers]
         self.fused_attention = [kernels_here and fused_sublayers.attention_fusable(layer.block.self_attn, engine.dtype)
@@ -89,8 +90,13 @@ class SpeculativeDecoder:
         decoder = self.model.model
         batch, width = tokens.shape
         hidden = decoder.embed_tokens(tokens)
-        cos, sin = engine.cos_table.index_select(0, slots)[None], engine.sin_table.index_select(0, slots)[None]
-        visible = (engine.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, max_len): causal over the cache
+        # The fused kernels read the rotary tables and the position themselves: the tables' rows and
+        # the mask are built only where a layer runs the generic path or SDPA (no kernels spent otherwise).
+        if not all(self.fused_attention) or self.verify_scratch is None:
+            cos, sin = engine.cos_table.index_select(0, slots)[None], engine.sin_table.index_select(0, slots)[None]
+            visible = (engine.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, max_len): causal over the cache
+        else:
+            visible = None
         for layer, fused_attention, fused_mlp in zip(engine.layers, self.fused_attention, self.fused_mlp, strict=True):
             block, attention = layer.block, layer.block.self_attn
             if fused_attention:
