@@ -131,6 +131,11 @@ def draft_step_ms(model, plan, prompt, new_tokens: int, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def curve_line(search) -> list[tuple]:
+    """(sublayers dropped, agreement, KL) after each step of a plan search, rounded for a JSON line."""
+    return [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4)) for step in search.curve()]
+
+
 def real_model(args, report: dict) -> list[dict]:
     from sparsify.convert.skip.draft_plan import DraftPlan
     from sparsify.convert.skip.draft_search import search_draft_plan, teacher_continuations
@@ -156,15 +161,13 @@ def real_model(args, report: dict) -> list[dict]:
     search = search_draft_plan(model, tune, max(float(s) for s in args.shares.split(",")),
                                progress=lambda done, total: print(json.dumps({"search": f"{done}/{total}"}), flush=True))
     report["search"] = {"tune_tokens": search.tune_tokens, "curve": search.curve()}
-    emit(args, {"search_curve": [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4)) for step in search.curve()],
-                "order": list(search.steps[-1].skip)})
+    emit(args, {"search_curve": curve_line(search), "order": list(search.steps[-1].skip)})
     plans = {f"static {float(s):.2f}": search.plan_for(float(s)) for s in args.shares.split(",")}
     if args.on_policy:  # the same windows as prompts, scored on the teacher's own continuations of them
         continued = teacher_continuations(model, tune, args.on_policy)
         on_policy = search_draft_plan(model, continued, max(float(s) for s in args.shares.split(",")), scored_from=args.search_len - 1)
         report["search_on_policy"] = {"tune_tokens": on_policy.tune_tokens, "curve": on_policy.curve()}
-        emit(args, {"search_on_policy_curve": [(step["dropped"], round(step["agreement"], 4), round(step["kl"], 4))
-                                               for step in on_policy.curve()], "order": list(on_policy.steps[-1].skip)})
+        emit(args, {"search_on_policy_curve": curve_line(on_policy), "order": list(on_policy.steps[-1].skip)})
         plans.update({f"on-policy {float(s):.2f}": on_policy.plan_for(float(s)) for s in args.shares.split(",")})
     if args.trained:
         model_gates = load_model(args.trained, dtype=dtype).to(device).eval()

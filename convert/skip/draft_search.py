@@ -71,8 +71,15 @@ def teacher_continuations(model, prompts: list[torch.Tensor], new_tokens: int) -
 
     if new_tokens < 1:
         raise SparsifyError(f"the teacher's continuation needs at least 1 token, got {new_tokens}")
+    decoders: dict[tuple[int, ...], GraphDecoder] = {}  # one per prompt shape: a GPU captures its step once
+    continued = []
     with drafting(model, DraftPlan()):
-        return [GraphDecoder(model, ids.shape[0], ids.shape[1] + new_tokens + 1).generate(ids, new_tokens) for ids in prompts]
+        for ids in prompts:
+            shape = tuple(ids.shape)
+            if shape not in decoders:
+                decoders[shape] = GraphDecoder(model, ids.shape[0], ids.shape[1] + new_tokens + 1)
+            continued.append(decoders[shape].generate(ids, new_tokens))
+    return continued
 
 
 @torch.no_grad()

@@ -263,6 +263,13 @@ def norm_qkv(norm: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor)
     return outputs[0], outputs[1], outputs[2]
 
 
+def scratch_where_it_fits(key_cache: torch.Tensor, heads: int, tokens: int = 1) -> "AttentionScratch | None":
+    """A scratch for the decode attention kernel where it is the faster choice: a batch of at most
+    FEW_TOKENS sequences and a cache of at most MAX_KERNEL_CACHE slots; None where SDPA serves."""
+    batch, _, max_len, _ = key_cache.shape
+    return AttentionScratch(key_cache, heads, tokens) if batch <= FEW_TOKENS and max_len <= MAX_KERNEL_CACHE else None
+
+
 class AttentionScratch:
     """The decode attention kernel's partials and per-head tickets for one cache shape and `tokens`
     queries per sequence. The tickets start at zero and the kernel leaves them at zero, so one

@@ -145,11 +145,9 @@ class GraphDecoder:
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # At batch 1-2 (and caches up to MAX_KERNEL_CACHE) fused attention runs the decode attention
         # kernel; its scratch serves every layer.
-        heads = attention.q_proj.weight.shape[0] // attention.head_dim
+        self.heads = attention.q_proj.weight.shape[0] // attention.head_dim
         fused = any(layer.fused_attention for layer in self.layers)
-        self.attention_scratch = (attention_kernels.AttentionScratch(self.keys[0], heads)
-                                  if fused and batch <= attention_kernels.FEW_TOKENS and max_len <= attention_kernels.MAX_KERNEL_CACHE
-                                  else None)
+        self.attention_scratch = attention_kernels.scratch_where_it_fits(self.keys[0], self.heads) if fused else None
         with torch.no_grad():
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = decoder.rotary_emb(torch.zeros((), dtype=self.dtype, device=self.device), positions)
@@ -202,18 +200,27 @@ class GraphDecoder:
             missed = missed or (reason or None)
         return missed
 
-    def _plan_fused_sublayers(self) -> None:
-        """Ungated attention and dense FFN sublayers with fewer kernels, where the engine's own norm
-        kernels run (a GPU) and Triton is there; on CPU the step stays the model's own modules."""
+    def fusable(self, layer: _Layer) -> tuple[bool, bool]:
+        """Whether the layer's attention and FFN can run with fewer kernels, its gates aside: the
+        engine's own norm kernels run (a GPU), Triton is there, and the modules are the kinds the fused
+        sublayers take. The step fuses them where no gate decides; a speculative verification, which
+        runs every sublayer, wherever this says."""
         if self.kernels is None or not decode_kernel.available(torch.empty(0, dtype=self.dtype, device=self.device)):
-            return
+            return False, False
+        block = layer.block
+        return (fused_sublayers.attention_fusable(block.self_attn, self.dtype),
+                layer.routed is None and fused_sublayers.mlp_fusable(block.mlp))
+
+    def _plan_fused_sublayers(self) -> None:
+        """Ungated attention and dense FFN sublayers with fewer kernels where `fusable`; on CPU the
+        step stays the model's own modules."""
         def runs_plainly(gate: nn.Module | None) -> bool:  # ungated, or frozen open: nothing to evaluate
             return gate is None or gate.forced is True
 
         for layer in self.layers:
-            block = layer.block
-            layer.fused_attention = runs_plainly(layer.attention_gate) and fused_sublayers.attention_fusable(block.self_attn, self.dtype)
-            layer.fused_mlp = runs_plainly(layer.ffn_gate) and layer.routed is None and fused_sublayers.mlp_fusable(block.mlp)
+            attention, mlp = self.fusable(layer)
+            layer.fused_attention = runs_plainly(layer.attention_gate) and attention
+            layer.fused_mlp = runs_plainly(layer.ffn_gate) and mlp
 
     @property
     def routed_ffn_kernels(self) -> bool:

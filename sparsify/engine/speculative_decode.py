@@ -42,7 +42,6 @@ from sparsify.convert.skip.modeling_skip import rotate_heads
 from sparsify.convert.skip.speculative import SpeculativeResult, SpeculativeStats
 from sparsify.engine import attention_kernels, fused_sublayers
 from sparsify.engine.graph_decode import GraphDecoder
-from sparsify.experts import decode_kernel
 from sparsify.errors import SparsifyError
 
 TEACHER = DraftPlan()  # nothing skipped, nothing gated: every sublayer runs
@@ -67,15 +66,11 @@ class SpeculativeDecoder:
         # The verify pass runs the teacher's sublayers as the engine's own step runs them (fused,
         # Triton, a half dtype): the same kernel count per layer as one decode step, and nearly the
         # same rounding as the teacher's step (the GEMMs see k + 1 rows).
-        kernels_here = engine.kernels is not None and decode_kernel.available(torch.empty(0, dtype=engine.dtype, device=self.device))
-        self.fused_mlp = [kernels_here and layer.routed is None and fused_sublayers.mlp_fusable(layer.block.mlp) for layer in engine.layers]
-        self.fused_attention = [kernels_here and fused_sublayers.attention_fusable(layer.block.self_attn, engine.dtype)
-                                for layer in engine.layers]
-        first = engine.layers[0].block.self_attn
-        heads = first.q_proj.weight.shape[0] // first.head_dim
-        self.verify_scratch = (attention_kernels.AttentionScratch(engine.keys[0], heads, tokens=draft_tokens + 1)
-                               if any(self.fused_attention) and batch <= attention_kernels.FEW_TOKENS
-                               and engine.max_len <= attention_kernels.MAX_KERNEL_CACHE else None)
+        fusable = [engine.fusable(layer) for layer in engine.layers]
+        self.fused_attention = [attention for attention, _ in fusable]
+        self.fused_mlp = [mlp for _, mlp in fusable]
+        self.verify_scratch = (attention_kernels.scratch_where_it_fits(engine.keys[0], engine.heads, tokens=draft_tokens + 1)
+                               if any(self.fused_attention) else None)
         self.offsets = torch.arange(draft_tokens + 1, device=self.device)
         self.start = torch.zeros(1, dtype=torch.long, device=self.device)  # the slot of the round's first token
         # Per round, how many drafts were kept (the fewest any sequence accepted), and per sequence what it accepted.
