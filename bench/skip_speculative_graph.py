@@ -17,6 +17,13 @@ so exact bf16 ties do not). With --on-policy N the plans are also searched on th
 continuations (N tokens) of the tune windows ("on-policy" rows). With --trained FOLDER the per-token
 gates of a trained skip model are measured too, at --thresholds.
 
+Draft head (convert/skip/draft_head.py): --draft-head FOLDER times a head saved by `sparsify
+draft-head`; --train-head-steps N trains one on --tune-data first (on this GPU, into --work), its
+scores and training record in the JSON. `--shares ""` skips the plan search, for head rows only:
+
+    python bench/skip_speculative_graph.py --model smollm2.gguf --tune-data train.jsonl.gz --eval-data valid.jsonl.gz \
+        --ood-data ood-git-doc.jsonl.gz --shares "" --train-head-steps 4000 --draft-tokens 2,3,4,5 --out head.json
+
 --shape: random weights at that shape, acceptance meaningless; what is measured is the cost model: the
 teacher's step, the draft step under a static plan dropping a share of sublayers (spread evenly over
 depth), the round for each k, and the speedup each acceptance rate would give, E(a) / round.
@@ -30,6 +37,7 @@ import argparse
 import json
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -76,14 +84,14 @@ def teacher_decode(teacher, prompts, new_tokens: int, repeats: int) -> tuple[flo
     return statistics.mean(seconds), tokens
 
 
-def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, repeats: int, teacher_s: float) -> dict:
+def speculative_row(model, plan, k: int, prompts, reference, new_tokens: int, repeats: int, teacher_s: float, head=None) -> dict:
     from sparsify.engine.speculative_decode import SpeculativeDecoder, time_speculative_decode
 
     # One decoder (one captured round) serves every prompt: they share a length.
-    decoder = SpeculativeDecoder(model, 1, max(p.shape[1] for p in prompts) + new_tokens, plan, k)
+    decoder = SpeculativeDecoder(model, 1, max(p.shape[1] for p in prompts) + new_tokens, plan, k, head=head)
     seconds, accepted, drafted, rounds, same, first_diff, margins = [], 0, 0, 0, 0, [], []
     for prompt, expected in zip(prompts, reference, strict=True):
-        timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats, decoder=decoder)
+        timing = time_speculative_decode(model, prompt, new_tokens, plan, k, warmup=1, repeats=repeats, decoder=decoder, head=head)
         seconds.append(statistics.median(timing.seconds_per_token))
         result = decoder.generate(prompt, new_tokens)
         got = result.sequences[0, prompt.shape[1]:].tolist()
@@ -156,6 +164,10 @@ def real_model(args, report: dict) -> list[dict]:
         teacher_s, references[name] = teacher_decode(teacher, prompts, args.new_tokens, args.repeats)
         report.setdefault("teacher_ms_per_token", {})[name] = teacher_s * 1e3
     emit(args, {"teacher_ms_per_token": report["teacher_ms_per_token"]})
+    rows = head_rows(args, model, folder, sets, references, report)
+    shares = [float(s) for s in args.shares.split(",") if s]
+    if not shares:
+        return rows
     tune = [w.to(device) for w in windows(args.tune_data, tokenizer, args.search_windows, args.search_len)]
     tune = [torch.cat(tune[i:i + 4]) for i in range(0, len(tune), 4)]
     search = search_draft_plan(model, tune, max(float(s) for s in args.shares.split(",")),
@@ -172,7 +184,6 @@ def real_model(args, report: dict) -> list[dict]:
     if args.trained:
         model_gates = load_model(args.trained, dtype=dtype).to(device).eval()
         plans.update({f"per-token t={float(t):g}": (DraftPlan.per_token(float(t)), model_gates) for t in args.thresholds.split(",")})
-    rows = []
     for label, plan in plans.items():
         drafter = model
         if isinstance(plan, tuple):
@@ -185,6 +196,38 @@ def real_model(args, report: dict) -> list[dict]:
                                          report["teacher_ms_per_token"][name] / 1e3)}
                 rows.append(row)
                 emit(args, {key: v for key, v in row.items() if key != "skipped"})
+    return rows
+
+
+def head_rows(args, model, folder: Path, sets, references, report: dict) -> list[dict]:
+    """Rows for a draft head: --draft-head's, or one trained here on --tune-data (--train-head-steps)."""
+    from sparsify.convert.skip.draft_head import DraftHead, find_draft_head
+    from sparsify.convert.skip.draft_head_copy import write_draft_head_copy
+    from sparsify.convert.skip.draft_head_training import DraftHeadOptions
+
+    source = args.draft_head
+    if args.train_head_steps:
+        options = DraftHeadOptions(steps=args.train_head_steps, batch_size=args.head_batch, window_len=args.head_window,
+                                   depth=args.head_depth, lr=args.head_lr)
+        started = time.time()
+        copy = write_draft_head_copy(folder, args.work / "with-head", args.tune_data, options, device=args.device,
+                                     on_step=lambda step, total, loss: step % 100 == 0 and print(
+                                         json.dumps({"head_step": step, "loss": round(loss, 4), "s": round(time.time() - started, 1)}), flush=True))
+        report["draft_head_training"] = copy.fit.record()
+        emit(args, {"draft_head_training": {k: v for k, v in copy.fit.record().items() if k != "loss_by_tenth"}})
+        source = copy.output
+    if source is None:
+        return []
+    found = find_draft_head(source) or Path(source)
+    head = DraftHead.load(found, model)
+    rows = []
+    for k in (int(v) for v in args.draft_tokens.split(",")):
+        for name, prompts in sets.items():
+            row = {"plan": "draft head", "skipped": [], "prompts": name,
+                   **speculative_row(model, None, k, prompts, references[name], args.new_tokens, args.repeats,
+                                     report["teacher_ms_per_token"][name] / 1e3, head=head)}
+            rows.append(row)
+            emit(args, {key: v for key, v in row.items() if key != "skipped"})
     return rows
 
 
@@ -277,6 +320,12 @@ def main() -> None:
     parser.add_argument("--search-len", type=int, default=256)
     parser.add_argument("--on-policy", type=int, default=0,
                         help="also search on the teacher's greedy continuations (this many tokens) of the tune windows")
+    parser.add_argument("--draft-head", type=Path, help="a model folder carrying a draft head (sparsify draft-head): time it too")
+    parser.add_argument("--train-head-steps", type=int, default=0, help="train a draft head on --tune-data first (0: none)")
+    parser.add_argument("--head-batch", type=int, default=8)
+    parser.add_argument("--head-window", type=int, default=256)
+    parser.add_argument("--head-depth", type=int, default=2)
+    parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: an eager smoke test of this script, no timing worth reading")

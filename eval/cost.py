@@ -130,11 +130,12 @@ def _peak_bytes(model: nn.Module, device: torch.device, baseline: int) -> int | 
 
 def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[int], prompt_len: int, decode_tokens: int,
                   warmup: int, repeats: int, pad_token_id: int, decode_engine: str = "hf", draft_tokens: int = 4,
-                  draft_threshold: float | None = None) -> dict[str, Any]:
+                  draft_threshold: float | None = None, draft: str = "auto") -> dict[str, Any]:
     """Prefill and decode tokens/s at each batch size, on prompts cut from `sample` (real text).
     Decode runs through `generate` ("hf") or the static-cache CUDA-graph engine ("graph",
     sparsify/engine/graph_decode.py), or a skip model's greedy self-speculative decoding on that engine
-    ("speculative": `draft_tokens` per round, drafted as DraftPlan.for_model says); prefill is always
+    ("speculative": `draft_tokens` per round, drafted by the model's draft head, or as DraftPlan.for_model
+    says; `draft` as draft_head.draft_head_for takes it); prefill is always
     the model's own forward pass. Each entry names the path it timed: the decode engine and, for an
     MoE, the experts implementation; a speculative entry also what the draft ran and what was accepted."""
     from sparsify.experts import execution_path
@@ -154,16 +155,19 @@ def measure_speed(model: nn.Module, sample: torch.Tensor, *, batch_sizes: list[i
         entry["prefill_tokens_per_s"] = timing_stats(prefill, lambda t: needed / t)
         entry["prefill_peak_bytes"] = _peak_bytes(model, device, baseline)
         if decode_tokens > 1 and decode_engine == "speculative":
+            from sparsify.convert.skip.draft_head import describe, draft_head_for
             from sparsify.convert.skip.draft_plan import DraftPlan
             from sparsify.engine.speculative_decode import time_speculative_decode
 
-            plan = DraftPlan.for_model(model, draft_threshold)
+            head = draft_head_for(model, draft)
+            plan = None if head is not None else DraftPlan.for_model(model, draft_threshold)
             baseline = _start_peak(device)
-            timing = time_speculative_decode(model, ids, decode_tokens, plan, draft_tokens, warmup=warmup, repeats=repeats)
+            timing = time_speculative_decode(model, ids, decode_tokens, plan, draft_tokens, warmup=warmup, repeats=repeats, head=head)
             per_token = timing.seconds_per_token
             entry["decode_engine"] = "speculative" if timing.use_graph else "speculative (static cache, eager)"
-            entry["decode_speculative"] = {"draft": plan.summary(len(model.skip_gates())), "plan": plan.to_config(),
-                                           **timing.stats.record()}
+            described = ({"draft": describe(head), "draft_head": head.config.training} if head is not None else
+                         {"draft": plan.summary(len(model.skip_gates())), "plan": plan.to_config()})
+            entry["decode_speculative"] = {**described, **timing.stats.record()}
             non_positive = "a speculative decode time that is not positive"
         elif decode_tokens > 1 and decode_engine == "graph":
             from sparsify.engine.graph_decode import time_decode_steps

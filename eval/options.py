@@ -25,8 +25,9 @@ class EvalOptions:
     speed_batch: str = field(default="1,8", metadata={"help": "Batch sizes for the prefill/decode speed measurement."})
     prompt_len: int = field(default=256, metadata={"help": "Prompt tokens per sequence for the speed measurement."})
     decode_tokens: int = field(default=32, metadata={"help": "Tokens generated per sequence when timing decode (0 or 1: skip decode)."})
-    decode_engine: str = field(default="hf", metadata={"help": "Decode timing engine: hf (transformers generate), graph (static KV cache, each step one CUDA graph, gated sublayers as conditional nodes; Llama-style models) or speculative (skip models: greedy self-speculative decoding on the graph engine, the teacher timed on graph)."})
+    decode_engine: str = field(default="hf", metadata={"help": "Decode timing engine: hf (transformers generate), graph (static KV cache, each step one CUDA graph, gated sublayers as conditional nodes; Llama-style models) or speculative (greedy speculative decoding on the graph engine, drafted by the model's draft head or a skip model's gates, the teacher timed on graph)."})
     draft_tokens: int = field(default=4, metadata={"help": "--decode-engine speculative: tokens drafted per verification."})
+    draft: str = field(default="auto", metadata={"help": "--decode-engine speculative: what drafts: head (the model's draft head, from `sparsify draft-head`), gates (a skip model's gates and draft plan), or auto (the head where the model folder has one)."})
     draft_threshold: float | None = field(default=None, metadata={"help": "--decode-engine speculative: gate the sublayers the draft keeps per token at this threshold; auto: the model's saved draft plan as it is (else its gates at its own threshold)."})
     warmup: int = field(default=1, metadata={"help": "Untimed runs before each speed measurement."})
     repeats: int = field(default=3, metadata={"help": "Timed runs per speed measurement (the median is reported, with min and max)."})
@@ -72,6 +73,8 @@ class EvalOptions:
         dtype_name(self.dtype, "--dtype", tuple(set(DTYPE_NAMES.values())))
         if self.decode_engine not in DECODE_ENGINES:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
+        if self.draft not in ("auto", "head", "gates"):
+            raise SparsifyError(f"--draft must be one of auto, head, gates, got '{self.draft}'")
         if self.draft_threshold is not None and not 0 < self.draft_threshold < 1:
             raise SparsifyError(f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:

@@ -92,7 +92,7 @@ def measure_model_speed(model, tokenizer, options: EvalOptions, sample: torch.Te
     return cost.measure_speed(model, sample, batch_sizes=options.speed_batches, prompt_len=options.prompt_len,
                               decode_tokens=options.decode_tokens, warmup=options.warmup, repeats=options.repeats, pad_token_id=pad,
                               decode_engine=options.decode_engine, draft_tokens=options.draft_tokens,
-                              draft_threshold=options.draft_threshold)
+                              draft_threshold=options.draft_threshold, draft=options.draft)
 
 
 def _cost(model, tokenizer, options: EvalOptions, sample: torch.Tensor, context: int) -> dict[str, Any]:

@@ -542,6 +542,51 @@ def draft_plan(
     out.print(f"draft: {result.plan.summary(result.gated_sublayers)}; skipped: {', '.join(result.plan.skip) or 'none'}", soft_wrap=True)
 
 
+@app.command(name="draft-head")
+def draft_head(
+    model: Annotated[Path, typer.Argument(help="A model folder: a skip model, or any Llama-style dense model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the copy that carries the draft head (draft_head/).")],
+    data: Annotated[str, typer.Option(help="Training text (.txt/.jsonl[.gz] files, comma-separated), not the held-out text "
+                                           "you report on. The last windows read are kept apart to score the head.")],
+    steps: Annotated[int, typer.Option(help="Training batches (each window is read once where the text suffices).")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Windows per batch.")] = 8,
+    window_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-3,
+    depth: Annotated[int, typer.Option(help="Draft chain depth the loss covers: 1 trains the first draft only; more trains "
+                                            "each draft on the head's own previous output, as decoding uses it.")] = 2,
+    score_windows: Annotated[int, typer.Option(help="Windows kept apart to score the head before and after.")] = 16,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a killed run resumes from the last).")] = 200,
+    device: Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Train a draft head for speculative decoding: one decoder layer that drafts the next tokens from the
+    teacher's own top hidden state (EAGLE-style), verified by the teacher, so the output stays the
+    teacher's. Writes a copy of the model with the head; `generate --speculative` and `eval
+    --decode-engine speculative` draft with it. A killed run resumes when given the same command."""
+    from sparsify.convert.skip.draft_head_copy import write_draft_head_copy
+    from sparsify.convert.skip.draft_head_training import DraftHeadOptions
+
+    options = DraftHeadOptions(steps=steps, batch_size=batch_size, window_len=window_len, lr=lr, depth=depth, score_windows=score_windows,
+                               checkpoint_every=checkpoint_every)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"))
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("training the draft head", total=steps)
+        result = write_draft_head_copy(model, output, data, options, device=device, overwrite=overwrite,
+                                       command=shlex.join(["sparsify", *sys.argv[1:]]),
+                                       on_step=lambda step, total, loss: progress.update(
+                                           task, completed=step, description=f"training the draft head (loss {loss:.3f})"))
+    fit = result.fit
+    table = Table(title=f"{output}: draft head, scored on {fit.scores.chains:,} chains of the teacher's own continuations")
+    for column in ("", "first-draft agreement (tune text)", *(f"accepted drafts per round, k = {k}" for k in (1, 2, 4))):
+        table.add_column(column, justify="right")
+    for name, scores in (("before training", fit.scores_before), ("after training", fit.scores)):
+        depth_rows = [f"{scores.accepted_per_round(k):.2f}" if k <= len(scores.accept_by_depth) else "-" for k in (1, 2, 4)]
+        table.add_row(name, f"{scores.agreement:.1%}", *depth_rows)
+    out.print(table)
+    resumed = f", resumed from step {fit.resumed_from}" if fit.resumed_from else ""
+    out.print(f"{fit.steps} steps, {fit.tokens_seen:,} tokens over {fit.fit_windows:,} windows, {fit.seconds:.0f} s on {result.device}{resumed}")
+
+
 # --- info -------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""`sparsify generate`: text from any model sparsify reads, and self-speculative decoding from skip models."""
+"""`sparsify generate`: text from any model sparsify reads, and speculative decoding that keeps the
+teacher's output: drafted by a draft head, or by a skip model's own gates."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
              on_status: Callable[[str], None] = lambda text: None) -> GenerateResult:
     import torch
 
+    from sparsify.convert.skip.draft_head import describe as describe_head, draft_head_for
     from sparsify.convert.skip.draft_plan import DraftPlan
     from sparsify.convert.skip.speculative import Sampling, speculative_generate
     from sparsify.sources import load_model, load_tokenizer
@@ -61,7 +63,12 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     stats, engine, draft, fallback = None, "generate", None, None
-    if options.speculative:
+    if options.speculative and (head := draft_head_for(model, options.draft)) is not None:
+        decoder = head_decoder(model, batch, head, options)
+        result = decoder.generate(batch["input_ids"], options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
+        engine = "speculative, graph engine" if decoder.use_graph else "speculative, static-cache engine (eager)"
+        sequences, stats, draft = result.sequences, result.stats.record(), describe_head(head)
+    elif options.speculative:
         plan = DraftPlan.for_model(model, options.draft_threshold)
         decoder, fallback = graph_decoder(model, batch, plan, options, device)
         if decoder is not None:
@@ -108,6 +115,21 @@ def graph_decoder(model, batch, plan, options: GenerateOptions, device) -> tuple
         if options.engine == "graph":
             raise
         return None, f"the graph engine does not apply here ({error}); decoded with transformers"
+
+
+def head_decoder(model, batch, head, options: GenerateOptions):
+    """The static-cache engine's speculative decoder drafting with `head` (a CUDA graph per round on
+    a GPU, eager elsewhere): greedy, prompts of one length."""
+    from sparsify.engine.speculative_decode import SpeculativeDecoder
+
+    if options.do_sample or options.engine == "transformers":
+        raise SparsifyError("a draft head drafts on the static-cache engine, greedily; drop --do-sample and --engine transformers, "
+                            "or draft with the gates (--draft gates)")
+    if not bool(batch["attention_mask"].all()):
+        raise SparsifyError("a draft head needs prompts of one token length (the static-cache engine does not pad); "
+                            "give prompts of one length, or draft with the gates (--draft gates)")
+    ids = batch["input_ids"]
+    return SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, None, options.draft_tokens, head=head)
 
 
 def verifier_note(model_ref: str) -> str | None:

@@ -8,6 +8,7 @@ from sparsify.option_values import check_rules, require
 
 
 SPECULATIVE_ENGINES = ("auto", "graph", "transformers")
+DRAFT_SOURCES = ("auto", "head", "gates")  # as convert/skip/draft_head.py (kept torch-free here)
 
 
 @dataclass
@@ -15,9 +16,13 @@ class GenerateOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt."})
     speculative: bool = field(
         default=False,
-        metadata={"help": "Skip models: self-speculative decoding. The gates at --draft-threshold draft tokens, and the model with "
-                          "every gate open (the dense teacher) verifies them in one pass, so the output is the teacher's."},
+        metadata={"help": "Speculative decoding that keeps the teacher's output: a draft head (made by `sparsify draft-head`) or a "
+                          "skip model's gates at --draft-threshold draft tokens, and the model with every gate open (the dense "
+                          "teacher) verifies them in one pass."},
     )
+    draft: str = field(
+        default="auto", metadata={"help": "--speculative: what drafts: head (the model's draft head), gates (a skip model's own "
+                                          "gates and draft plan), or auto (the head where the model folder has one)."})
     draft_threshold: float | None = field(
         default=None, metadata={"help": "--speculative: the gates' threshold while drafting (higher: more skipping); auto: the model's."})
     draft_tokens: int = field(default=4, metadata={"help": "--speculative: tokens drafted per verification."})
@@ -41,6 +46,7 @@ class GenerateOptions:
         require(self.draft_threshold is None or 0 < self.draft_threshold < 1,
                 f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         require(self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got '{self.device}'")
+        require(self.draft in DRAFT_SOURCES, f"--draft must be one of {', '.join(DRAFT_SOURCES)}, got '{self.draft}'")
         require(self.engine in SPECULATIVE_ENGINES, f"--engine must be one of {', '.join(SPECULATIVE_ENGINES)}, got '{self.engine}'")
         require(not (self.engine == "graph" and self.do_sample),
                 "--engine graph decodes greedily; drop --do-sample or use --engine transformers")

@@ -31,6 +31,19 @@ class DraftPlanCopy:
     scored_on: str  # tune text, or the teacher's continuations of it (on_policy)
 
 
+def copy_model_folder(model_dir: Path, staging: Path, rewritten: tuple[str, ...]) -> None:
+    """Every file and folder of `model_dir` into `staging` byte for byte, except those the caller rewrites."""
+    for item in model_dir.iterdir():
+        if item.name not in rewritten:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+
+
+def check_copy_target(model_dir: Path, output: Path, overwrite: bool) -> None:
+    check_output_free(output, overwrite)  # fail before the slow part
+    if output.resolve().is_relative_to(model_dir.resolve()):
+        raise SparsifyError(f"-o {output} lies inside the model folder {model_dir}; write the copy somewhere else")
+
+
 def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, share: float, windows: int = 16, window_len: int = 256,
                           batch_size: int = 4, device: str = "auto", overwrite: bool = False, command: str | None = None,
                           on_policy: int = 0, on_progress: Callable[[int, int], None] = lambda done, total: None) -> DraftPlanCopy:
@@ -57,9 +70,7 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
         raise SparsifyError(f"--on-policy is a number of tokens the teacher continues each window by (0: off), got {on_policy}")
     check_sources(parse_list(data), "--data")
     check_model_ref(str(model_dir))
-    check_output_free(output, overwrite)  # fail before the slow part
-    if output.resolve().is_relative_to(model_dir.resolve()):
-        raise SparsifyError(f"-o {output} lies inside the model folder {model_dir}; write the copy somewhere else")
+    check_copy_target(model_dir, output, overwrite)
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     model = load_model(str(model_dir), dtype=dtype).to(target).eval()
@@ -77,11 +88,7 @@ def write_draft_plan_copy(model_dir: str | Path, output: Path, data: str, *, sha
     record["draft_plan"] = {**plan.to_config(), "data": data, "on_policy_tokens": on_policy, "curve": search.curve(), "command": command,
                             "after_training_runs": len(record.get("training", []))}
     with atomic_folder(output, overwrite=overwrite) as staging:
-        rewritten = ("config.json", "sparsify.json", "README.md") if record.get("variant") else ("config.json",)
-        for item in model_dir.iterdir():
-            if item.name in rewritten:
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        copy_model_folder(model_dir, staging, ("config.json", "sparsify.json", "README.md") if record.get("variant") else ("config.json",))
         config["draft_plan"] = plan.to_config()
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if record.get("variant"):

@@ -120,3 +120,12 @@ def drafting(model: Any, plan: DraftPlan) -> Iterator[None]:
     finally:
         for key, gate in gates.items():
             gate.forced, gate.threshold = before[key]
+
+
+def teacher_mode(model: Any):
+    """The model as its dense teacher inside the block: a skip model with every gate open, a dense
+    model as it is (a draft head drafts for either)."""
+    from contextlib import nullcontext
+
+    skip_gates = getattr(model, "skip_gates", None)
+    return drafting(model, DraftPlan()) if skip_gates and skip_gates() else nullcontext()

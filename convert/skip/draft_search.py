@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.errors import SparsifyError
-from sparsify.convert.skip.draft_plan import DraftPlan, drafting, sublayer_key
+from sparsify.convert.skip.draft_plan import DraftPlan, drafting, sublayer_key, teacher_mode
 
 
 @dataclass
@@ -73,7 +73,7 @@ def teacher_continuations(model, prompts: list[torch.Tensor], new_tokens: int) -
         raise SparsifyError(f"the teacher's continuation needs at least 1 token, got {new_tokens}")
     decoders: dict[tuple[int, ...], GraphDecoder] = {}  # one per prompt shape: a GPU captures its step once
     continued = []
-    with drafting(model, DraftPlan()):
+    with teacher_mode(model):
         for ids in prompts:
             shape = tuple(ids.shape)
             if shape not in decoders:

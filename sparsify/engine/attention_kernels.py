@@ -237,7 +237,7 @@ MAX_KERNEL_CACHE = 8192
 
 def norm_qkv_fusable(attention: torch.nn.Module, rows: int, most: int | None = None) -> bool:
     """Whether `norm_qkv` serves this attention at `rows` tokens: at most `most` (a speculative
-    verification passes speculative_decode.VERIFY_FUSED_ROWS; default FEW_TOKENS, read when called),
+    verification passes token_run.FUSED_ROWS; default FEW_TOKENS, read when called),
     and q, k and v all with a bias or all without. (The caller has checked the norm: an RMSNorm the engine fuses.)"""
     biases = [getattr(attention, name).bias is not None for name in ("q_proj", "k_proj", "v_proj")]
     return rows <= (FEW_TOKENS if most is None else most) and len(set(biases)) == 1

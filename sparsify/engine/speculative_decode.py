@@ -24,6 +24,10 @@ any sequence accepted: still exactly the teacher's greedy tokens for every seque
 round than each would accept alone (reported beside it). The plain-transformers path
 (convert/skip/speculative.py) keeps per-sequence acceptance, and sampling.
 
+With a draft head (convert/skip/draft_head.py, sparsify/engine/head_draft.py) the drafts come from
+the head instead: one small layer on the teacher's own top hidden states, which the verification
+computes anyway. The verification, acceptance and rollback are the same.
+
 Without CUDA (or with `use_graph=False`) the same round runs eagerly: that is how it is tested
 against the teacher's own greedy decode on CPU.
 """
@@ -37,17 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsify.convert.skip.draft_plan import DraftPlan, drafting
-from sparsify.convert.skip.modeling_skip import rotate_heads
+from sparsify.convert.skip.draft_head import DraftHead
+from sparsify.convert.skip.draft_plan import DraftPlan, drafting, teacher_mode
 from sparsify.convert.skip.speculative import SpeculativeResult, SpeculativeStats
-from sparsify.engine import attention_kernels, fused_sublayers
+from sparsify.engine import attention_kernels
 from sparsify.engine.graph_decode import GraphDecoder
+from sparsify.engine.head_draft import HeadDrafter
+from sparsify.engine.token_run import TokenRows, run_layer
 from sparsify.errors import SparsifyError
 
 TEACHER = DraftPlan()  # nothing skipped, nothing gated: every sublayer runs
-# Up to this many verified rows (batch x (k + 1)) the input norm and q/k/v projections are one
-# launch; above, the norm kernel and cuBLAS.
-VERIFY_FUSED_ROWS = 8
 
 
 class SpeculativeDecoder:
@@ -55,13 +58,16 @@ class SpeculativeDecoder:
     new tokens; the round needs `draft_tokens + 2` slots of headroom, added here)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, plan: DraftPlan, draft_tokens: int,
-                 use_graph: bool | None = None):
+                 use_graph: bool | None = None, head: DraftHead | None = None):
+        """`head`: draft with this draft head instead of the skip model's own path (`plan` is then
+        unused, and the model may be dense)."""
         if draft_tokens < 1:
             raise SparsifyError(f"--draft-tokens must be at least 1, got {draft_tokens}")
-        self.model, self.plan, self.k = model, plan, draft_tokens
-        with drafting(model, plan):  # the draft engine reads the gates' state when it is built
+        self.model, self.plan, self.k = model, TEACHER if head is not None else plan, draft_tokens
+        with teacher_mode(model) if head is not None else drafting(model, plan):  # the engine reads the gates' state when built
             self.draft = GraphDecoder(model, batch, max_len + draft_tokens + 2, use_graph=use_graph, skipped_kv=False)
         engine = self.draft
+        self.head = HeadDrafter(head, engine, draft_tokens) if head is not None else None
         self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
         # The verify pass runs the teacher's sublayers as the engine's own step runs them (fused,
         # Triton, a half dtype): the same kernel count per layer as one decode step, and nearly the
@@ -80,57 +86,32 @@ class SpeculativeDecoder:
 
     # -- one round ---------------------------------------------------------------------------------
     def _verify(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for `tokens` (B, T) at cache `slots` (T,), writing their K/V."""
+        """The teacher's top hidden states (B, T, H), before the final norm, for `tokens` (B, T) at
+        cache `slots` (T,), writing their K/V."""
         engine = self.draft
-        decoder = self.model.model
-        batch, width = tokens.shape
-        hidden = decoder.embed_tokens(tokens)
-        # The fused kernels read the rotary tables and the position themselves: the tables' rows and
-        # the mask are built only where a layer runs the generic path or SDPA (no kernels spent otherwise).
-        if not all(self.fused_attention) or self.verify_scratch is None:
-            cos, sin = engine.cos_table.index_select(0, slots)[None], engine.sin_table.index_select(0, slots)[None]
-            visible = (engine.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, max_len): causal over the cache
-        else:
-            visible = None
+        hidden = self.model.model.embed_tokens(tokens)
+        rows = TokenRows.at(engine, slots, generic=not all(self.fused_attention) or self.verify_scratch is None)
         for layer, fused_attention, fused_mlp in zip(engine.layers, self.fused_attention, self.fused_mlp, strict=True):
-            block, attention = layer.block, layer.block.self_attn
-            if fused_attention:
-                fused_sublayers.attend(attention, block.input_layernorm, hidden, slots[:1], engine.cos_table, engine.sin_table,
-                                       engine.keys[layer.index], engine.values[layer.index], visible, engine._norm,
-                                       self.verify_scratch, fused_rows=VERIFY_FUSED_ROWS)
-                self._verify_ffn(block, fused_mlp, hidden)
-                continue
-            normed = engine._norm(block.input_layernorm, hidden)
-            shape = (batch, width, -1, attention.head_dim)
-            queries, keys = attention.q_proj(normed).view(shape), attention.k_proj(normed).view(shape)
-            if hasattr(attention, "q_norm"):
-                queries, keys = attention.q_norm(queries), attention.k_norm(keys)
-            engine.keys[layer.index].index_copy_(2, slots, rotate_heads(keys.transpose(1, 2), cos, sin))
-            engine.values[layer.index].index_copy_(2, slots, attention.v_proj(normed).view(shape).transpose(1, 2))
-            queries = rotate_heads(queries.transpose(1, 2), cos, sin)
-            out = F.scaled_dot_product_attention(queries, engine.keys[layer.index], engine.values[layer.index], attn_mask=visible,
-                                                 scale=attention.scaling, enable_gqa=True)
-            hidden.add_(attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1)))
-            self._verify_ffn(block, fused_mlp, hidden)
-        return engine.head(engine._norm(decoder.norm, hidden))
-
-    def _verify_ffn(self, block: nn.Module, fused: bool, hidden: torch.Tensor) -> None:
-        normed = self.draft._norm(block.post_attention_layernorm, hidden)
-        if fused:
-            fused_sublayers.dense_ffn(block.mlp, normed, hidden)
-        else:
-            hidden.add_(block.mlp(normed))
+            run_layer(engine, layer.block, fused_attention, fused_mlp, hidden, rows, engine.keys[layer.index],
+                      engine.values[layer.index], self.verify_scratch)
+        return hidden
 
     def _round(self) -> None:
         engine, k = self.draft, self.k
         self.start.copy_(engine.position)
-        for _ in range(k):  # history[start + 1 .. start + k] = the drafts
-            engine._step()
+        if self.head is not None:  # history[start + 1 .. start + k] = the drafts
+            self.head.draft(self.start)
+        else:
+            for _ in range(k):
+                engine._step()
         slots = self.start + self.offsets
         tokens = engine.history.index_select(1, slots)  # the round's first token, then the drafts
-        target = self._verify(tokens, slots).argmax(-1)  # (B, k + 1): the teacher's choice after each
+        hidden = self._verify(tokens, slots)
+        target = engine.head(engine._norm(self.model.model.norm, hidden)).argmax(-1)  # (B, k + 1): the teacher's choice after each
         accepted = (target[:, :k] == tokens[:, 1:]).long().cumprod(-1).sum(-1)
         kept = accepted.min()  # one position for every sequence: the fewest accepted
+        if self.head is not None:
+            self.head.verified_states(hidden, kept)
         # target[:, :kept + 1] are the kept drafts, then the teacher's token; later slots are rewritten.
         engine.history.index_copy_(1, slots + 1, target)
         engine.position.copy_(self.start + kept + 1)
@@ -138,15 +119,36 @@ class SpeculativeDecoder:
         self.kept_histogram.index_add_(0, kept.view(1), torch.ones(1, dtype=torch.long, device=self.device))
         self.row_accepted.add_(accepted)
 
+    def _drafting(self):
+        return teacher_mode(self.model) if self.head is not None else drafting(self.model, self.plan)
+
     def _run_round(self) -> None:
         if not self.use_graph:
-            with drafting(self.model, self.plan):
+            with self._drafting():
                 self._round()
             return
         if self.graph is None:
-            with drafting(self.model, self.plan):  # the gate kernels take the draft threshold when captured
-                self.graph = self.draft._capture(self._round, state=(self.start, self.kept_histogram, self.row_accepted))
+            state = (self.start, self.kept_histogram, self.row_accepted)
+            if self.head is not None:
+                state += (self.head.verified, self.head.kept)
+            with self._drafting():  # the gate kernels take the draft threshold when captured
+                self.graph = self.draft._capture(self._round, state=state)
         self.graph.replay()
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        """The prompt's K/V and first token, the teacher's; with a draft head, the head's items too."""
+        engine = self.draft
+        with teacher_mode(self.model):
+            if self.head is None:
+                engine.prefill(ids)
+                return
+            states = []  # the final norm's input: the teacher's top hidden states
+            hook = self.model.model.norm.register_forward_hook(lambda module, args, out: states.append(args[0]))
+            try:
+                engine.prefill(ids)
+            finally:
+                hook.remove()
+            self.head.prefill(states[-1], ids)
 
     # -- public ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -158,8 +160,7 @@ class SpeculativeDecoder:
         length = ids.shape[1]
         if length + new_tokens + self.k + 2 > engine.max_len:
             raise SparsifyError(f"prompt ({length}) + new tokens ({new_tokens}) exceed the decoder's {engine.max_len - self.k - 2} tokens")
-        with drafting(self.model, TEACHER):  # the prompt's K/V and the first token are the teacher's
-            engine.prefill(ids)
+        self.prefill(ids)
         self.kept_histogram.zero_()
         self.row_accepted.zero_()
         stops = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
@@ -199,15 +200,15 @@ class SpeculativeTiming:
 
 def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, plan: DraftPlan, draft_tokens: int, *,
                             warmup: int, repeats: int, use_graph: bool | None = None,
-                            decoder: SpeculativeDecoder | None = None) -> SpeculativeTiming:
+                            decoder: SpeculativeDecoder | None = None, head: DraftHead | None = None) -> SpeculativeTiming:
     """Seconds per new token of greedy self-speculative decoding, one figure per repeat: each repeat
     prefills `ids` (untimed: the same prefill as the teacher's), then times rounds until `new_tokens`
     are out, divided by the tokens those rounds made.
     `decoder`: one built before for the same batch, plan and draft length and room for the tokens
     (its captured round is reused, so several prompts of one length cost one capture)."""
     if decoder is None:
-        decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph)
-    elif (decoder.plan, decoder.k, decoder.batch) != (plan, draft_tokens, ids.shape[0]):
+        decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph, head=head)
+    elif (decoder.plan, decoder.k, decoder.batch) != (TEACHER if head is not None else plan, draft_tokens, ids.shape[0]):
         raise SparsifyError("the decoder given was built for another plan, draft length or batch")
     if new_tokens < 2:
         raise SparsifyError(f"time at least 2 new tokens (the prefill makes the first), not {new_tokens}")
@@ -218,8 +219,8 @@ def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int
     engine = decoder.draft
 
     def once() -> float:
-        with torch.no_grad(), drafting(model, TEACHER):
-            engine.prefill(ids)
+        with torch.no_grad():
+            decoder.prefill(ids)
         decoder.kept_histogram.zero_()
         decoder.row_accepted.zero_()
         if cuda:

@@ -1,0 +1,80 @@
+"""Drafting with a draft head (convert/skip/draft_head.py) inside a speculative round of the engine.
+
+The head has one layer and its own K/V cache, slot for slot beside the teacher's. Its item at slot p
+reads (h[p-1], x[p]): the teacher's top hidden state before p and the token at p (a zero feature at
+slot 0), as in training (draft_head.run_chains).
+
+A round starts at slot P (the token the verifier chose last). The previous verification computed the
+teacher's states h at its k + 1 slots; the `kept` drafts it accepted sit at P - kept .. P - 1, their
+head items having been drafted from the head's own features. So the first pass rewrites k + 1 items
+from slot P - kept on, with the verified states and the tokens now in the history: the items up to
+P are right (the later ones are the verifier's guesses after a rejection, masked by position and
+rewritten later), and the item at P gives the first draft. Each further draft is one item, reading
+the last draft's feature. All of it has fixed shapes, so it is captured with the round.
+
+After the prompt, the head's items for every prompt slot are written from the prefill's states,
+and the first pass starts from kept = 0 with h[P-1] the prompt's last state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsify.convert.skip.draft_head import DraftHead, shifted_features
+from sparsify.engine import attention_kernels
+from sparsify.engine.graph_decode import GraphDecoder, _Layer
+from sparsify.engine.token_run import TokenRows, run_layer
+
+
+class HeadDrafter:
+    def __init__(self, head: DraftHead, engine: GraphDecoder, draft_tokens: int):
+        self.head, self.engine, self.k = head, engine, draft_tokens
+        self.keys = torch.zeros_like(engine.keys[0])
+        self.values = torch.zeros_like(engine.values[0])
+        block = _Layer(-1, head.layer, None, None)
+        self.fused_attention, self.fused_mlp = engine.fusable(block)
+        batch, width = engine.batch, head.config.hidden_size
+        self.step_scratch = attention_kernels.scratch_where_it_fits(self.keys, engine.heads) if self.fused_attention else None
+        self.refill_scratch = (attention_kernels.scratch_where_it_fits(self.keys, engine.heads, tokens=draft_tokens + 1)
+                               if self.fused_attention else None)
+        self.verified = torch.zeros(batch, draft_tokens + 1, width, dtype=engine.dtype, device=engine.device)
+        self.kept = torch.zeros(1, dtype=torch.long, device=engine.device)
+        self.offsets = torch.arange(draft_tokens + 1, device=engine.device)
+
+    def _items(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, scratch, generic: bool) -> torch.Tensor:
+        """The head's features for items (features, tokens) (B, T, H) / (B, T) at consecutive `slots`."""
+        engine = self.engine
+        hidden = self.head.fuse(torch.cat([features, engine.model.model.embed_tokens(tokens)], dim=-1))
+        rows = TokenRows.at(engine, slots, generic or not self.fused_attention or scratch is None)
+        run_layer(engine, self.head.layer, self.fused_attention and not generic, self.fused_mlp, hidden, rows, self.keys, self.values,
+                  None if generic else scratch)
+        return hidden
+
+    def _choose(self, feature: torch.Tensor) -> torch.Tensor:
+        engine = self.engine
+        return engine.head(engine._norm(engine.model.model.norm, feature)).argmax(-1)  # (B, 1)
+
+    def prefill(self, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """The head's items for the prompt `ids` (B, L), from the teacher's top states `hidden` (B, L, H)."""
+        slots = torch.arange(ids.shape[1], device=ids.device)
+        self._items(shifted_features(hidden), ids, slots, None, generic=True)  # L tokens: the generic path
+        self.verified.zero_()
+        self.verified[:, 0].copy_(hidden[:, -1])
+        self.kept.zero_()
+
+    def draft(self, start: torch.Tensor) -> None:
+        """Write the round's k drafts into the history at start + 1 .. start + k."""
+        engine, history = self.engine, self.engine.history
+        slots = start - self.kept + self.offsets
+        refilled = self._items(self.verified, history.index_select(1, slots), slots, self.refill_scratch, generic=False)
+        feature = refilled.index_select(1, self.kept)
+        for j in range(self.k):
+            token = self._choose(feature)
+            history.index_copy_(1, start + 1 + j, token)
+            if j + 1 < self.k:
+                feature = self._items(feature, token, start + 1 + j, self.step_scratch, generic=False)
+
+    def verified_states(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep the verification's top states (B, k + 1, H) and how many drafts it accepted."""
+        self.verified.copy_(hidden)
+        self.kept.copy_(kept.view(1))
