@@ -208,9 +208,11 @@ def head_rows(args, model, folder: Path, sets, references, report: dict) -> list
     source = args.draft_head
     if args.train_head_steps:
         options = DraftHeadOptions(steps=args.train_head_steps, batch_size=args.head_batch, window_len=args.head_window,
-                                   depth=args.head_depth, lr=args.head_lr)
+                                   depth=args.head_depth, lr=args.head_lr,
+                                   feature_layers=tuple(int(v) for v in args.head_feature_layers.split(",") if v))
         started = time.time()
-        copy = write_draft_head_copy(folder, args.work / "with-head", args.tune_data, options, device=args.device,
+        copy = write_draft_head_copy(folder, args.work / "with-head", args.tune_data, options, device=args.device, overwrite=True,
+                                     fit_on=args.head_fit_on,
                                      on_step=lambda step, total, loss: step % 100 == 0 and print(
                                          json.dumps({"head_step": step, "loss": round(loss, 4), "s": round(time.time() - started, 1)}), flush=True))
         report["draft_head_training"] = copy.fit.record()
@@ -326,6 +328,8 @@ def main() -> None:
     parser.add_argument("--head-window", type=int, default=256)
     parser.add_argument("--head-depth", type=int, default=2)
     parser.add_argument("--head-lr", type=float, default=1e-3)
+    parser.add_argument("--head-fit-on", choices=("corpus", "teacher"), default="corpus")
+    parser.add_argument("--head-feature-layers", default="", help="teacher layers the head reads, e.g. 2,15,29 (empty: the top one)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu: an eager smoke test of this script, no timing worth reading")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sparsify.errors import SparsifyError
+from sparsify.generate_options import DRAFT_SOURCES
 from sparsify.option_values import DTYPE_NAMES, check_rules, dtype_name, parse_count, parse_list
 
 SUITES = ("quality", "cost", "routing", "tasks")
@@ -73,8 +74,8 @@ class EvalOptions:
         dtype_name(self.dtype, "--dtype", tuple(set(DTYPE_NAMES.values())))
         if self.decode_engine not in DECODE_ENGINES:
             raise SparsifyError(f"--decode-engine must be one of {', '.join(DECODE_ENGINES)}")
-        if self.draft not in ("auto", "head", "gates"):
-            raise SparsifyError(f"--draft must be one of auto, head, gates, got '{self.draft}'")
+        if self.draft not in DRAFT_SOURCES:
+            raise SparsifyError(f"--draft must be one of {', '.join(DRAFT_SOURCES)}, got '{self.draft}'")
         if self.draft_threshold is not None and not 0 < self.draft_threshold < 1:
             raise SparsifyError(f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         if not self.speed_batches or any(b < 1 for b in self.speed_batches) or self.prompt_len < 1 or self.repeats < 1:

@@ -556,6 +556,12 @@ def draft_head(
                                             "each draft on the head's own previous output, as decoding uses it.")] = 2,
     score_windows: Annotated[int, typer.Option(help="Windows kept apart to score the head before and after.")] = 16,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a killed run resumes from the last).")] = 200,
+    feature_layers: Annotated[str, typer.Option(help="The teacher layers whose outputs the head reads, comma-separated (e.g. "
+                                                     "2,15,29: low, middle and top, as EAGLE-3), fused by one linear; top: "
+                                                     "the last layer's alone.")] = "top",
+    fit_on: Annotated[str, typer.Option(help="corpus: train on the text as it is; teacher: on each window's first half followed "
+                                              "by the teacher's greedy continuation (what the head meets when drafting; "
+                                              "generated first, fast on a GPU).")] = "corpus",
     device: Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -566,12 +572,18 @@ def draft_head(
     from sparsify.convert.skip.draft_head_copy import write_draft_head_copy
     from sparsify.convert.skip.draft_head_training import DraftHeadOptions
 
+    from sparsify.option_values import parse_list
+
+    try:
+        layers = () if feature_layers == "top" else tuple(int(v) for v in parse_list(feature_layers))
+    except ValueError:
+        raise SparsifyError(f"--feature-layers takes layer numbers, comma-separated, or top; got '{feature_layers}'") from None
     options = DraftHeadOptions(steps=steps, batch_size=batch_size, window_len=window_len, lr=lr, depth=depth, score_windows=score_windows,
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, feature_layers=layers)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"))
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("training the draft head", total=steps)
-        result = write_draft_head_copy(model, output, data, options, device=device, overwrite=overwrite,
+        result = write_draft_head_copy(model, output, data, options, device=device, fit_on=fit_on, overwrite=overwrite,
                                        command=shlex.join(["sparsify", *sys.argv[1:]]),
                                        on_step=lambda step, total, loss: progress.update(
                                            task, completed=step, description=f"training the draft head (loss {loss:.3f})"))

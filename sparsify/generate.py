@@ -59,18 +59,21 @@ def generate(model_ref: str, prompts: list[str], options: GenerateOptions,
     generator = torch.Generator(device=device).manual_seed(options.seed)
     sampling = Sampling(options.do_sample, options.temperature, options.top_p)
     on_status("generating")
+    head = draft_head_for(model, options.draft) if options.speculative else None
+    head, fallback = head_or_gates(model, batch, head, options)
+    decoder = head_decoder(model, batch, head, options) if head is not None else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    stats, engine, draft, fallback = None, "generate", None, None
-    if options.speculative and (head := draft_head_for(model, options.draft)) is not None:
-        decoder = head_decoder(model, batch, head, options)
+    stats, engine, draft = None, "generate", None
+    if head is not None:
         result = decoder.generate(batch["input_ids"], options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
         engine = "speculative, graph engine" if decoder.use_graph else "speculative, static-cache engine (eager)"
         sequences, stats, draft = result.sequences, result.stats.record(), describe_head(head)
     elif options.speculative:
         plan = DraftPlan.for_model(model, options.draft_threshold)
-        decoder, fallback = graph_decoder(model, batch, plan, options, device)
+        decoder, engine_note = graph_decoder(model, batch, plan, options, device)
+        fallback = fallback or engine_note
         if decoder is not None:
             result = decoder.generate(batch["input_ids"], options.max_new_tokens, eos_token_id=stops, pad_token_id=pad)
         else:
@@ -117,17 +120,31 @@ def graph_decoder(model, batch, plan, options: GenerateOptions, device) -> tuple
         return None, f"the graph engine does not apply here ({error}); decoded with transformers"
 
 
+def head_unsuited(batch, options: GenerateOptions) -> str | None:
+    """Why a draft head cannot serve this generation, if it cannot."""
+    if options.do_sample or options.engine == "transformers":
+        return "a draft head drafts on the static-cache engine, greedily; drop --do-sample and --engine transformers"
+    if not bool(batch["attention_mask"].all()):
+        return "a draft head needs prompts of one token length (the static-cache engine does not pad); give prompts of one length"
+    return None
+
+
+def head_or_gates(model, batch, head, options: GenerateOptions) -> tuple[Any, str | None]:
+    """The head where it can serve; with --draft auto, a skip model's gates where it cannot (with a note)."""
+    reason = head_unsuited(batch, options) if head is not None else None
+    if reason is None:
+        ignored = "--draft-threshold is the gates' setting; the draft head drafted" if head is not None and options.draft_threshold else None
+        return head, ignored
+    if options.draft == "auto" and getattr(model, "skip_gates", None) and model.skip_gates():
+        return None, f"drafted with the gates, not the model's draft head: {reason.split(';')[0]}"
+    raise SparsifyError(f"{reason}, or draft with a skip model's gates (--draft gates)")
+
+
 def head_decoder(model, batch, head, options: GenerateOptions):
     """The static-cache engine's speculative decoder drafting with `head` (a CUDA graph per round on
     a GPU, eager elsewhere): greedy, prompts of one length."""
     from sparsify.engine.speculative_decode import SpeculativeDecoder
 
-    if options.do_sample or options.engine == "transformers":
-        raise SparsifyError("a draft head drafts on the static-cache engine, greedily; drop --do-sample and --engine transformers, "
-                            "or draft with the gates (--draft gates)")
-    if not bool(batch["attention_mask"].all()):
-        raise SparsifyError("a draft head needs prompts of one token length (the static-cache engine does not pad); "
-                            "give prompts of one length, or draft with the gates (--draft gates)")
     ids = batch["input_ids"]
     return SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + options.max_new_tokens, None, options.draft_tokens, head=head)
 

@@ -8,7 +8,7 @@ from sparsify.option_values import check_rules, require
 
 
 SPECULATIVE_ENGINES = ("auto", "graph", "transformers")
-DRAFT_SOURCES = ("auto", "head", "gates")  # as convert/skip/draft_head.py (kept torch-free here)
+DRAFT_SOURCES = ("auto", "head", "gates")  # --draft: the saved head if any, the head (required), a skip model's gates
 
 
 @dataclass
@@ -46,6 +46,7 @@ class GenerateOptions:
         require(self.draft_threshold is None or 0 < self.draft_threshold < 1,
                 f"--draft-threshold must be between 0 and 1, got {self.draft_threshold}")
         require(self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got '{self.device}'")
+        require(self.draft == "auto" or self.speculative, f"--draft {self.draft} applies to --speculative decoding; add --speculative")
         require(self.draft in DRAFT_SOURCES, f"--draft must be one of {', '.join(DRAFT_SOURCES)}, got '{self.draft}'")
         require(self.engine in SPECULATIVE_ENGINES, f"--engine must be one of {', '.join(SPECULATIVE_ENGINES)}, got '{self.engine}'")
         require(not (self.engine == "graph" and self.do_sample),

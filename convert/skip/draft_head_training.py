@@ -19,6 +19,7 @@ Checkpoints (sparsify/train/state.py) make a killed run resume where it stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -52,14 +53,17 @@ class DraftHeadOptions:
     score_depth: int = 4
     checkpoint_every: int = 200
     seed: int = 0
+    feature_layers: tuple[int, ...] = ()  # the teacher layers the head reads (empty: the top one; DraftHead)
 
     def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise SparsifyError("--steps, --batch-size and --checkpoint-every must be at least 1")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.score_windows < 1:
+            raise SparsifyError("--steps, --batch-size, --checkpoint-every and --score-windows must be at least 1")
+        if not self.lr > 0:
+            raise SparsifyError(f"--lr must be above 0, got {self.lr}")
         if self.window_len < 8:
             raise SparsifyError(f"--window-len must be at least 8 tokens, got {self.window_len}")
         if not 1 <= self.depth <= 8 or not 1 <= self.score_depth <= 8:
-            raise SparsifyError("--depth and the score depth must lie in 1..8 (draft lengths of a round)")
+            raise SparsifyError("--depth must lie in 1..8 (a round's draft length), and so must the scored depth")
         if not 1 <= self.prompt_len < self.window_len:
             raise SparsifyError(f"the scoring prompt ({self.prompt_len} tokens) must be shorter than a window ({self.window_len})")
 
@@ -78,18 +82,26 @@ class DraftHeadScores:
         return sum(self.accept_by_depth[:k])
 
 
+@dataclass
+class TeacherTargets:
+    hidden: torch.Tensor  # (B, T, H) the top state before the final norm: the feature loss's target
+    greedy: torch.Tensor  # (B, T) the teacher's greedy tokens
+    states: torch.Tensor  # (B, T, n * H) the states the head reads (the top one alone: `hidden` itself)
+
+
 @torch.no_grad()
-def teacher_targets(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top hidden states (before the final norm) and greedy tokens for (B, T) ids."""
+def teacher_targets(model, ids: torch.Tensor, read_layers: list[int] | None = None) -> TeacherTargets:
+    """What the teacher gives the head for (B, T) ids."""
     with teacher_mode(model):
-        hidden = top_hidden(model, ids)
-    return hidden, draft_logits(model, hidden).argmax(-1)
+        hidden, states = top_hidden(model, ids, read_layers)
+    return TeacherTargets(hidden, draft_logits(model, hidden).argmax(-1), states)
 
 
-def chain_loss(head: DraftHead, model, hidden: torch.Tensor, greedy: torch.Tensor, ids: torch.Tensor, depth: int,
-               feature_weight: float, scale: float) -> torch.Tensor:
-    loss = hidden.new_zeros(())
-    for j, out in enumerate(run_chains(head, model, hidden, ids, depth)):
+def chain_loss(head: DraftHead, model, targets: TeacherTargets, ids: torch.Tensor, depth: int, feature_weight: float,
+               scale: float) -> torch.Tensor:
+    hidden, greedy = targets.hidden, targets.greedy
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for j, out in enumerate(run_chains(head, model, targets.states, ids, depth)):
         rows = out.shape[1]
         target_hidden, target_token = hidden[:, j: j + rows], greedy[:, j: j + rows]
         loss = loss + F.cross_entropy(draft_logits(model, out).float().flatten(0, 1), target_token.flatten())
@@ -106,14 +118,16 @@ def score_draft_head(head: DraftHead, model, tune: list[torch.Tensor], continued
     head.eval()
     hits = total = 0
     for ids in tune:
-        hidden, greedy = teacher_targets(model, ids)
-        first = run_chains(head, model, hidden, ids, 1)[0]
+        targets = teacher_targets(model, ids, head.read_layers)
+        greedy = targets.greedy
+        first = run_chains(head, model, targets.states, ids, 1)[0]
         hits += int((draft_logits(model, first).argmax(-1) == greedy).sum())
         total += greedy.numel()
     matched, chains = torch.zeros(depth), 0
     for ids in continued:
-        hidden, greedy = teacher_targets(model, ids)
-        outputs = run_chains(head, model, hidden, ids, depth)
+        targets = teacher_targets(model, ids, head.read_layers)
+        greedy = targets.greedy
+        outputs = run_chains(head, model, targets.states, ids, depth)
         starts = torch.arange(ids.shape[1], device=ids.device)
         # a chain from p reads x[p] (a teacher token from the prompt's end on) and is scored at p .. p+depth-1
         keep = (starts >= prompt_len) & (starts + depth <= ids.shape[1])
@@ -146,10 +160,15 @@ class DraftHeadFit:
 
 
 def fit_draft_head(head: DraftHead, model, fit: torch.Tensor, tune: torch.Tensor, options: DraftHeadOptions,
-                   run_dir: Path | None = None, on_step: Callable[[int, int, float], None] = lambda step, total, loss: None) -> DraftHeadFit:
+                   run_dir: Path | None = None, on_step: Callable[[int, int, float], None] = lambda step, total, loss: None,
+                   run_key: dict[str, Any] | None = None) -> DraftHeadFit:
     """Train `head` on `fit` windows (N, T) for options.steps batches, scoring before and after on
     `tune` windows. With `run_dir`, checkpoints go there every options.checkpoint_every steps and an
-    interrupted run resumes from the last one."""
+    interrupted run resumes from the last one, if it was the same run: same options, same number of
+    windows and the same `run_key` (the caller's model and data).
+
+    The head trains in fp32 whatever the teacher's dtype (bf16 Adam steps of ~1e-3 round away next
+    to weights near 1) and ends in the teacher's dtype, as decoding uses it."""
     from torch.optim.lr_scheduler import LambdaLR
 
     from sparsify.convert.skip.draft_search import teacher_continuations
@@ -157,39 +176,53 @@ def fit_draft_head(head: DraftHead, model, fit: torch.Tensor, tune: torch.Tensor
     from sparsify.train.state import find_checkpoint, gather_optimizer, gather_trainable, load_checkpoint, save_checkpoint
 
     options.check()
+    batches = [fit[i: i + options.batch_size] for i in range(0, len(fit) - options.batch_size + 1, options.batch_size)]
+    if not batches:
+        raise SparsifyError(f"the fit text holds {len(fit)} windows, fewer than one batch of {options.batch_size}; give more training text")
+    meta = json.loads(json.dumps({"options": asdict(options), "fit_windows": len(fit), "run": run_key or {},  # as state.json holds it
+                                  "head": {"hidden_size": head.config.hidden_size, "init_from_layer": head.config.init_from_layer,
+                                           "read_layers": head.read_layers}}))
+    found = find_checkpoint(run_dir) if run_dir is not None else None
+    if found is not None:
+        saved = json.loads((found / "state.json").read_text())
+        changed = sorted(key for key in meta if saved.get(key) != meta[key])
+        if changed:
+            raise SparsifyError(f"{run_dir} holds a checkpoint of another run (its {', '.join(changed)} differ); give the same "
+                                f"command to resume it, or delete {run_dir} to start over")
     device = next(head.parameters()).device
+    final_dtype = next(head.parameters()).dtype
+    head.float()
     torch.manual_seed(options.seed)
     tune_batches = [tune[i: i + options.batch_size].to(device) for i in range(0, len(tune), options.batch_size)]
     prompts = [batch[:, : options.prompt_len] for batch in tune_batches]
     continued = teacher_continuations(model, prompts, options.score_new_tokens)
     score = lambda: score_draft_head(head, model, tune_batches, continued, options.prompt_len, options.score_depth)  # noqa: E731
-    batches = [fit[i: i + options.batch_size] for i in range(0, len(fit) - options.batch_size + 1, options.batch_size)]
-    if not batches:
-        raise SparsifyError(f"the fit text holds {len(fit)} windows, fewer than one batch of {options.batch_size}; give more training text")
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if fit.numel() * head.config.hidden_size <= CACHED_ELEMENTS else None
+    kept_per_token = head.config.hidden_size * (1 + (len(head.read_layers) if head.reduce is not None else 0))
+    cache: dict[int, TeacherTargets] | None = {} if fit.numel() * kept_per_token <= CACHED_ELEMENTS else None
 
-    def targets(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(index: int) -> TeacherTargets:
         if cache is not None and index in cache:
             return cache[index]
-        found = teacher_targets(model, batches[index].to(device))
+        found = teacher_targets(model, batches[index].to(device), head.read_layers)
         if cache is not None:
             cache[index] = found
         return found
 
-    # One scale for the feature loss: the RMS of the teacher's top state on the first batch.
-    scale = float(targets(0)[0].float().pow(2).mean().sqrt())
+    # One scale for the feature loss and the fuse's start: the RMS of the teacher's top state on the first batch.
+    scale = float(targets(0).hidden.float().pow(2).mean().sqrt())
+    head.balance_inputs(scale, float(model.model.embed_tokens.weight.float().pow(2).mean().sqrt()))
     trainable = {name: p for name, p in head.named_parameters()}
     for parameter in trainable.values():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=options.lr, weight_decay=0.0)
     scheduler = LambdaLR(optimizer, cosine_with_warmup(0, min(options.warmup_steps, options.steps // 4), options.steps))
-    meta = {"options": asdict(options), "fit_windows": len(fit)}
     start, resumed_from = 0, None
     before = None
-    if run_dir is not None and (found := find_checkpoint(run_dir)) is not None:
-        saved = load_checkpoint(found, head, optimizer, scheduler, set(trainable))
-        if saved.get("options") != meta["options"] or saved.get("fit_windows") != meta["fit_windows"]:
-            raise SparsifyError(f"{run_dir} holds a checkpoint of a run with other options or data; pass the same ones, or another run folder")
+    if found is not None:
+        try:
+            saved = load_checkpoint(found, head, optimizer, scheduler, set(trainable))
+        except (SparsifyError, RuntimeError, KeyError) as error:
+            raise SparsifyError(f"cannot resume from {found} ({str(error).splitlines()[0]}); delete {run_dir} to start over") from None
         start = resumed_from = int(saved["step"])
         before = DraftHeadScores(**saved["scores_before"])
         losses = list(saved.get("losses", []))
@@ -198,8 +231,8 @@ def fit_draft_head(head: DraftHead, model, fit: torch.Tensor, tune: torch.Tensor
     head.train()
     started = time.time()
     for step in range(start, options.steps):
-        hidden, greedy = targets(step % len(batches))
-        loss = chain_loss(head, model, hidden, greedy, batches[step % len(batches)].to(device), options.depth, options.feature_weight, scale)
+        loss = chain_loss(head, model, targets(step % len(batches)), batches[step % len(batches)].to(device), options.depth,
+                          options.feature_weight, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
@@ -216,7 +249,9 @@ def fit_draft_head(head: DraftHead, model, fit: torch.Tensor, tune: torch.Tensor
     head.eval()
     for parameter in trainable.values():
         parameter.requires_grad_(False)
+    scores = score()
+    head.to(final_dtype)
     tenth = max(1, len(losses) // 10)
-    return DraftHeadFit(before, score(), options.steps, options.steps * options.batch_size * options.window_len, len(fit),
+    return DraftHeadFit(before, scores, options.steps, options.steps * options.batch_size * options.window_len, len(fit),
                         time.time() - started, resumed_from, [sum(losses[i: i + tenth]) / len(losses[i: i + tenth])
                                                               for i in range(0, len(losses), tenth)])

@@ -104,7 +104,7 @@ def drafting(model: Any, plan: DraftPlan) -> Iterator[None]:
     gates = {sublayer_key(layer, sublayer): gate for layer, sublayer, gate in (skip_gates() if skip_gates else ())}
     if not gates:
         raise SparsifyError("self-speculative decoding drafts with a skip model's gates; this model has none "
-                            "(make one with `sparsify upcycle MODEL --to skip` and train it)")
+                            "(make one with `sparsify upcycle MODEL --to skip`, or give it a draft head with `sparsify draft-head`)")
     _check_keys(plan, gates)
     before = {key: (gate.forced, gate.threshold) for key, gate in gates.items()}
     skipped = set(plan.skip)

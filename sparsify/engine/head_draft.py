@@ -5,7 +5,8 @@ reads (h[p-1], x[p]): the teacher's top hidden state before p and the token at p
 slot 0), as in training (draft_head.run_chains).
 
 A round starts at slot P (the token the verifier chose last). The previous verification computed the
-teacher's states h at its k + 1 slots; the `kept` drafts it accepted sit at P - kept .. P - 1, their
+teacher's states h at its k + 1 slots (the outputs of every layer the head reads, reduced to one
+feature by the head's `reduce` where it reads several); the `kept` drafts it accepted sit at P - kept .. P - 1, their
 head items having been drafted from the head's own features. So the first pass rewrites k + 1 items
 from slot P - kept on, with the verified states and the tokens now in the history: the items up to
 P are right (the later ones are the verifier's guesses after a rejection, masked by position and
@@ -37,7 +38,8 @@ class HeadDrafter:
         self.step_scratch = attention_kernels.scratch_where_it_fits(self.keys, engine.heads) if self.fused_attention else None
         self.refill_scratch = (attention_kernels.scratch_where_it_fits(self.keys, engine.heads, tokens=draft_tokens + 1)
                                if self.fused_attention else None)
-        self.verified = torch.zeros(batch, draft_tokens + 1, width, dtype=engine.dtype, device=engine.device)
+        # the verified slots' states of the layers the head reads (n * H), as the verification wrote them
+        self.verified = torch.zeros(batch, draft_tokens + 1, width * len(head.read_layers), dtype=engine.dtype, device=engine.device)
         self.kept = torch.zeros(1, dtype=torch.long, device=engine.device)
         self.offsets = torch.arange(draft_tokens + 1, device=engine.device)
 
@@ -54,19 +56,21 @@ class HeadDrafter:
         engine = self.engine
         return engine.head(engine._norm(engine.model.model.norm, feature)).argmax(-1)  # (B, 1)
 
-    def prefill(self, hidden: torch.Tensor, ids: torch.Tensor) -> None:
-        """The head's items for the prompt `ids` (B, L), from the teacher's top states `hidden` (B, L, H)."""
+    def prefill(self, states: torch.Tensor, ids: torch.Tensor) -> None:
+        """The head's items for the prompt `ids` (B, L), from the teacher's states of the layers the
+        head reads (B, L, n * H)."""
         slots = torch.arange(ids.shape[1], device=ids.device)
-        self._items(shifted_features(hidden), ids, slots, None, generic=True)  # L tokens: the generic path
+        self._items(shifted_features(self.head.teacher_feature(states)), ids, slots, None, generic=True)  # L tokens: the generic path
         self.verified.zero_()
-        self.verified[:, 0].copy_(hidden[:, -1])
+        self.verified[:, 0].copy_(states[:, -1])
         self.kept.zero_()
 
     def draft(self, start: torch.Tensor) -> None:
         """Write the round's k drafts into the history at start + 1 .. start + k."""
         engine, history = self.engine, self.engine.history
         slots = start - self.kept + self.offsets
-        refilled = self._items(self.verified, history.index_select(1, slots), slots, self.refill_scratch, generic=False)
+        refilled = self._items(self.head.teacher_feature(self.verified), history.index_select(1, slots), slots, self.refill_scratch,
+                               generic=False)
         feature = refilled.index_select(1, self.kept)
         for j in range(self.k):
             token = self._choose(feature)
@@ -74,7 +78,8 @@ class HeadDrafter:
             if j + 1 < self.k:
                 feature = self._items(feature, token, start + 1 + j, self.step_scratch, generic=False)
 
-    def verified_states(self, hidden: torch.Tensor, kept: torch.Tensor) -> None:
-        """Keep the verification's top states (B, k + 1, H) and how many drafts it accepted."""
-        self.verified.copy_(hidden)
+    def verified_states(self, states: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep the verification's states of the layers the head reads (B, k + 1, n * H) and how many
+        drafts it accepted."""
+        self.verified.copy_(states)
         self.kept.copy_(kept.view(1))

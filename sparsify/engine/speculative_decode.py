@@ -85,16 +85,24 @@ class SpeculativeDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # -- one round ---------------------------------------------------------------------------------
-    def _verify(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _verify(self, tokens: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's top hidden states (B, T, H), before the final norm, for `tokens` (B, T) at
-        cache `slots` (T,), writing their K/V."""
+        cache `slots` (T,), writing their K/V; with a draft head, also the outputs of the layers it
+        reads, side by side (B, T, n * H)."""
         engine = self.draft
         hidden = self.model.model.embed_tokens(tokens)
         rows = TokenRows.at(engine, slots, generic=not all(self.fused_attention) or self.verify_scratch is None)
+        read = self.head.head.read_layers if self.head is not None else []
+        kept = []
         for layer, fused_attention, fused_mlp in zip(engine.layers, self.fused_attention, self.fused_mlp, strict=True):
             run_layer(engine, layer.block, fused_attention, fused_mlp, hidden, rows, engine.keys[layer.index],
                       engine.values[layer.index], self.verify_scratch)
-        return hidden
+            if layer.index in read and layer.index != engine.layers[-1].index:
+                kept.append(hidden.clone())  # the next layer adds to hidden in place
+        if not read:
+            return hidden, None
+        states = kept + ([hidden] if engine.layers[-1].index in read else [])  # read is sorted: the top one last
+        return hidden, states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
     def _round(self) -> None:
         engine, k = self.draft, self.k
@@ -106,12 +114,12 @@ class SpeculativeDecoder:
                 engine._step()
         slots = self.start + self.offsets
         tokens = engine.history.index_select(1, slots)  # the round's first token, then the drafts
-        hidden = self._verify(tokens, slots)
+        hidden, read_states = self._verify(tokens, slots)
         target = engine.head(engine._norm(self.model.model.norm, hidden)).argmax(-1)  # (B, k + 1): the teacher's choice after each
         accepted = (target[:, :k] == tokens[:, 1:]).long().cumprod(-1).sum(-1)
         kept = accepted.min()  # one position for every sequence: the fewest accepted
         if self.head is not None:
-            self.head.verified_states(hidden, kept)
+            self.head.verified_states(read_states, kept)
         # target[:, :kept + 1] are the kept drafts, then the teacher's token; later slots are rewritten.
         engine.history.index_copy_(1, slots + 1, target)
         engine.position.copy_(self.start + kept + 1)
@@ -142,13 +150,16 @@ class SpeculativeDecoder:
             if self.head is None:
                 engine.prefill(ids)
                 return
-            states = []  # the final norm's input: the teacher's top hidden states
-            hook = self.model.model.norm.register_forward_hook(lambda module, args, out: states.append(args[0]))
+            read = self.head.head.read_layers  # their outputs: for the top layer, the final norm's input
+            states: dict[int, torch.Tensor] = {}
+            hooks = [self.model.model.layers[i].register_forward_hook(
+                lambda module, args, out, i=i: states.__setitem__(i, out[0] if isinstance(out, tuple) else out)) for i in read]
             try:
                 engine.prefill(ids)
             finally:
-                hook.remove()
-            self.head.prefill(states[-1], ids)
+                for hook in hooks:
+                    hook.remove()
+            self.head.prefill(torch.cat([states[i] for i in read], dim=-1), ids)
 
     # -- public ------------------------------------------------------------------------------------
     @torch.no_grad()

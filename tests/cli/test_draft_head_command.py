@@ -14,7 +14,7 @@ from support import sparsify_command
 
 from sparsify.convert.skip.draft_head_copy import run_folder
 
-from test_generate import PROMPTS, _continuations, run_cli
+from test_generate import PROMPTS, _continuations, run_cli, skip_folder  # noqa: F401 - a fixture
 
 TRAIN = ("--steps", "6", "--batch-size", "2", "--window-len", "24", "--score-windows", "2", "--device", "cpu")
 
@@ -66,9 +66,30 @@ def test_bad_draft_head_input_gets_one_line(dense_models, corpus, tmp_path):
     for args, message in ((["-o", str(tmp_path / "a"), "--depth", "0"], "--depth"),
                           (["-o", str(tmp_path / "b"), "--window-len", "4"], "--window-len must be at least 8"),
                           (["-o", str(dense_models["llama"] / "inside")], "inside the model folder"),
-                          (["-o", str(tmp_path / "c"), "--device", "gpu"], "--device must be auto, cpu, cuda")):
+                          (["-o", str(tmp_path / "c"), "--device", "gpu"], "--device must be auto, cpu, cuda"),
+                          (["-o", str(tmp_path / "e"), "--feature-layers", "low"], "--feature-layers takes layer numbers"),
+                          (["-o", str(tmp_path / "f"), "--feature-layers", "0,9"], "--feature-layers must name layers 0..1"),
+                          (["-o", str(tmp_path / "g"), "--fit-on", "web"], "--fit-on must be one of corpus, teacher")):
         refused = run_cli("draft-head", source, "--data", str(corpus["train"]), *args)
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     gguf = run_cli("draft-head", "smollm2-135m", "-o", str(tmp_path / "d"), "--data", str(corpus["train"]))
     assert gguf.returncode != 0 and "not one" in gguf.stderr
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
+
+
+def test_a_skip_model_with_a_head_drafts_with_its_gates_where_the_head_cannot(skip_folder, dense_models, corpus, tmp_path):  # noqa: F811
+    """--draft auto: the head for greedy prompts of one length; sampling (which the head's engine does
+    not do) falls back to the gates, with a note; --draft head refuses it in one line."""
+    out = tmp_path / "skip-with-head"
+    done = run_cli("draft-head", str(skip_folder), "-o", str(out), "--data", str(corpus["train"]), "--feature-layers", "0,1", *TRAIN)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "sparsify.json").read_text())["draft_head"]["steps"] == 6  # recorded with the variant
+    teacher = run_cli("generate", str(dense_models["llama"]), "-p", PROMPTS[1], "--max-new-tokens", "8", "--device", "cpu")
+    greedy = run_cli("generate", str(out), "-p", PROMPTS[1], "--max-new-tokens", "8", "--device", "cpu", "--speculative")
+    assert greedy.returncode == 0 and "reads layers 0,1" in greedy.stderr and _continuations(greedy.stdout) == _continuations(teacher.stdout)
+    sampled = run_cli("generate", str(out), "-p", PROMPTS[1], "--max-new-tokens", "8", "--device", "cpu", "--speculative", "--do-sample")
+    assert sampled.returncode == 0 and "drafted with the gates, not the model's draft head" in sampled.stdout, sampled.stdout
+    insisted = run_cli("generate", str(out), "-p", PROMPTS[1], "--device", "cpu", "--speculative", "--do-sample", "--draft", "head")
+    assert insisted.returncode != 0 and "greedily" in insisted.stderr and "Traceback" not in insisted.stderr
+    alone = run_cli("generate", str(out), "-p", PROMPTS[1], "--device", "cpu", "--draft", "head")
+    assert alone.returncode != 0 and "add --speculative" in alone.stderr

@@ -40,8 +40,9 @@ def test_chains_run_at_once_are_the_head_run_one_token_at_a_time(model):
     head = DraftHead(model).eval()
     ids = IDS[:, :10]
     with torch.no_grad():
-        hidden = top_hidden(model, ids)
-        chains = run_chains(head, model, hidden, ids, 3)
+        hidden, states = top_hidden(model, ids)
+        assert states is hidden
+        chains = run_chains(head, model, states, ids, 3)
         for start in (0, 4, 6):
             for j, want in enumerate(_one_token_at_a_time(head, model, hidden, ids, start, 3)):
                 torch.testing.assert_close(chains[j][:, start], want, rtol=1e-4, atol=1e-4)
@@ -49,7 +50,8 @@ def test_chains_run_at_once_are_the_head_run_one_token_at_a_time(model):
 
 
 def test_a_saved_head_loads_back_the_same_and_a_head_of_another_width_is_refused(model, tmp_path):
-    head = DraftHead(model, init_from_layer=0)
+    head = DraftHead(model, init_from_layer=0, feature_layers=[0, 1])
+    assert head.read_layers == [0, 1] and head.reduce is not None
     head.config.training = {"steps": 3}
     head.save(tmp_path / "draft_head")
     assert find_draft_head(tmp_path) == tmp_path / "draft_head" and find_draft_head(tmp_path / "nothing") is None
@@ -63,6 +65,9 @@ def test_a_saved_head_loads_back_the_same_and_a_head_of_another_width_is_refused
         DraftHead.load(tmp_path, model)
     with pytest.raises(SparsifyError, match="not layer 5"):
         DraftHead(model, init_from_layer=5)
+    with pytest.raises(SparsifyError, match="--feature-layers must name layers 0..1"):
+        DraftHead(model, feature_layers=[0, 7])
+    assert DraftHead(model, feature_layers=[1]).config.feature_layers == []  # the top layer alone is the default
 
 
 def _data(model):
@@ -75,10 +80,14 @@ def _data(model):
 OPTIONS = dict(batch_size=4, window_len=24, lr=3e-3, warmup_steps=2, score_windows=8, score_prompt_len=8, score_new_tokens=16, score_depth=3)
 
 
-def test_training_raises_the_heads_scores(model):
+@pytest.mark.parametrize("feature_layers", [(), (0, 1)], ids=["top layer", "every layer"])
+def test_training_raises_the_heads_scores(model, feature_layers):
     fit, tune = _data(model)
-    head = DraftHead(model)
-    result = fit_draft_head(head, model, fit, tune, DraftHeadOptions(steps=12, **OPTIONS))
+    head = DraftHead(model, feature_layers=list(feature_layers))
+    # Start with the token buried ([I | I], the fuse before balancing): balanced, a copied last layer
+    # already drafts this repetitive text about as well as it can, and training has nothing to show.
+    head.balance_inputs = lambda feature_rms, embedding_rms: None
+    result = fit_draft_head(head, model, fit, tune, DraftHeadOptions(steps=12, feature_layers=feature_layers, **OPTIONS))
     assert result.losses[-1] < result.losses[0]
     before, after = result.scores_before.accept_by_depth, result.scores.accept_by_depth  # on the teacher's own text, as trained
     assert len(after) == 3 and after[0] >= after[1] >= after[2] and sum(after) > sum(before)
@@ -103,7 +112,7 @@ def test_a_killed_run_resumes_to_the_same_head(model, tmp_path):
     assert result.resumed_from == 4
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    with pytest.raises(SparsifyError, match="other options"):
+    with pytest.raises(SparsifyError, match="another run \(its options differ\)"):
         fit_draft_head(DraftHead(model), model, fit, tune, DraftHeadOptions(steps=8, checkpoint_every=2, **OPTIONS), run_dir=tmp_path)
 
 
@@ -112,3 +121,15 @@ def test_a_killed_run_resumes_to_the_same_head(model, tmp_path):
 def test_bad_options_get_one_line(model, change, message):
     with pytest.raises(SparsifyError, match=message):
         DraftHeadOptions(**{**OPTIONS, **change}).check()
+
+
+def test_fit_on_the_teacher_keeps_each_windows_first_half_and_continues_it_greedily(model):
+    from sparsify.convert.skip.draft_head_copy import teacher_text
+    from support import reference_decode
+
+    windows = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(5))
+    text = teacher_text(model, windows, DraftHeadOptions(window_len=12, batch_size=2), torch.device("cpu"))
+    assert text.shape == windows.shape and torch.equal(text[:, :6], windows[:, :6])
+    with torch.no_grad():
+        greedy, _ = reference_decode(model, windows[:1, :6], steps=5)
+    assert torch.equal(text[:1], greedy)

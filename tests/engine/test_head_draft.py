@@ -32,12 +32,16 @@ def _greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return reference_decode(model, prompt, steps=new_tokens - 1)[0]
 
 
-def _repeating_head(model) -> DraftHead:
+def _repeating_head(model, feature_layers: list[int] | None = None) -> DraftHead:
     """A head that drafts well on these random models: nudged so its fuse passes the token's
-    embedding through (their greedy text repeats one token for stretches)."""
-    head = DraftHead(model)
+    embedding through (their greedy text repeats one token for stretches). Reading several layers,
+    its reduce gives the lower ones a share, so that they matter."""
+    head = DraftHead(model, feature_layers=feature_layers)
     with torch.no_grad():
         head.fuse.weight[:, : model.config.hidden_size].mul_(0.1)
+        if head.reduce is not None:
+            width = model.config.hidden_size
+            head.reduce.weight[:, :width].copy_(0.5 * torch.eye(width))
     return head
 
 
@@ -45,25 +49,27 @@ def _repeating_head(model) -> DraftHead:
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 def test_a_draft_head_gives_the_teachers_greedy_tokens(dense, family, draft_tokens):
     model = dense[family]
-    for head in (DraftHead(model), _repeating_head(model)):
+    for head in (DraftHead(model), _repeating_head(model), _repeating_head(model, [0]), _repeating_head(model, [0, 1])):
         for prompt in (IDS[:1, :6], IDS[:, :5]):  # batch 1 and batch 2
             result = SpeculativeDecoder(model, prompt.shape[0], 24, None, draft_tokens, use_graph=False, head=head).generate(prompt, 14)
             assert result.sequences.tolist() == _greedy(model, prompt, 14).tolist()
             assert 13 / (draft_tokens + 1) <= result.stats.rounds <= 13
 
 
-def test_the_rounds_accept_what_the_heads_chains_predict(dense):
+@pytest.mark.parametrize("feature_layers", [None, [0, 1]], ids=["top layer", "every layer (EAGLE-3)"])
+def test_the_rounds_accept_what_the_heads_chains_predict(dense, feature_layers):
     """Round by round, the drafts accepted are the leading matches of the chain that starts there,
     as run_chains computes it on the teacher's own text (the text runs k tokens past the end, where a
     last round may still accept)."""
     model = dense["llama"]
-    head = _repeating_head(model)
+    head = _repeating_head(model, feature_layers)
     prompt, new_tokens = IDS[:1, :6], 24
     for k in (1, 2, 4):
         text = _greedy(model, prompt, new_tokens + k)
-        hidden, greedy = teacher_targets(model, text)
+        targets = teacher_targets(model, text, head.read_layers)
+        greedy = targets.greedy
         with torch.no_grad():
-            drafted = [draft_logits(model, out).argmax(-1)[0] for out in run_chains(head, model, hidden, text, k)]
+            drafted = [draft_logits(model, out).argmax(-1)[0] for out in run_chains(head, model, targets.states, text, k)]
         expected, start = [0] * (k + 1), prompt.shape[1]
         while start + 1 - prompt.shape[1] < new_tokens:
             accepted = 0
@@ -105,7 +111,7 @@ def test_timing_a_head_reports_its_rounds(dense):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_head_rounds_decode_like_eager_rounds_on_gpu(dtype):
     model = build_dense("llama").eval().to("cuda", dtype)
-    head = _repeating_head(model)
+    head = _repeating_head(model, [0, 1])
     prompt = IDS[:, :6].cuda()
     for k in (1, 3):
         eager = SpeculativeDecoder(model, 2, 40, None, k, use_graph=False, head=head).generate(prompt, 24)
