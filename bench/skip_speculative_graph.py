@@ -208,7 +208,7 @@ def head_rows(args, model, folder: Path, sets, references, report: dict) -> list
     source = args.draft_head
     if args.train_head_steps:
         options = DraftHeadOptions(steps=args.train_head_steps, batch_size=args.head_batch, window_len=args.head_window,
-                                   depth=args.head_depth, lr=args.head_lr,
+                                   depth=args.head_depth, lr=args.head_lr, feature_weight=args.head_feature_weight,
                                    feature_layers=tuple(int(v) for v in args.head_feature_layers.split(",") if v))
         started = time.time()
         copy = write_draft_head_copy(folder, args.work / "with-head", args.tune_data, options, device=args.device, overwrite=True,
@@ -282,6 +282,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    heads = [r for r in rows if r.get("plan") == "draft head" and r.get("prompts", "valid") == "valid"]
+    if heads and len(heads) == len([r for r in rows if r.get("prompts", "valid") == "valid"]):  # head rows only: against k
+        axes[0].plot([r["draft_tokens"] for r in heads], [r["acceptance_rate"] for r in heads], marker="o", label="draft head")
+        axes[1].plot([r["draft_tokens"] for r in heads], [r["vs_teacher"] for r in heads], marker="o", label="draft head")
+        axes[0].set_ylabel("drafts accepted (valid)")
+        axes[1].set_ylabel("decode speed / teacher's (same engine)")
+        axes[1].axhline(1.0, color="grey", lw=0.8)
+        for axis in axes:
+            axis.set_xlabel("draft tokens per round (k)")
+            axis.legend(fontsize=8)
+        figure.suptitle(title, fontsize=9)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        return
+    rows = [r for r in rows if r.get("plan") != "draft head"]  # mixed runs: the head's rows are in the JSON
     for k in sorted({r["draft_tokens"] for r in rows}):
         mine = [r for r in rows if r["draft_tokens"] == k and r.get("prompts", "valid") == "valid" and "share" not in r]
         if mine:
@@ -329,6 +344,7 @@ def main() -> None:
     parser.add_argument("--head-depth", type=int, default=2)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--head-fit-on", choices=("corpus", "teacher"), default="corpus")
+    parser.add_argument("--head-feature-weight", type=float, default=1.0)
     parser.add_argument("--head-feature-layers", default="", help="teacher layers the head reads, e.g. 2,15,29 (empty: the top one)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/skip-speculative-graph"))
     parser.add_argument("--out", type=Path, required=True)

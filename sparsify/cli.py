@@ -556,6 +556,8 @@ def draft_head(
                                             "each draft on the head's own previous output, as decoding uses it.")] = 2,
     score_windows: Annotated[int, typer.Option(help="Windows kept apart to score the head before and after.")] = 16,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a killed run resumes from the last).")] = 200,
+    feature_weight: Annotated[float, typer.Option(help="Weight of the pull of each draft feature to the teacher's state "
+                                                       "(EAGLE; 0: cross-entropy alone, as EAGLE-3).")] = 1.0,
     feature_layers: Annotated[str, typer.Option(help="The teacher layers whose outputs the head reads, comma-separated (e.g. "
                                                      "2,15,29: low, middle and top, as EAGLE-3), fused by one linear; top: "
                                                      "the last layer's alone.")] = "top",
@@ -579,7 +581,7 @@ def draft_head(
     except ValueError:
         raise SparsifyError(f"--feature-layers takes layer numbers, comma-separated, or top; got '{feature_layers}'") from None
     options = DraftHeadOptions(steps=steps, batch_size=batch_size, window_len=window_len, lr=lr, depth=depth, score_windows=score_windows,
-                               checkpoint_every=checkpoint_every, feature_layers=layers)
+                               checkpoint_every=checkpoint_every, feature_layers=layers, feature_weight=feature_weight)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"))
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("training the draft head", total=steps)

@@ -60,6 +60,8 @@ class DraftHeadOptions:
             raise SparsifyError("--steps, --batch-size, --checkpoint-every and --score-windows must be at least 1")
         if not self.lr > 0:
             raise SparsifyError(f"--lr must be above 0, got {self.lr}")
+        if self.feature_weight < 0:
+            raise SparsifyError(f"--feature-weight must be 0 or more, got {self.feature_weight}")
         if self.window_len < 8:
             raise SparsifyError(f"--window-len must be at least 8 tokens, got {self.window_len}")
         if not 1 <= self.depth <= 8 or not 1 <= self.score_depth <= 8:

@@ -69,12 +69,13 @@ def test_bad_draft_head_input_gets_one_line(dense_models, corpus, tmp_path):
                           (["-o", str(tmp_path / "c"), "--device", "gpu"], "--device must be auto, cpu, cuda"),
                           (["-o", str(tmp_path / "e"), "--feature-layers", "low"], "--feature-layers takes layer numbers"),
                           (["-o", str(tmp_path / "f"), "--feature-layers", "0,9"], "--feature-layers must name layers 0..1"),
-                          (["-o", str(tmp_path / "g"), "--fit-on", "web"], "--fit-on must be one of corpus, teacher")):
+                          (["-o", str(tmp_path / "g"), "--fit-on", "web"], "--fit-on must be one of corpus, teacher"),
+                          (["-o", str(tmp_path / "h"), "--feature-weight", "-1"], "--feature-weight must be 0 or more")):
         refused = run_cli("draft-head", source, "--data", str(corpus["train"]), *args)
         assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     gguf = run_cli("draft-head", "smollm2-135m", "-o", str(tmp_path / "d"), "--data", str(corpus["train"]))
     assert gguf.returncode != 0 and "not one" in gguf.stderr
-    assert not any((tmp_path / name).exists() for name in "abcdefg")
+    assert not any((tmp_path / name).exists() for name in "abcdefgh")
 
 
 def test_a_skip_model_with_a_head_drafts_with_its_gates_where_the_head_cannot(skip_folder, dense_models, corpus, tmp_path):  # noqa: F811

@@ -112,7 +112,7 @@ def test_a_killed_run_resumes_to_the_same_head(model, tmp_path):
     assert result.resumed_from == 4
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    with pytest.raises(SparsifyError, match="another run \(its options differ\)"):
+    with pytest.raises(SparsifyError, match=r"another run \(its options differ\)"):
         fit_draft_head(DraftHead(model), model, fit, tune, DraftHeadOptions(steps=8, checkpoint_every=2, **OPTIONS), run_dir=tmp_path)
 
 
