@@ -135,7 +135,9 @@ def head_or_gates(model, batch, head, options: GenerateOptions) -> tuple[Any, st
     if reason is None:
         ignored = "--draft-threshold is the gates' setting; the draft head drafted" if head is not None and options.draft_threshold else None
         return head, ignored
-    if options.draft == "auto" and getattr(model, "skip_gates", None) and model.skip_gates():
+    from sparsify.convert.skip.draft_plan import has_skip_gates
+
+    if options.draft == "auto" and has_skip_gates(model):
         return None, f"drafted with the gates, not the model's draft head: {reason.split(';')[0]}"
     raise SparsifyError(f"{reason}, or draft with a skip model's gates (--draft gates)")
 

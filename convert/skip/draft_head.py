@@ -45,6 +45,11 @@ class DraftHeadConfig:
     feature_layers: list[int] = field(default_factory=list)
 
 
+def check_feature_layers(chosen, layers: int) -> None:
+    if any(not 0 <= i < layers for i in chosen):
+        raise SparsifyError(f"--feature-layers must name layers 0..{layers - 1} of the teacher, got {list(chosen)}")
+
+
 class DraftHead(nn.Module):
     """fuse([h, embed(x)]) -> one decoder layer of the teacher's family. The teacher's embedding,
     rotary table, norm and head are passed in, not held: the head's weights are only its own."""
@@ -56,8 +61,7 @@ class DraftHead(nn.Module):
         if not 0 <= index < len(layers):
             raise SparsifyError(f"the draft head starts as one of the teacher's {len(layers)} layers, not layer {index}")
         chosen = sorted(set(feature_layers or []))
-        if any(not 0 <= i < len(layers) for i in chosen):
-            raise SparsifyError(f"--feature-layers must name layers 0..{len(layers) - 1} of the teacher, got {chosen}")
+        check_feature_layers(chosen, len(layers))
         width = model.config.hidden_size
         self.config = DraftHeadConfig(index, width, feature_layers=chosen if chosen != [len(layers) - 1] else [])
         self.read_layers = chosen or [len(layers) - 1]

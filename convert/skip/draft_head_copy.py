@@ -20,7 +20,7 @@ from typing import Callable
 
 from sparsify.atomic_output import atomic_folder
 from sparsify.convert.skip.draft_copy import check_copy_target, copy_model_folder
-from sparsify.convert.skip.draft_head import DRAFT_HEAD_FOLDER, DraftHead
+from sparsify.convert.skip.draft_head import DRAFT_HEAD_FOLDER, DraftHead, check_feature_layers
 from sparsify.convert.skip.draft_head_training import DraftHeadFit, DraftHeadOptions, fit_draft_head
 from sparsify.errors import SparsifyError
 
@@ -78,8 +78,8 @@ def write_draft_head_copy(model_dir: str | Path, output: Path, data: str, option
     import json
 
     layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
-    if layers and any(not 0 <= i < layers for i in options.feature_layers):  # before the slow part
-        raise SparsifyError(f"--feature-layers must name layers 0..{layers - 1} of the teacher, got {list(options.feature_layers)}")
+    if layers:  # before the slow part (the head checks again when built)
+        check_feature_layers(options.feature_layers, layers)
     if (model_dir / DRAFT_HEAD_FOLDER).exists():
         raise SparsifyError(f"{model_dir} already carries a draft head; start from the folder without one")
     target = resolve_device(device)

@@ -205,10 +205,10 @@ def fit_draft_head(head: DraftHead, model, fit: torch.Tensor, tune: torch.Tensor
     def targets(index: int) -> TeacherTargets:
         if cache is not None and index in cache:
             return cache[index]
-        found = teacher_targets(model, batches[index].to(device), head.read_layers)
+        computed = teacher_targets(model, batches[index].to(device), head.read_layers)
         if cache is not None:
-            cache[index] = found
-        return found
+            cache[index] = computed
+        return computed
 
     # One scale for the feature loss and the fuse's start: the RMS of the teacher's top state on the first batch.
     scale = float(targets(0).hidden.float().pow(2).mean().sqrt())

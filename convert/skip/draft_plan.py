@@ -122,10 +122,14 @@ def drafting(model: Any, plan: DraftPlan) -> Iterator[None]:
             gate.forced, gate.threshold = before[key]
 
 
+def has_skip_gates(model: Any) -> bool:
+    skip_gates = getattr(model, "skip_gates", None)
+    return bool(skip_gates and skip_gates())
+
+
 def teacher_mode(model: Any):
     """The model as its dense teacher inside the block: a skip model with every gate open, a dense
     model as it is (a draft head drafts for either)."""
     from contextlib import nullcontext
 
-    skip_gates = getattr(model, "skip_gates", None)
-    return drafting(model, DraftPlan()) if skip_gates and skip_gates() else nullcontext()
+    return drafting(model, DraftPlan()) if has_skip_gates(model) else nullcontext()

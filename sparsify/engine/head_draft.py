@@ -28,28 +28,28 @@ from sparsify.engine.token_run import TokenRows, run_layer
 
 
 class HeadDrafter:
-    def __init__(self, head: DraftHead, engine: GraphDecoder, draft_tokens: int):
+    """`refill_scratch` (k + 1 tokens per sequence) and `offsets` (0..k) are the verification's own:
+    a scratch serves every launch of one stream, the head's among them."""
+
+    def __init__(self, head: DraftHead, engine: GraphDecoder, draft_tokens: int, refill_scratch: attention_kernels.AttentionScratch | None,
+                 offsets: torch.Tensor):
         self.head, self.engine, self.k = head, engine, draft_tokens
         self.keys = torch.zeros_like(engine.keys[0])
         self.values = torch.zeros_like(engine.values[0])
-        block = _Layer(-1, head.layer, None, None)
-        self.fused_attention, self.fused_mlp = engine.fusable(block)
-        batch, width = engine.batch, head.config.hidden_size
-        self.step_scratch = attention_kernels.scratch_where_it_fits(self.keys, engine.heads) if self.fused_attention else None
-        self.refill_scratch = (attention_kernels.scratch_where_it_fits(self.keys, engine.heads, tokens=draft_tokens + 1)
-                               if self.fused_attention else None)
+        self.fused_attention, self.fused_mlp = engine.fusable(_Layer(-1, head.layer, None, None))
+        self.step_scratch, self.refill_scratch, self.offsets = engine.attention_scratch, refill_scratch, offsets
         # the verified slots' states of the layers the head reads (n * H), as the verification wrote them
-        self.verified = torch.zeros(batch, draft_tokens + 1, width * len(head.read_layers), dtype=engine.dtype, device=engine.device)
+        width = head.config.hidden_size * len(head.read_layers)
+        self.verified = torch.zeros(engine.batch, draft_tokens + 1, width, dtype=engine.dtype, device=engine.device)
         self.kept = torch.zeros(1, dtype=torch.long, device=engine.device)
-        self.offsets = torch.arange(draft_tokens + 1, device=engine.device)
 
-    def _items(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, scratch, generic: bool) -> torch.Tensor:
-        """The head's features for items (features, tokens) (B, T, H) / (B, T) at consecutive `slots`."""
+    def _items(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, scratch) -> torch.Tensor:
+        """The head's features for items (features, tokens) (B, T, H) / (B, T) at consecutive `slots`;
+        `scratch` made for T tokens runs the decode attention kernel, None runs SDPA (the prompt)."""
         engine = self.engine
         hidden = self.head.fuse(torch.cat([features, engine.model.model.embed_tokens(tokens)], dim=-1))
-        rows = TokenRows.at(engine, slots, generic or not self.fused_attention or scratch is None)
-        run_layer(engine, self.head.layer, self.fused_attention and not generic, self.fused_mlp, hidden, rows, self.keys, self.values,
-                  None if generic else scratch)
+        rows = TokenRows.at(engine, slots, generic=not self.fused_attention or scratch is None)
+        run_layer(engine, self.head.layer, self.fused_attention, self.fused_mlp, hidden, rows, self.keys, self.values, scratch)
         return hidden
 
     def _choose(self, feature: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class HeadDrafter:
         """The head's items for the prompt `ids` (B, L), from the teacher's states of the layers the
         head reads (B, L, n * H)."""
         slots = torch.arange(ids.shape[1], device=ids.device)
-        self._items(shifted_features(self.head.teacher_feature(states)), ids, slots, None, generic=True)  # L tokens: the generic path
+        self._items(shifted_features(self.head.teacher_feature(states)), ids, slots, None)  # L tokens: SDPA
         self.verified.zero_()
         self.verified[:, 0].copy_(states[:, -1])
         self.kept.zero_()
@@ -69,14 +69,13 @@ class HeadDrafter:
         """Write the round's k drafts into the history at start + 1 .. start + k."""
         engine, history = self.engine, self.engine.history
         slots = start - self.kept + self.offsets
-        refilled = self._items(self.head.teacher_feature(self.verified), history.index_select(1, slots), slots, self.refill_scratch,
-                               generic=False)
+        refilled = self._items(self.head.teacher_feature(self.verified), history.index_select(1, slots), slots, self.refill_scratch)
         feature = refilled.index_select(1, self.kept)
         for j in range(self.k):
             token = self._choose(feature)
             history.index_copy_(1, start + 1 + j, token)
             if j + 1 < self.k:
-                feature = self._items(feature, token, start + 1 + j, self.step_scratch, generic=False)
+                feature = self._items(feature, token, start + 1 + j, self.step_scratch)
 
     def verified_states(self, states: torch.Tensor, kept: torch.Tensor) -> None:
         """Keep the verification's states of the layers the head reads (B, k + 1, n * H) and how many

@@ -67,7 +67,6 @@ class SpeculativeDecoder:
         with teacher_mode(model) if head is not None else drafting(model, plan):  # the engine reads the gates' state when built
             self.draft = GraphDecoder(model, batch, max_len + draft_tokens + 2, use_graph=use_graph, skipped_kv=False)
         engine = self.draft
-        self.head = HeadDrafter(head, engine, draft_tokens) if head is not None else None
         self.device, self.batch, self.use_graph = engine.device, batch, engine.use_graph
         # The verify pass runs the teacher's sublayers as the engine's own step runs them (fused,
         # Triton, a half dtype): the same kernel count per layer as one decode step, and nearly the
@@ -78,6 +77,7 @@ class SpeculativeDecoder:
         self.verify_scratch = (attention_kernels.scratch_where_it_fits(engine.keys[0], engine.heads, tokens=draft_tokens + 1)
                                if any(self.fused_attention) else None)
         self.offsets = torch.arange(draft_tokens + 1, device=self.device)
+        self.head = HeadDrafter(head, engine, draft_tokens, self.verify_scratch, self.offsets) if head is not None else None
         self.start = torch.zeros(1, dtype=torch.long, device=self.device)  # the slot of the round's first token
         # Per round, how many drafts were kept (the fewest any sequence accepted), and per sequence what it accepted.
         self.kept_histogram = torch.zeros(draft_tokens + 1, dtype=torch.long, device=self.device)
@@ -219,8 +219,9 @@ def time_speculative_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int
     (its captured round is reused, so several prompts of one length cost one capture)."""
     if decoder is None:
         decoder = SpeculativeDecoder(model, ids.shape[0], ids.shape[1] + new_tokens, plan, draft_tokens, use_graph=use_graph, head=head)
-    elif (decoder.plan, decoder.k, decoder.batch) != (TEACHER if head is not None else plan, draft_tokens, ids.shape[0]):
-        raise SparsifyError("the decoder given was built for another plan, draft length or batch")
+    elif ((decoder.plan, decoder.k, decoder.batch) != (TEACHER if head is not None else plan, draft_tokens, ids.shape[0])
+          or (decoder.head.head if decoder.head is not None else None) is not head):
+        raise SparsifyError("the decoder given was built for another plan, draft head, draft length or batch")
     if new_tokens < 2:
         raise SparsifyError(f"time at least 2 new tokens (the prefill makes the first), not {new_tokens}")
     if ids.shape[1] + new_tokens + decoder.k + 2 > decoder.draft.max_len:
